@@ -1,0 +1,29 @@
+"""User-facing errors: one line that names the problem and the fix, exit status 2."""
+
+import functools
+import sys
+from typing import Callable, Optional, Sequence
+
+
+class SharpError(Exception):
+    """A mistake in what the user asked for (bad path, flag, file); never an internal bug."""
+
+
+def cli(prog: str) -> Callable:
+    """Wrap a CLI ``main(argv)`` so a SharpError prints one line and returns 2, not a traceback."""
+
+    def wrap(main: Callable[[Optional[Sequence[str]]], Optional[int]]):
+        @functools.wraps(main)
+        def run(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                return main(argv) or 0
+            except SharpError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return run
+
+    return wrap

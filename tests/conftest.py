@@ -1,0 +1,57 @@
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+TINY = dict(
+    model_type="llama",
+    hidden_size=64,
+    num_hidden_layers=6,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=101,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_model(share=None, rank=0, seed=0, **overrides):
+    """A small random Llama (our model class); same seed, same base weights whatever the share map."""
+    from sharp_mlx.model import Model, ModelArgs
+
+    mx.random.seed(seed)
+    config = {**TINY, **overrides, "sharp": {"share": share or {}, "rank": rank}}
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model, config
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, imported once into models/ (about 30 s)."""
+    if not (REAL_MODEL / "config.json").exists():
+        from sharp_mlx.convert import import_model
+
+        import_model(out=REAL_MODEL)
+    return REAL_MODEL
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    import sharp_mlx
+
+    return sharp_mlx.load(real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prose() -> str:
+    """About 8k characters of public-domain prose: the start of Lincoln's 1862 State of the Union."""
+    return (FIXTURES / "prose.txt").read_text()

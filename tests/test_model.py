@@ -1,0 +1,164 @@
+"""The shared-weight Llama on small random models: equivalences that must hold exactly."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+import sharp_mlx
+from sharp_mlx.model import ModelArgs, Recovery, SharpArgs
+from conftest import TINY, tiny_model
+
+TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
+
+
+def randomize_recovery(model, seed=1):
+    """Give every recovery factor non-zero values, so tests see the recovery path at work."""
+    mx.random.seed(seed)
+    for layer in model.model.layers:
+        if "recovery" in layer:
+            for k, v in layer.recovery.parameters().items():
+                layer.recovery[k] = 0.05 * mx.random.normal(v.shape)
+    mx.eval(model.parameters())
+
+
+def base_weights(model):
+    """Weights of an unshared model, as a dict."""
+    return dict(tree_flatten(model.parameters()))
+
+
+def test_empty_share_map_is_mlx_lm_llama():
+    ours, config = tiny_model()
+    ref = llama.Model(llama.ModelArgs.from_dict(config))
+    ref.load_weights(list(base_weights(ours).items()), strict=True)
+    assert mx.array_equal(ours(TOKENS), ref(TOKENS))
+
+
+def test_fresh_shared_model_equals_direct_sharing():
+    """Zero-initialised recovery: each target runs exactly its reference's MLP."""
+    share = {3: 2, 4: 2, 5: 2}
+    original, config = tiny_model()
+    weights = base_weights(original)
+    # Direct sharing, built by hand on mlx-lm's llama: copy each reference MLP into its targets.
+    direct = dict(weights)
+    for t, r in share.items():
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            direct[f"model.layers.{t}.mlp.{p}.weight"] = weights[f"model.layers.{r}.mlp.{p}.weight"]
+    ref = llama.Model(llama.ModelArgs.from_dict(config))
+    ref.load_weights(list(direct.items()))
+
+    shared, _ = tiny_model(share=share, rank=8)
+    kept = {k: v for k, v in weights.items() if not any(f"layers.{t}.mlp." in k for t in share)}
+    shared.load_weights(list(kept.items()), strict=False)
+    assert np.allclose(np.array(shared(TOKENS)), np.array(ref(TOKENS)), atol=1e-5)
+
+
+def test_recovery_equals_merged_weights():
+    """The low-rank path equals running an MLP whose weights have B A merged in."""
+    dim, hidden, rank = 16, 24, 4
+    mx.random.seed(0)
+    mlp = llama.MLP(llama.ModelArgs.from_dict({**TINY, "hidden_size": dim, "intermediate_size": hidden}))
+    rec = Recovery(dim, hidden, rank)
+    for k, v in rec.parameters().items():
+        rec[k] = mx.random.normal(v.shape)
+    merged = llama.MLP(llama.ModelArgs.from_dict({**TINY, "hidden_size": dim, "intermediate_size": hidden}))
+    for p in ("gate", "up", "down"):
+        w = getattr(mlp, f"{p}_proj").weight + (rec[f"{p}_a"] @ rec[f"{p}_b"]).T
+        getattr(merged, f"{p}_proj").weight = w
+    x = mx.random.normal((2, 5, dim))
+    assert np.allclose(np.array(rec(x, mlp)), np.array(merged(x)), atol=1e-4)
+    # With no borrowed MLP, recovery alone is an MLP made of the low-rank factors.
+    for p in ("gate", "up", "down"):
+        getattr(merged, f"{p}_proj").weight = (rec[f"{p}_a"] @ rec[f"{p}_b"]).T
+    assert np.allclose(np.array(rec(x, None)), np.array(merged(x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("share", [{}, {3: 2, 5: 4}, {2: 1, 3: 1, 4: 1}])
+def test_kv_cache_decode_equals_full_forward(share):
+    model, _ = tiny_model(share=share, rank=4)
+    randomize_recovery(model)
+    full = model(TOKENS)
+    cache = make_prompt_cache(model)
+    steps = [model(TOKENS[:, :5], cache=cache)[:, -1]]
+    for i in range(5, TOKENS.shape[1]):
+        steps.append(model(TOKENS[:, i : i + 1], cache=cache)[:, -1])
+    assert np.allclose(np.array(full[:, 4:]), np.array(mx.stack(steps, axis=1)), atol=1e-4)
+
+
+def test_shared_weight_stored_once(tmp_path):
+    share = {3: 2, 4: 2, 5: 2}
+    model, config = tiny_model(share=share, rank=4)
+    paths = [k for k, _ in tree_flatten(model.parameters())]
+    assert not any(f"layers.{t}.mlp." in k for t in share for k in paths)
+    sharp_mlx.save(tmp_path / "m", model, config)
+    saved = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    mlp_keys = sorted(k for k in saved if ".mlp." in k)
+    assert len(mlp_keys) == 3 * (TINY["num_hidden_layers"] - len(share))
+    assert all(f"layers.{t}.mlp." not in k for t in share for k in saved)
+    # The stored bytes are those of the owners only, plus the recovery factors.
+    recovery = [k for k in saved if ".recovery." in k]
+    assert len(recovery) == 6 * len(share)
+
+
+@pytest.mark.parametrize("sharp", [{"share": {}, "rank": 0}, {"share": {3: 2, 5: 4}, "rank": 4}, {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}}])
+def test_save_load_round_trip_is_exact(tmp_path, sharp):
+    model, config = tiny_model(share=sharp["share"], rank=sharp["rank"])
+    randomize_recovery(model)
+    sharp_mlx.save(tmp_path / "m", model, config)
+    loaded, saved_config = sharp_mlx.checkpoint.load_model(tmp_path / "m")
+    before, after = base_weights(model), base_weights(loaded)
+    assert before.keys() == after.keys()
+    assert all(mx.array_equal(before[k], after[k]) for k in before)
+    assert mx.array_equal(model(TOKENS), loaded(TOKENS))
+    on_disk = json.loads((tmp_path / "m" / "config.json").read_text())
+    if sharp["share"]:
+        assert SharpArgs.from_dict(on_disk["sharp"]) == SharpArgs.from_dict(sharp)
+        assert on_disk["model_file"] == "sharp_model.py"
+    else:
+        assert "sharp" not in on_disk and "model_file" not in on_disk
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model, config = tiny_model()
+    out = sharp_mlx.save(tmp_path / "m", model, config)
+    before = (out / "model.safetensors").read_bytes()
+    other, _ = tiny_model(seed=5)
+    with pytest.raises(sharp_mlx.errors.SharpError, match="--force"):
+        sharp_mlx.save(out, other, config)
+    assert (out / "model.safetensors").read_bytes() == before
+    sharp_mlx.save(out, other, config, force=True)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+
+
+@pytest.mark.parametrize(
+    "share, rank, message",
+    [
+        ({3: 3}, 4, "not before it"),
+        ({3: 4}, 4, "not before it"),
+        ({9: 2}, 4, "out of range"),
+        ({3: -1}, 4, "out of range"),
+        ({3: 2, 2: 1}, 4, "is itself a target"),
+        ({3: 2}, 65, "between 0 and 64"),
+        ({3: 2}, -1, "between 0 and 64"),
+        ({3: 2}, {4: 2}, "not a target"),
+    ],
+)
+def test_share_map_validation(share, rank, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_dict({**TINY, "sharp": {"share": share, "rank": rank}})
+
+
+def test_quantize_keeps_sharing_and_float_recovery():
+    model, _ = tiny_model(share={3: 2, 4: 2}, rank=4)
+    nn.quantize(model, group_size=32, bits=4)
+    flat = dict(tree_flatten(model.parameters()))
+    assert "model.layers.2.mlp.gate_proj.scales" in flat
+    assert not any(k.startswith(("model.layers.3.mlp", "model.layers.4.mlp")) for k in flat)
+    assert all(flat[k].dtype == mx.float32 for k in flat if ".recovery." in k)
+    model(TOKENS)  # still runs
