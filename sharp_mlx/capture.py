@@ -1,0 +1,97 @@
+"""Capture what the original model feeds into its MLPs, in bounded memory.
+
+SLW fits each target's recovery on the real inputs of MLP_t (the post-attention-norm hidden
+states at layer t), and the analysis compares MLPs on those same inputs. Both come from one
+pass of the original model over calibration windows, batch by batch, each layer's inputs
+written to a float16 memmap (N * L, hidden) on disk so memory stays at one batch.
+"""
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import create_attention_mask
+from tqdm import tqdm
+
+
+def _tap(mlp, record: Callable[[mx.array], None]):
+    """An MLP stand-in that records its input, then runs the real MLP."""
+
+    def run(y):
+        record(y)
+        return mlp(y)
+
+    return run
+
+
+def run_with_taps(model, tokens: mx.array, layers: Sequence[int]) -> Dict[str, object]:
+    """One forward pass of ``model`` over tokens (B, L); returns the MLP inputs of ``layers``
+    ({layer: (B, L, D)}) and the residual stream entering every layer plus the final one."""
+    inner = model.model
+    h = inner.embed_tokens(tokens)
+    mask = create_attention_mask(h, None)
+    mlp_inputs, residual = {}, [h]
+    for i, layer in enumerate(inner.layers):
+        mlp = inner.mlp_of(i)
+        if i in layers:
+            mlp = _tap(mlp, lambda y, i=i: mlp_inputs.__setitem__(i, y))
+        h = layer(h, mask, mlp=mlp)
+        residual.append(h)
+    return {"mlp_inputs": mlp_inputs, "residual": residual}
+
+
+def capture_mlp_inputs(
+    model,
+    windows: mx.array,
+    layers: Sequence[int],
+    out_dir: Optional[Path] = None,
+    batch_size: int = 4,
+) -> Dict[str, object]:
+    """MLP inputs of ``layers`` over token windows (N, L), one row per token, as float16
+    memmaps under ``out_dir`` (in memory when None), plus per-layer residual-stream cosine
+    similarity between each layer's input and output (mean over tokens)."""
+    n, length = windows.shape
+    dim = model.args.hidden_size
+    store: Dict[int, np.ndarray] = {}
+    for i in layers:
+        if out_dir is None:
+            store[i] = np.zeros((n * length, dim), dtype=np.float16)
+        else:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            store[i] = np.lib.format.open_memmap(Path(out_dir) / f"mlp_in_{i}.npy", mode="w+", dtype=np.float16, shape=(n * length, dim))
+    cos_sum = np.zeros(model.args.num_hidden_layers)
+    for start in tqdm(range(0, n, batch_size), desc="capture", unit="batch", leave=False):
+        batch = windows[start : start + batch_size]
+        taps = run_with_taps(model, batch, layers)
+        res = taps["residual"]
+        cos = mx.stack([_cosine(a, b).sum() for a, b in zip(res[:-1], res[1:])])
+        mx.eval(taps["mlp_inputs"], cos)
+        rows = slice(start * length, (start + batch.shape[0]) * length)
+        for i in layers:
+            store[i][rows] = np.array(taps["mlp_inputs"][i].astype(mx.float16)).reshape(-1, dim)
+        cos_sum += np.array(cos)
+    for arr in store.values():
+        if isinstance(arr, np.memmap):
+            arr.flush()
+    return {"mlp_inputs": store, "residual_cosine": (cos_sum / (n * length)).tolist()}
+
+
+def _cosine(a: mx.array, b: mx.array) -> mx.array:
+    """Cosine similarity along the last axis."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (a * b).sum(-1) / (mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1) + 1e-8)
+
+
+def calibration_windows(token_streams: List[np.ndarray], length: int, total_tokens: int, seed: int = 0) -> mx.array:
+    """About ``total_tokens`` tokens as windows (N, length), drawn evenly from each stream."""
+    rng = np.random.default_rng(seed)
+    n_windows = max(1, -(-total_tokens // length))  # rounded up
+    rows = []
+    for k, tokens in enumerate(token_streams):
+        # Spread the windows evenly; the first streams take the remainder.
+        share = n_windows // len(token_streams) + (k < n_windows % len(token_streams))
+        starts = np.arange(0, len(tokens) - length, length)
+        for s in rng.choice(starts, size=min(share, len(starts)), replace=False):
+            rows.append(tokens[s : s + length])
+    return mx.array(np.stack(rows).astype(np.int32))
