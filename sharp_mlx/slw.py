@@ -1,0 +1,215 @@
+"""Single Layer Warmup: fit each target's recovery factors so MLP_r(x) + recovery(x) ~= MLP_t(x).
+
+Inputs x are the real inputs of MLP_t in the original model (see capture.py); the loss is the
+relative L2 error of the MLP output. Three stages, each optional and measured:
+
+1. init: ``zero`` (b = 0: direct sharing, the paper's start), ``svd`` (truncated SVD of
+   W_t - W_r per projection) or ``asvd`` (the same, weighted by the input covariance, so the
+   rank is spent where the real inputs are: best rank-k fit of ||X (W_t - W_r)^T||).
+2. ``closed_form_down``: with gate/up fixed, the down factors are a reduced-rank regression of
+   the remaining output error on the student's own hidden activations, solved exactly.
+3. ``steps`` of Adam on all six factors with warmup + cosine decay, minibatches of rows.
+
+Layers are independent; they run one after the other here (MLX already uses every core inside
+each matmul); across machines ``python -m sharp_mlx.train`` splits them by rank.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.activations import swiglu
+from tqdm import tqdm
+
+from .model import Recovery
+
+PROJ = ("gate", "up", "down")
+
+
+@dataclass
+class SLWConfig:
+    init: str = "asvd"  # zero | svd | asvd
+    closed_form_down: bool = True
+    steps: int = 200
+    lr: float = 1e-3
+    warmup: int = 20
+    batch_rows: int = 1024
+    damping: float = 1e-2  # of the mean eigenvalue, keeps the covariance inverse stable
+    holdout: float = 0.1  # fraction of rows kept out of the fit to report the error on
+    seed: int = 0
+
+
+def weights_of(mlp) -> Dict[str, np.ndarray]:
+    """{gate, up, down}: float32 (out, in) weights of an mlx-lm MLP (dequantized if needed)."""
+    out = {}
+    for p in PROJ:
+        lin = getattr(mlp, f"{p}_proj")
+        w = mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits) if hasattr(lin, "scales") else lin.weight
+        out[p] = np.array(w.astype(mx.float32))
+    return out
+
+
+def mlp_apply(w: Dict[str, mx.array], x: mx.array, rec: Optional[Dict[str, mx.array]] = None, return_hidden: bool = False):
+    """An MLP from weight dicts (None weights: recovery only), with optional low-rank factors."""
+    def proj(p, inp):
+        y = inp @ w[p].T if w.get(p) is not None else 0.0
+        return y + (inp @ rec[f"{p}_a"]) @ rec[f"{p}_b"] if rec is not None else y
+
+    h = swiglu(proj("gate", x), proj("up", x))
+    y = proj("down", h)
+    return (y, h) if return_hidden else y
+
+
+def rel_error(pred: mx.array, target: mx.array) -> float:
+    return (mx.linalg.norm(pred - target) / mx.linalg.norm(target)).item()
+
+
+def _sqrt_cov(x: np.ndarray, damping: float):
+    """Symmetric square root of the (damped) input covariance and its inverse."""
+    cov = (x.T @ x) / len(x)
+    lam, q = np.linalg.eigh(cov.astype(np.float64))
+    lam = np.maximum(lam, 0) + damping * max(lam.mean(), 1e-12)
+    return (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
+
+
+def lowrank_fit(delta_t: np.ndarray, rank: int, x: Optional[np.ndarray], damping: float):
+    """Factors (a (in, k), b (k, out)) with a @ b the best rank-k fit of delta_t (in, out),
+    in the plain Frobenius norm or, given inputs x (n, in), in ||x (delta_t - a b)||."""
+    if x is None:
+        u, s, vt = np.linalg.svd(delta_t.astype(np.float64), full_matrices=False)
+        a, b = u[:, :rank] * np.sqrt(s[:rank]), np.sqrt(s[:rank])[:, None] * vt[:rank]
+    else:
+        root, inv_root = _sqrt_cov(x.astype(np.float64), damping)
+        u, s, vt = np.linalg.svd(root @ delta_t, full_matrices=False)
+        a, b = inv_root @ (u[:, :rank] * np.sqrt(s[:rank])), np.sqrt(s[:rank])[:, None] * vt[:rank]
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: float):
+    """(a (d_in, k), b (k, d_out)) minimising ||h a b - r|| (ridge-damped), exactly."""
+    gram = (h.T @ h).astype(np.float64)
+    gram += damping * np.trace(gram) / len(gram) * np.eye(len(gram))
+    m_ols = np.linalg.solve(gram, (h.T @ r).astype(np.float64))  # (d_in, d_out)
+    fitted = h.astype(np.float64) @ m_ols
+    _, _, vt = np.linalg.svd(fitted, full_matrices=False)
+    v = vt[:rank].T  # (d_out, k)
+    return (m_ols @ v).astype(np.float32), v.T.astype(np.float32)
+
+
+def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig) -> Dict[str, np.ndarray]:
+    """Initial factors by cfg.init; x are fit rows (n, D) of the target's real inputs."""
+    if cfg.init == "zero":
+        mx.random.seed(cfg.seed)
+        rec = Recovery(x.shape[1], target["gate"].shape[0], rank)
+        return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
+    rec = {}
+    tw = {p: mx.array(v) for p, v in target.items()}
+    _, h_target = mlp_apply(tw, mx.array(x), return_hidden=True)
+    inputs = {"gate": x, "up": x, "down": np.array(h_target)}
+    for p in PROJ:
+        delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
+        rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, inputs[p] if cfg.init == "asvd" else None, cfg.damping)
+    return rec
+
+
+def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig) -> Dict[str, np.ndarray]:
+    """Down factors solved exactly on the student's own hidden activations."""
+    xm = mx.array(x)
+    y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm)
+    student = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+    no_down = {**{k: mx.array(v) for k, v in rec.items()}, "down_b": mx.zeros_like(mx.array(rec["down_b"]))}
+    base, h = mlp_apply(student, xm, no_down, return_hidden=True)
+    a, b = reduced_rank_regression(np.array(h), np.array(y - base), rank, cfg.damping)
+    return {**rec, "down_a": a, "down_b": b}
+
+
+def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg: SLWConfig, progress: Optional[Callable] = None) -> Dict[str, np.ndarray]:
+    """cfg.steps of Adam on the relative L2 error over random minibatches of rows."""
+    tw = {p: mx.array(v) for p, v in target.items()}
+    rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+    params = {k: mx.array(v) for k, v in rec.items()}
+    schedule = optim.join_schedules([optim.linear_schedule(0.0, cfg.lr, cfg.warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - cfg.warmup, 1))], [cfg.warmup])
+    opt = optim.Adam(learning_rate=schedule)
+    rng = np.random.default_rng(cfg.seed)
+
+    def loss_fn(p, xb, yb):
+        return ((mlp_apply(rw, xb, p) - yb) ** 2).sum() / (yb**2).sum()
+
+    grad_fn = mx.value_and_grad(loss_fn)
+
+    @mx.compile
+    def target_of(xb):
+        return mlp_apply(tw, xb)
+
+    for step in range(cfg.steps):
+        xb = mx.array(x_fit[rng.integers(0, len(x_fit), cfg.batch_rows)].astype(np.float32))
+        loss, grads = grad_fn(params, xb, target_of(xb))
+        opt.update(params, grads)
+        mx.eval(params, opt.state, loss)
+        if progress:
+            progress(step, loss.item())
+    return {k: np.array(v) for k, v in params.items()}
+
+
+def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None) -> Dict[str, object]:
+    """Fit one target's factors on its captured inputs x (n, D); returns the factors and the
+    held-out relative error after each stage ({"none", "init", "closed_form_down", "adam"},
+    and "final" for the factors kept)."""
+    ref = weights_of(ref_mlp) if ref_mlp is not None else None
+    target = weights_of(target_mlp)
+    rows = np.random.default_rng(cfg.seed).permutation(len(x))
+    n_hold = max(1, int(len(x) * cfg.holdout))
+    x_hold, x_fit = x[rows[:n_hold]].astype(np.float32), x[rows[n_hold:]].astype(np.float32)
+    xh = mx.array(x_hold)
+    y_hold = mlp_apply({p: mx.array(v) for p, v in target.items()}, xh)
+    rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+
+    def err(rec):
+        return rel_error(mlp_apply(rw, xh, {k: mx.array(v) for k, v in rec.items()} if rec else None), y_hold) if (ref is not None or rec) else 1.0
+
+    errors = {"none": err(None)}
+    rec = init_recovery(ref, target, x_fit, rank, cfg)
+    errors["init"] = err(rec)
+    if cfg.closed_form_down:
+        rec = refit_down(ref, target, x_fit, rec, rank, cfg)
+        errors["closed_form_down"] = err(rec)
+    if cfg.steps > 0:
+        refined = adam_refine(ref, target, x_fit, rec, cfg, progress)
+        errors["adam"] = err(refined)
+        # Adam from a closed-form start can overshoot: keep whichever holds out better.
+        if errors["adam"] <= errors.get("closed_form_down", errors["init"]):
+            rec = refined
+    errors["final"] = err(rec)
+    return {"factors": rec, "errors": errors}
+
+
+def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print) -> Dict[int, Dict[str, float]]:
+    """Fit every target of ``model`` (a shared Model) against ``original``'s MLPs on captured
+    inputs {target: rows}; writes the factors into ``model`` and returns the per-layer errors."""
+    report = {}
+    inner = model.model
+    for t in tqdm(sorted(inputs), desc="SLW", unit="layer"):
+        layer = inner.layers[t]
+        if "recovery" not in layer:
+            continue
+        rank = layer.recovery.gate_a.shape[1]
+        bar = tqdm(total=cfg.steps, desc=f"  layer {t}", unit="step", leave=False)
+
+        def progress(step, loss):
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress)
+        bar.close()
+        layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
+        report[t] = out["errors"]
+        log(f"layer {t:2d} <- {inner.mlp_owner[t]}: rel. error " + ", ".join(f"{k} {v:.3f}" for k, v in out["errors"].items()))
+    mx.eval(model.parameters())
+    return report
+
+
