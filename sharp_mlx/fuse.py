@@ -1,0 +1,102 @@
+"""Export a SHARP model folder as a plain dense Llama that needs no custom code.
+
+    python -m sharp_mlx.fuse --model models/smollm2-135m-instruct-sharp --out models/smollm2-135m-instruct-fused
+
+Each target layer gets MLP weights of its own, its reference's with the recovery merged in:
+W_t = W_r + (a @ b)^T for gate, up and down (W_t = (a @ b)^T when it borrows no MLP). The
+result stores every MLP again, so it is as large as the original model: it is for tools that
+cannot run a shared model (stock ``mlx_lm.load``, transformers' ``LlamaForCausalLM``), not for
+saving bytes. A quantized input is dequantized first; the output is float.
+"""
+
+import argparse
+import time
+from pathlib import Path
+from typing import Dict, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model
+
+from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .errors import SharpError, cli
+from .model import Model, ModelArgs
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+PROJ = ("gate", "up", "down")
+
+
+def merged_mlp_weights(model: Model, layer: int) -> Dict[str, mx.array]:
+    """float32 (out, in) gate/up/down weights that layer ``layer`` effectively runs."""
+    owner = model.model.mlp_owner[layer]
+    block = model.model.layers[layer]
+    args = model.args
+    shapes = {"gate": (args.intermediate_size, args.hidden_size), "up": (args.intermediate_size, args.hidden_size), "down": (args.hidden_size, args.intermediate_size)}
+    weights = {}
+    for p in PROJ:
+        w = mx.zeros(shapes[p]) if owner is None else model.model.layers[owner].mlp[f"{p}_proj"].weight.astype(mx.float32)
+        if "recovery" in block:
+            a, b = block.recovery[f"{p}_a"].astype(mx.float32), block.recovery[f"{p}_b"].astype(mx.float32)
+            w = w + (a @ b).T  # (in, rank) @ (rank, out) -> (out, in)
+        weights[p] = w
+    return weights
+
+
+def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model, dict]:
+    """A plain (unshared, unquantized) Llama computing what ``model`` computes, and its config."""
+    if dtype not in DTYPES:
+        raise SharpError(f"dtype {dtype!r} is not supported: use {', '.join(DTYPES)}")
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if quantized:
+        for m in quantized:
+            # float32 scales, so dequantizing adds no float16 rounding to the weights
+            m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+        model = dequantize_model(model)
+    plain_config = {k: v for k, v in config.items() if k not in ("sharp", "model_file", "quantization", "quantization_config")}
+    plain_config["torch_dtype"] = dtype
+    weights = {k: v for k, v in tree_flatten(model.parameters()) if ".recovery." not in k}
+    for i in range(model.args.num_hidden_layers):
+        for p, w in merged_mlp_weights(model, i).items():
+            weights[f"model.layers.{i}.mlp.{p}_proj.weight"] = w
+    for k, v in weights.items():
+        if not mx.all(mx.isfinite(v)).item():
+            raise SharpError(f"fused weight {k} has non-finite values: the checkpoint's weights or recovery factors are broken (retrain or re-save it)")
+    fused = Model(ModelArgs.from_dict(plain_config))
+    fused.load_weights([(k, v.astype(DTYPES[dtype])) for k, v in weights.items()], strict=True)
+    mx.eval(fused.parameters())
+    return fused, plain_config
+
+
+def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False) -> Path:
+    """Fuse the model folder ``model_dir`` into the plain Llama folder ``out``."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists() and not force:
+        raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    model, config = load_model(model_dir)
+    fused, plain_config = fuse(model, config, dtype)
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, fused, plain_config)
+        copy_tokenizer(model_dir, tmp)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.fuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="SHARP model folder (float or quantized)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the dense Llama")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    return p
+
+
+@cli("sharp_mlx.fuse")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tic = time.perf_counter()
+    out = fuse_folder(args.model, args.out, args.dtype, args.force)
+    print(f"fused {args.model} -> {out}, a plain Llama for mlx_lm.load and transformers ({time.perf_counter() - tic:.1f} s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Quantize a model folder (SHARP or plain) to MLX affine 4- or 8-bit, keeping GGUF codes where they fit.
+
+    python -m sharp_mlx.quantize --model models/smollm2-135m-instruct-sharp --out models/smollm2-135m-instruct-sharp-4bit
+    python -m sharp_mlx.quantize --model DIR --out DIR --bits 8 --group-size 64 --from-gguf none
+
+Every Linear and Embedding that the model stores is quantized once: a shared MLP lives at one
+path, so it is quantized and stored once whatever number of layers run it. Recovery factors are
+plain arrays, so they stay float (``--recovery-dtype``). Norms keep the source's dtype and new
+scales take it, as ``mlx_lm.convert`` does without ``--dtype``: a float32 model runs float32
+activations, which MLX's CPU backend needs (its float16 quantized matmul is ~35x slower there);
+import with ``python -m sharp_mlx.convert --dtype float16`` for a float16 model on a Mac. The
+result is recorded in config.json as mlx-lm records it (``"quantization": {"group_size",
+"bits", "mode", <path>: {...}}``), so ``sharp_mlx.load`` and ``mlx_lm.load`` restore it.
+
+A GGUF of the same model holds its weights as Q4_1 / Q8_0 codes, which are MLX affine codes with
+group size 32 (``mx.load`` returns them as such). Re-quantizing the dequantized float weights
+would add a second rounding error; instead every weight whose float values equal the GGUF's
+codes, dequantized, takes those codes (4-bit for linear layers, 8-bit for the embedding of the
+embedded SmolLM2), so quantization loses nothing. ``--from-gguf auto`` (the default) does this
+with the embedded model's GGUF when the weights match it; ``--bits`` and ``--group-size`` apply
+to the weights no GGUF code matches.
+"""
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .errors import SharpError, cli
+
+Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
+RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
+# A GGUF code matches a float weight when it dequantizes to it within this fraction of the
+# weight's largest magnitude (0 for an fp32 import of the GGUF; fp16 rounding stays below 1e-3).
+MATCH_TOL = 1e-3
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the weight files of a model folder."""
+    return sum(f.stat().st_size for f in Path(path).glob("model*.safetensors"))
+
+
+def is_quantized(model: nn.Module, config: dict) -> bool:
+    return "quantization" in config or any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
+
+
+def gguf_codes(path: Union[str, Path], model: nn.Module, config: dict) -> Tuple[Codes, int]:
+    """(codes of the GGUF at ``path`` that match the model's stored weights, by module path;
+    how many weights of the GGUF the model stores but do not match)."""
+    from .gguf_import import hf_name, unpermute_rows
+
+    try:
+        tensors = mx.load(str(path))
+    except (ValueError, RuntimeError) as e:
+        raise SharpError(f"cannot read quantized tensors from {path} ({str(e).splitlines()[0]}): pass a GGUF with Q4_0/Q4_1/Q8_0 weights, or --from-gguf none")
+    heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
+    weights = dict(tree_flatten(model.parameters()))
+    codes, mismatched = {}, 0
+    for key in tensors:
+        if not key.endswith(".scales"):
+            continue
+        stem = key[: -len(".scales")]
+        name = hf_name(f"{stem}.weight")
+        w, s, b = tensors[f"{stem}.weight"], tensors[key], tensors.get(f"{stem}.biases")
+        if name not in weights or b is None:
+            continue  # a target's MLP (not stored here) or a code without biases (not affine)
+        float_w = weights[name]
+        in_dims = float_w.shape[-1]
+        group_size, bits = in_dims // s.shape[-1], w.shape[-1] * 32 // in_dims
+        if w.shape[0] != float_w.shape[0] or group_size * s.shape[-1] != in_dims:
+            mismatched += 1
+            continue
+        for proj, n in heads.items():
+            if f".{proj}." in name:
+                # Groups run along the input axis, so packed rows permute like float rows.
+                w, s, b = (unpermute_rows(x, n) for x in (w, s, b))
+        deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+        scale = mx.abs(float_w).max().item() or 1.0
+        if mx.abs(deq - float_w.astype(mx.float32)).max().item() <= MATCH_TOL * scale:
+            codes[name[: -len(".weight")]] = (w, s, b)
+        else:
+            mismatched += 1
+    return codes, mismatched
+
+
+def code_params(weight: mx.array, scales: mx.array, in_dims: int) -> dict:
+    return {"group_size": in_dims // scales.shape[-1], "bits": weight.shape[-1] * 32 // in_dims, "mode": "affine"}
+
+
+def check_options(bits: int, group_size: int, recovery_dtype: str) -> None:
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise SharpError(f"--bits {bits} is not supported: use 2, 3, 4, 5, 6 or 8")
+    if group_size not in (32, 64, 128):
+        raise SharpError(f"--group-size {group_size} is not supported: use 32, 64 or 128")
+    if recovery_dtype not in RECOVERY_DTYPES:
+        raise SharpError(f"recovery dtype {recovery_dtype!r} is not supported: use {', '.join(RECOVERY_DTYPES)}")
+
+
+def quantize(
+    model: nn.Module,
+    config: dict,
+    bits: int = 4,
+    group_size: int = 64,
+    recovery_dtype: str = "float16",
+    codes: Optional[Codes] = None,
+) -> Tuple[nn.Module, dict]:
+    """Quantize ``model`` in place; returns it and its config with a "quantization" section.
+
+    Modules in ``codes`` take those codes; every other Linear/Embedding whose input size is a
+    multiple of ``group_size`` is quantized to ``bits``. Recovery factors become
+    ``recovery_dtype``; other float tensors keep their dtype.
+    """
+    if is_quantized(model, config):
+        raise SharpError("the model is already quantized: quantize the float model it came from")
+    check_options(bits, group_size, recovery_dtype)
+    codes = codes or {}
+    params = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        in_dims = module.weight.shape[-1]
+        if path in codes:
+            params[path] = code_params(codes[path][0], codes[path][1], in_dims)
+        elif in_dims % group_size == 0:
+            params[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    quantization = quantization_config(params)
+    nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
+    # Lazy: the codes replace the re-quantized weights before those are ever computed.
+    model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
+    for layer in model.model.layers:
+        if "recovery" in layer:
+            layer.recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layer.recovery.parameters()))
+    mx.eval(model.parameters())
+    return model, {**config, "quantization": quantization}
+
+
+def quantization_config(params: Dict[str, dict]) -> dict:
+    """mlx-lm's form: the most common parameters at the top, the other modules by path."""
+    if not params:
+        raise SharpError("no weight of this model can be quantized with the group size asked: try --group-size 32")
+    top = dict(Counter(tuple(sorted(p.items())) for p in params.values()).most_common(1)[0][0])
+    return {**top, **{path: p for path, p in params.items() if p != top}}
+
+
+def resolve_gguf(from_gguf: str) -> Optional[Path]:
+    """The GGUF file ``--from-gguf`` names: a path, ``auto`` (the embedded model's, if installed) or ``none``."""
+    if from_gguf == "none":
+        return None
+    if from_gguf == "auto":
+        from .convert import embedded_gguf
+
+        try:
+            return embedded_gguf()
+        except SharpError:
+            return None
+    path = Path(from_gguf).expanduser()
+    if not path.is_file():
+        raise SharpError(f"--from-gguf {from_gguf}: no such file; pass a .gguf file, 'auto' or 'none'")
+    return path
+
+
+def quantize_model_folder(
+    model_dir: Union[str, Path],
+    out: Union[str, Path],
+    bits: int = 4,
+    group_size: int = 64,
+    recovery_dtype: str = "float16",
+    from_gguf: str = "auto",
+    force: bool = False,
+) -> dict:
+    """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on disk."""
+    model_dir, out = Path(model_dir), Path(out)
+    check_options(bits, group_size, recovery_dtype)
+    if out.exists() and not force:
+        raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    if out.resolve() == model_dir.resolve():
+        raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
+    model, config = load_model(model_dir)
+    if is_quantized(model, config):
+        q = config.get("quantization", {})
+        raise SharpError(f"{model_dir} is already quantized ({q.get('bits')}-bit, group size {q.get('group_size')}): quantize the float model it came from")
+    gguf = resolve_gguf(from_gguf)
+    codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
+    if gguf is not None and from_gguf != "auto" and not codes:
+        raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
+    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes)
+    with atomic_dir(out, force=force) as tmp:
+        write_model(tmp, model, config)
+        copy_tokenizer(model_dir, tmp)
+    return {
+        "model": str(model_dir),
+        "out": str(out),
+        "gguf": str(gguf) if codes else None,
+        "gguf_codes": len(codes),
+        "gguf_mismatched": mismatched if codes else 0,
+        "quantized": sum(1 for k, _ in tree_flatten(model.parameters()) if k.endswith(".scales")),
+        "quantization": config["quantization"],
+        "bytes_before": folder_bytes(model_dir),
+        "bytes_after": folder_bytes(out),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="float model folder (SHARP or plain)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight not taken from GGUF codes (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
+    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of the recovery factors (default: %(default)s)")
+    p.add_argument("--from-gguf", default="auto", metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p
+
+
+@cli("sharp_mlx.quantize")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tic = time.perf_counter()
+    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force)
+    if args.json:
+        print(json.dumps(r))
+        return
+    source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
+    print(f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}; {time.perf_counter() - tic:.1f} s)")
+    print(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Quantization: sharing survives it, recovery stays float, round trips are exact, GGUF codes lose nothing."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import sharp_mlx
+from sharp_mlx.checkpoint import load_model
+from sharp_mlx.convert import embedded_gguf
+from sharp_mlx.errors import SharpError
+from sharp_mlx.quantize import gguf_codes, main, quantize, quantize_model_folder
+from sharp_mlx.sharemap import share_model
+from conftest import TINY, tiny_model
+from test_model import TOKENS, randomize_recovery
+
+SHARE = {3: 2, 4: 2}
+
+
+def dequantized(model, path):
+    """float32 weight of module ``path`` (scales in float32, so no float16 rounding is added)."""
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else m[part]
+    return mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), m.group_size, m.bits)
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    model, config = tiny_model(share=SHARE, rank=4)
+    randomize_recovery(model)
+    return sharp_mlx.save(tmp_path / "float", model, config)
+
+
+def test_quantized_folder_stores_shared_mlp_once_and_recovery_in_float16(shared_dir, tmp_path):
+    r = quantize_model_folder(shared_dir, tmp_path / "q", group_size=32, from_gguf="none")
+    saved = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    scales = sorted(k for k in saved if k.endswith(".scales"))
+    # Every stored Linear plus the embedding, each once; no MLP keys for the targets.
+    stored_mlps = TINY["num_hidden_layers"] - len(SHARE)
+    assert len(scales) == 4 * TINY["num_hidden_layers"] + 3 * stored_mlps + 1 == r["quantized"]
+    assert all(f"layers.{t}.mlp." not in k for t in SHARE for k in saved)
+    assert "model.layers.2.mlp.gate_proj.scales" in saved
+    recovery = [k for k in saved if ".recovery." in k]
+    assert len(recovery) == 6 * len(SHARE) and all(saved[k].dtype == mx.float16 for k in recovery)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert config["sharp"]["share"] == {"3": 2, "4": 2}
+    assert r["bytes_after"] < 0.5 * r["bytes_before"]
+
+
+@pytest.mark.parametrize("share", [{}, SHARE])
+def test_quantized_round_trip_is_exact_and_close_to_float(tmp_path, share):
+    model, config = tiny_model(share=share, rank=4)
+    randomize_recovery(model)
+    reference = model(TOKENS)
+    errors = {}
+    for bits in (8, 4):
+        model, _ = tiny_model(share=share, rank=4)
+        randomize_recovery(model)
+        q, q_config = quantize(model, config, bits=bits, group_size=32)
+        out = sharp_mlx.save(tmp_path / f"q{bits}", q, q_config)
+        loaded, _ = load_model(out)
+        assert mx.array_equal(loaded(TOKENS), q(TOKENS))
+        errors[bits] = mx.abs(q(TOKENS) - reference).mean().item() / mx.abs(reference).mean().item()
+    assert 0 < errors[8] < 0.03 and errors[8] < errors[4] < 0.5, errors
+
+
+def test_quantize_refuses_quantized_input_and_existing_out(shared_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    quantize_model_folder(shared_dir, out, group_size=32, from_gguf="none")
+    with pytest.raises(SharpError, match="already quantized"):
+        quantize_model_folder(out, tmp_path / "qq", group_size=32, from_gguf="none")
+    assert main(["--model", str(shared_dir), "--out", str(out), "--group-size", "32", "--from-gguf", "none"]) == 2
+    assert "--force" in capsys.readouterr().err
+    model, config = load_model(out)
+    with pytest.raises(SharpError, match="already quantized"):
+        quantize(model, config)
+
+
+def test_explicit_gguf_that_does_not_match_is_refused(shared_dir, tmp_path):
+    with pytest.raises(SharpError, match="matches the codes"):
+        quantize_model_folder(shared_dir, tmp_path / "q", group_size=32, from_gguf=str(embedded_gguf()))
+    assert not (tmp_path / "q").exists()
+
+
+def test_gguf_codes_make_the_real_model_4bit_without_loss(real_model_dir, tmp_path):
+    r = quantize_model_folder(real_model_dir, tmp_path / "q4")
+    assert r["gguf_codes"] == r["quantized"] == 7 * 30 + 1 and r["gguf_mismatched"] == 0
+    assert r["bytes_after"] < 0.19 * r["bytes_before"]
+    q, config = load_model(tmp_path / "q4", lazy=True)
+    original, _ = load_model(real_model_dir, lazy=True)
+    assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
+    assert config["quantization"]["model.embed_tokens"]["bits"] == 8
+    for path in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.17.self_attn.v_proj", "model.layers.26.mlp.down_proj", "model.embed_tokens"):
+        float_w = dict(tree_flatten(original.parameters()))[f"{path}.weight"]
+        assert np.abs(np.array(dequantized(q, path)) - np.array(float_w)).max() < 1e-3, path
+
+
+def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_dir):
+    original, _ = real_model
+    model, config = share_model(original, json.loads((real_model_dir / "config.json").read_text()), {27: 26, 29: 28}, 8)
+    codes, mismatched = gguf_codes(embedded_gguf(), model, config)
+    assert mismatched == 0 and len(codes) == 7 * 30 + 1 - 3 * 2
+    assert "model.layers.26.mlp.gate_proj" in codes and not any(".27.mlp" in p or ".29.mlp" in p for p in codes)
+    q, _ = quantize(model, config, codes=codes)
+    flat = dict(tree_flatten(q.parameters()))
+    assert all(flat[k].dtype == mx.float16 for k in flat if ".recovery." in k)
+    assert np.abs(np.array(dequantized(q, "model.layers.28.mlp.up_proj")) - np.array(original.model.layers[28].mlp.up_proj.weight)).max() < 1e-3
