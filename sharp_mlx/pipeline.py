@@ -82,8 +82,9 @@ def main(argv=None):
     base = results[str(original)]
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
-    print(f"\n[generate] {final}", flush=True)
-    generate.main(["--model", str(final)])
+    for model in (original, final):
+        print(f"\n[generate] {model}", flush=True)
+        generate.main(["--model", str(model)])
     print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}")
 
 
