@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Baselines at the default pipeline's targets (next over 11:29, rank 64), after SLW only, next to
+# SHARP after SLW; writes docs/baselines.md. Needs the pipeline's models (./scripts/run.sh).
+#   ./scripts/baselines.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_env.sh
+sharp_setup
+orig=models/smollm2-135m-instruct
+common=(--stage slw --model "$orig" --share next --layers 11:29 --rank 64 --tokens 16384 --slw-steps 50)
+start=$(date +%s)
+for b in direct mlp-prune lowrank; do
+    [ -d "models/baseline-$b" ] || python -m sharp_mlx.train "${common[@]}" --baseline "$b" --out "models/baseline-$b"
+done
+python -m sharp_mlx.evaluate --model "$orig" models/baseline-direct models/baseline-mlp-prune \
+    models/baseline-lowrank models/smollm2-135m-instruct-sharp-slw models/smollm2-135m-instruct-sharp \
+    --data data/*/test.jsonl --seq-len 256 --max-windows 8 --plot docs/baselines.png > /tmp/baselines.table
+{
+    echo "# Baselines at the default targets (12, 14, ..., 28; rank 64)"
+    echo
+    echo "\`./scripts/baselines.sh\` ($(( ($(date +%s) - start) / 60 )) min; Linux x86_64, 2 cores)."
+    echo "direct: borrow the reference MLP, no recovery. mlp-prune: no MLP at the targets."
+    echo "lowrank: the control, rank-64 factors with no borrowed weights, through the same SLW."
+    echo "SHARP rows: the pipeline's checkpoints (after SLW; after SLW + 20k tokens of SFT)."
+    echo
+    cat /tmp/baselines.table
+} > docs/baselines.md
+cat docs/baselines.md
