@@ -23,12 +23,32 @@ import numpy as np
 
 from . import sharemap
 from .capture import calibration_windows, capture_mlp_inputs
-from .checkpoint import atomic_dir, copy_tokenizer, load, write_model
+from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import SharpError, cli
 from .slw import SLWConfig, run_slw
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
+SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
+    "steps": "optimizer steps",
+    "batch_size": "windows per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "learning_rate": "peak learning rate, reached after the warmup",
+    "min_learning_rate": "learning rate at the end of the cosine decay",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay",
+    "loss": "kd (distil from --teacher), ce (next token) or mix",
+    "kd_alpha": "weight of kd in the mix loss",
+    "kd_temperature": "distillation temperature",
+    "lora_rank": "> 0: also LoRA of this rank on the linear layers of the trained blocks",
+    "lora_scale": "LoRA scale",
+    "lora_layers": "LoRA on the last N blocks (default: from the first target on)",
+    "grad_checkpoint": "recompute each trained block in the backward pass (less memory)",
+    "frozen_prefix": "run the blocks before the first target without gradients",
+    "eval_every": "validate every N steps",
+    "eval_windows": "validation windows",
+    "save_every": "checkpoint every N steps",
+}
 BASELINES = ("sharp", "direct", "mlp-prune", "layer-prune", "lowrank")
 
 
@@ -60,10 +80,10 @@ def save_stage(out: Path, model, config: dict, source: Path, record: dict, force
 
 
 def stage_slw(args) -> dict:
-    original, tokenizer = load(args.model)
-    config = json.loads((args.model / "config.json").read_text())
+    config = read_config(args.model)
     if config.get("sharp", {}).get("share"):
         raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
+    original, tokenizer = load(args.model)
     n = config["num_hidden_layers"]
     share = sharemap.parse_share(args.share, n, layers=args.layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
     if args.baseline == "layer-prune":
@@ -153,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = type(f.default) if f.default is not None else int
         if kind is bool:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"SFT: {f.name} (default: {f.default})")
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"SFT: {SFT_HELP[f.name]} (default: {f.default})")
         else:
-            g.add_argument(flag, dest=f.name, type=kind, help=f"SFT: {f.name} (default: {f.default})")
+            g.add_argument(flag, dest=f.name, type=kind, help=f"SFT: {SFT_HELP[f.name]} (default: {f.default})")
     return p
 
 
