@@ -21,16 +21,15 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.activations import swiglu
 from tqdm import tqdm
 
-from .capture import calibration_windows, capture_mlp_inputs
+from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import load, read_config
-from .data import load_records, tokenize_record
 from .errors import SharpError, cli
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
@@ -134,26 +133,6 @@ def analyze(model, windows: mx.array, rank: int = 64, all_pairs: bool = False, b
             for r in range(t) if all_pairs else range(max(t - 1, 0), t):
                 pairs.append({"reference": r, "target": t, **pair_metrics(layers[r].mlp, layers[t].mlp, inputs, rank)})
     return {"version": SCHEMA_VERSION, "rank": rank, "tokens": int(windows.size), "seq_len": int(windows.shape[1]), "layers": per_layer, "pairs": pairs}
-
-
-def sample_stream(path: Path, tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
-    """At least ``n_tokens`` tokens (if the file has them) from records drawn at random."""
-    fmt, records = load_records(path)
-    tokens: List[int] = []
-    for i in np.random.default_rng(seed).permutation(len(records)):
-        tokens += tokenize_record(tokenizer, records[i], fmt)[0]
-        if len(tokens) >= n_tokens:
-            break
-    return np.array(tokens, dtype=np.int32)
-
-
-def calibration_text(files: Sequence[Path], tokenizer, total_tokens: int, seq_len: int, seed: int = 0) -> mx.array:
-    """About ``total_tokens`` tokens as windows (N, seq_len), drawn evenly from the files."""
-    # A margin of two windows per file, so each yields its share of whole windows.
-    streams = [sample_stream(f, tokenizer, total_tokens // len(files) + 2 * seq_len, seed) for f in files]
-    if not any(len(s) > seq_len for s in streams):
-        raise SharpError(f"the data files hold no window of {seq_len} tokens: use longer files or a smaller --seq-len")
-    return calibration_windows([s for s in streams if len(s) > seq_len], seq_len, total_tokens, seed)
 
 
 def table(analysis: dict) -> str:

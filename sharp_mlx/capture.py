@@ -14,6 +14,9 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from tqdm import tqdm
 
+from .data import load_records, tokenize_record
+from .errors import SharpError
+
 
 def _tap(mlp, record: Callable[[mx.array], None]):
     """An MLP stand-in that records its input, then runs the real MLP."""
@@ -95,3 +98,23 @@ def calibration_windows(token_streams: List[np.ndarray], length: int, total_toke
         for s in rng.choice(starts, size=min(share, len(starts)), replace=False):
             rows.append(tokens[s : s + length])
     return mx.array(np.stack(rows).astype(np.int32))
+
+
+def sample_stream(path: Path, tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """At least ``n_tokens`` tokens (if the file has them) from records drawn at random."""
+    fmt, records = load_records(path)
+    tokens: List[int] = []
+    for i in np.random.default_rng(seed).permutation(len(records)):
+        tokens += tokenize_record(tokenizer, records[i], fmt)[0]
+        if len(tokens) >= n_tokens:
+            break
+    return np.array(tokens, dtype=np.int32)
+
+
+def calibration_text(files: Sequence[Path], tokenizer, total_tokens: int, seq_len: int, seed: int = 0) -> mx.array:
+    """About ``total_tokens`` tokens as windows (N, seq_len), drawn evenly from the files."""
+    # A margin of two windows per file, so each yields its share of whole windows.
+    streams = [sample_stream(f, tokenizer, total_tokens // len(files) + 2 * seq_len, seed) for f in files]
+    if not any(len(s) > seq_len for s in streams):
+        raise SharpError(f"the data files hold no window of {seq_len} tokens: use longer files or a smaller --seq-len")
+    return calibration_windows([s for s in streams if len(s) > seq_len], seq_len, total_tokens, seed)

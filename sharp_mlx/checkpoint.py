@@ -84,10 +84,6 @@ def load(path: PathLike, lazy: bool = False) -> Tuple[Model, TokenizerWrapper]:
     return model, load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
 
 
-def sharp_args(config: dict) -> SharpArgs:
-    return SharpArgs.from_dict(config.get("sharp"))
-
-
 @contextlib.contextmanager
 def atomic_dir(out: PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only once everything in it is written."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import evaluate, generate, train
-from .convert import DEFAULT_MODEL, ensure_default_model
+from .convert import ensure_default_model
 from .errors import SharpError, cli
 
 DOMAINS = train.DOMAINS

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sharemap
-from .capture import calibration_windows, capture_mlp_inputs
+from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import SharpError, cli
@@ -96,8 +96,8 @@ def stage_slw(args) -> dict:
         model, new_config = sharemap.share_model(original, config, share, rank)
         report = {}
         if rank > 0 and args.slw_steps >= 0 and not args.no_slw:
-            streams = token_streams(args.data or default_data("train"), tokenizer)
-            windows = calibration_windows([s for s, _ in streams], args.seq_len, args.tokens, seed=args.seed)
+            # Only as many random records as the calibration needs are tokenized.
+            windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
             print(f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens ...")
             captured = capture_mlp_inputs(original, windows, sorted(share), out_dir=args.cache_dir)
             cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)

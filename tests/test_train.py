@@ -2,7 +2,6 @@
 
 from dataclasses import fields
 
-import pytest
 
 from conftest import tiny_model
 from sharp_mlx import save, train
