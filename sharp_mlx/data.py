@@ -159,26 +159,35 @@ def windows(tokens: Sequence[int], length: int) -> tuple[mx.array, int]:
 
 
 def batches(tokens: Sequence[int], mask: Sequence[int], batch_size: int, length: int,
-            seed: int = 0, start: int = 0) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+            seed: int = 0, start: int = 0, shard: tuple[int, int] = (0, 1)
+            ) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
     """Endless training batches (inputs, targets, mask), each (batch_size, length); mask is
     float32, 1 where the target token is trained. The windows are those of `windows`; epoch e
     visits them in the order permutation(seed, e), batch_size at a time, and drops its last
-    partial batch. Batch k depends only on (seed, k): `start=k` resumes after k batches."""
+    partial batch. Batch k depends only on (seed, k): `start=k` resumes after k batches.
+
+    `shard=(rank, size)`: batch k is rank's slice of the k-th global batch of
+    batch_size * size windows, so the size processes together see exactly the batches of one
+    process with batch_size * size."""
     tokens, mask = np.asarray(tokens, dtype=np.int32), np.asarray(mask, dtype=np.float32)
     if tokens.shape != mask.shape:
         raise DataError(f"tokens {tokens.shape} and mask {mask.shape} differ in shape")
+    rank, size = shard
+    if not 0 <= rank < size:
+        raise DataError(f"shard {rank} of {size} does not exist")
     rows = _window_rows(len(tokens), length)
-    per_epoch = len(rows) // batch_size if batch_size > 0 else 0
+    per_epoch = len(rows) // (batch_size * size) if batch_size > 0 else 0
     if per_epoch == 0:
+        per = f" ({size} processes of {batch_size})" if size > 1 else ""
         raise DataError(f"{len(tokens)} tokens make {len(rows)} windows of {length}+1 tokens, "
-                        f"fewer than a batch of {batch_size}; use more data or a smaller "
-                        "batch size or sequence length")
+                        f"fewer than a batch of {batch_size * size}{per}; use more data or a "
+                        "smaller batch size or sequence length")
     epoch, order = None, None
     for step in itertools.count(start):
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-        k = step % per_epoch
-        picked = rows[order[k * batch_size:(k + 1) * batch_size]]  # (B, length+1)
+        first = (step % per_epoch * size + rank) * batch_size
+        picked = rows[order[first:first + batch_size]]  # (B, length+1)
         window, weight = tokens[picked], mask[picked]
         yield mx.array(window[:, :-1]), mx.array(window[:, 1:]), mx.array(weight[:, 1:])

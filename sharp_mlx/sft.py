@@ -17,6 +17,12 @@ Checkpoints in ``out_dir``: ``adapters-STEP.safetensors`` (trainable parameters)
 ``optimizer-STEP.safetensors`` and ``checkpoint.json`` (step, data position, RNG key, loss
 history, config), each written to a temporary file and renamed; checkpoint.json is written last,
 so it always names a complete checkpoint.
+
+Data parallel under ``mx.distributed`` (``group`` of several processes, see
+sharp_mlx.distributed): each process trains on its own slice of every global batch of
+``batch_size * size`` windows, gradients are averaged across processes (each process's
+micro-batch mean counts equally, as micro-batches of ``grad_accum`` do), and only rank 0
+writes checkpoints, plots and logs. Resuming reads ``out_dir`` in every process.
 """
 
 import json
@@ -38,6 +44,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from tqdm import tqdm
 
+from . import distributed
 from .data import batches, windows
 from .errors import SharpError
 
@@ -246,7 +253,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> 
             old.unlink()
 
 
-def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig) -> dict:
+def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processes: int = 1) -> dict:
     """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
     path = out_dir / CHECKPOINT
     if not path.exists():
@@ -256,6 +263,8 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig) -> dict:
     changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
     if changed:
         raise SharpError(f"cannot resume {out_dir}: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)} in its checkpoint, {', '.join(f'{k}={wanted[k]!r}' for k in changed)} now; use the same settings")
+    if state.get("processes", 1) != processes:
+        raise SharpError(f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has {processes}; resume with the same number (the global batch depends on it)")
     params = mx.load(str(out_dir / state["adapters"]))
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if set(params) != expected:
@@ -297,15 +306,22 @@ def make_optimizer(config: SFTConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
 
 
-def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, out_dir: Path, teacher=None, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Fine-tune ``model`` in place (see the module docstring); return a summary of the run."""
+def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, out_dir: Path, teacher=None, resume: bool = False, log: Callable[[str], None] = print, group=None) -> dict:
+    """Fine-tune ``model`` in place (see the module docstring); return a summary of the run.
+
+    ``group``: the ``mx.distributed`` group to train data-parallel in (None: this process alone)."""
     config.validate()
     out_dir = Path(out_dir)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    main = rank == 0
+    if not main:
+        log = lambda line: None  # noqa: E731  (rank 0 speaks for all)
     if config.loss != "ce" and teacher is None:
         raise SharpError(f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'")
     if not resume and (out_dir / CHECKPOINT).exists():
         raise SharpError(f"{out_dir} already holds an SFT checkpoint: resume it, or choose an empty folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(config.seed)
     first = prepare(model, config)
     start = first if config.frozen_prefix else 0
@@ -317,7 +333,7 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
     optimizer.init(model.trainable_parameters())
     step, position, train_history, valid_history = 0, 0, [], []
     if resume:
-        saved = load_checkpoint(out_dir, model, optimizer, config)
+        saved = load_checkpoint(out_dir, model, optimizer, config, size)
         step, position = saved["step"], saved["batch"]
         train_history, valid_history = ([tuple(p) for p in saved[k]] for k in ("train_history", "valid_history"))
         changed = {k: v for k, v in asdict(config).items() if saved["config"].get(k) != v}
@@ -336,15 +352,17 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         (loss, _), g = loss_and_grad(model, inputs, targets, mask)
         grad = g if grad is None else tree_map(mx.add, grad, g)
         if update:
+            if size > 1:
+                grad = nn.average_gradients(grad, group)
             optimizer.update(model, tree_map(lambda x: x / config.grad_accum, grad))
             grad = None
         return loss, grad
 
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * size
+    data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
     mx.reset_peak_memory()
     train_time, wall_start, first_step = 0.0, time.perf_counter(), step
-    bar = tqdm(range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step")
+    bar = tqdm(range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main)
     for step in bar:
         tic = time.perf_counter()
         grad, total = None, 0.0
@@ -355,7 +373,7 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
             mx.eval(state, loss, grad)
             total += loss.item()
         train_time += time.perf_counter() - tic
-        loss = total / config.grad_accum
+        loss = distributed.mean(total / config.grad_accum, group) if size > 1 else total / config.grad_accum
         if not math.isfinite(loss):
             bar.close()
             kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
@@ -366,16 +384,18 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
             valid_history.append((step, validate()))
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
-            history = {"batch": position, "train_history": train_history, "valid_history": valid_history, "config": asdict(config)}
-            save_checkpoint(out_dir, step, model, optimizer, history)
+            if main:
+                history = {"batch": position, "processes": size, "train_history": train_history, "valid_history": valid_history, "config": asdict(config)}
+                save_checkpoint(out_dir, step, model, optimizer, history)
+                plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)
             saved_step = step
-            plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)
     bar.close()
     trained = (config.steps - first_step) * tokens_per_step
     return {
         "final_valid_loss": valid_history[-1][1],
         "best_valid_loss": min(v for _, v in valid_history),
         "tokens": config.steps * tokens_per_step,
+        "processes": size,
         "tokens_per_s": trained / train_time if train_time else float("nan"),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "wall_s": time.perf_counter() - wall_start,

@@ -10,7 +10,9 @@ relative L2 error of the MLP output. Three stages, each optional and measured:
    the remaining output error on the student's own hidden activations, solved exactly.
 3. ``steps`` of Adam on all six factors with warmup + cosine decay, minibatches of rows.
 
-Layers are independent; they run one after the other here. The decompositions run with one
+Layers are independent: they run one after the other, or split across the processes of an
+``mx.distributed`` group (see sharp_mlx.distributed), each fitting its own targets with the
+same seeds, so the result does not depend on the number of processes. The decompositions run with one
 BLAS thread: LAPACK's many small calls on spinning threads were 10-40x slower (an SVD of
 1536x576 took 27 s instead of 0.75 s) whenever another process shared the cores.
 """
@@ -27,6 +29,7 @@ from mlx_lm.models.activations import swiglu
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from . import distributed
 from .model import Recovery
 
 PROJ = ("gate", "up", "down")
@@ -195,17 +198,22 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
     return {"factors": rec, "errors": errors}
 
 
-def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print) -> Dict[int, Dict[str, float]]:
+def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print, group=None) -> Dict[int, Dict[str, float]]:
     """Fit every target of ``model`` (a shared Model) against ``original``'s MLPs on captured
-    inputs {target: rows}; writes the factors into ``model`` and returns the per-layer errors."""
+    inputs {target: rows}; writes the factors into ``model`` and returns the per-layer errors.
+
+    Under a ``group`` of several processes, each passes the inputs of its own targets
+    (``distributed.shard`` of them all); every process ends with every target's factors and the
+    whole report."""
     report = {}
     inner = model.model
-    for t in tqdm(sorted(inputs), desc="SLW", unit="layer"):
+    quiet = group is not None and not distributed.is_main(group)
+    for t in tqdm(sorted(inputs), desc="SLW", unit="layer", disable=quiet):
         layer = inner.layers[t]
         if "recovery" not in layer:
             continue
         rank = layer.recovery.gate_a.shape[1]
-        bar = tqdm(total=cfg.steps, desc=f"  layer {t}", unit="step", leave=False)
+        bar = tqdm(total=cfg.steps, desc=f"  layer {t}", unit="step", leave=False, disable=quiet)
 
         def progress(step, loss):
             bar.update(1)
@@ -217,7 +225,11 @@ def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log:
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
         report[t] = out["errors"]
         log(f"layer {t:2d} <- {inner.mlp_owner[t]}: rel. error " + ", ".join(f"{k} {v:.3f}" for k, v in out["errors"].items()))
+    if group is not None and group.size() > 1:
+        for t, layer in enumerate(inner.layers):
+            if "recovery" in layer:
+                layer.recovery.update(distributed.gather_owned(dict(layer.recovery.parameters()), t in report, group))
+        parts = distributed.gather_json({str(t): e for t, e in report.items()}, group)
+        report = {int(t): e for part in parts for t, e in part.items()}
     mx.eval(model.parameters())
-    return report
-
-
+    return dict(sorted(report.items()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sharemap
+from . import distributed, sharemap
 from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
@@ -68,6 +68,14 @@ def token_streams(files, tokenizer, max_tokens_each=None):
     return streams
 
 
+def say(group, line: str, every_rank: bool = False) -> None:
+    """Print on rank 0 only (or on every rank, prefixed by it, when there are several)."""
+    if group.size() == 1:
+        print(line)
+    elif every_rank or distributed.is_main(group):
+        print(f"[rank {group.rank()}] {line}")
+
+
 def save_stage(out: Path, model, config: dict, source: Path, record: dict, force: bool) -> None:
     """The model folder plus ``training.json``: every stage's settings and results so far."""
     history = []
@@ -98,11 +106,16 @@ def stage_slw(args) -> dict:
         if rank > 0 and args.slw_steps >= 0 and not args.no_slw:
             # Only as many random records as the calibration needs are tokenized.
             windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
-            print(f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens ...")
-            captured = capture_mlp_inputs(original, windows, sorted(share), out_dir=args.cache_dir)
+            # Under mlx.launch each process captures and fits its own targets (same seeds).
+            group = distributed.group()
+            mine = distributed.shard(sorted(share), group)
+            split = f", {len(mine)} of them in this process of {group.size()}" if group.size() > 1 else ""
+            say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
+            cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
+            captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
             cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
-            report = run_slw(model, original, captured["mlp_inputs"], cfg)
-    print(sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else args.rank))
+            report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
+    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else args.rank))
     return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": args.rank, "layers": {str(k): v for k, v in report.items()}}}
 
 
@@ -129,7 +142,7 @@ def stage_sft(args) -> dict:
     tokens, mask = (np.concatenate([s[i] for s in train]) for i in (0, 1))
     valid_tokens = np.concatenate([s for s, _ in valid])
     run_dir = args.run_dir or Path("runs") / args.out.name
-    summary = train_sft(model, tokens, mask, valid_tokens, cfg, run_dir, teacher=teacher, resume=args.resume)
+    summary = train_sft(model, tokens, mask, valid_tokens, cfg, run_dir, teacher=teacher, resume=args.resume, group=distributed.group())
     if cfg.lora_rank > 0:
         merge_lora(model)  # LoRA folded into plain weights: the folder keeps its config's names
     return {"model": model, "config": config, "record": {"stage": "sft", "config": asdict(cfg), "summary": summary}}
@@ -187,6 +200,8 @@ def main(argv=None):
     tic = time.perf_counter()
     result = (stage_slw if args.stage == "slw" else stage_sft)(args)
     result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+    if not distributed.is_main(distributed.group()):
+        return  # rank 0 writes the folder; every process holds the same model
     save_stage(args.out, result["model"], result["config"], args.model, result["record"], args.force)
     print(f"{args.stage} done in {result['record']['wall_s']:.0f} s -> {args.out}")
 
