@@ -1,0 +1,43 @@
+"""Model folders of the tiny test Llama with a character tokenizer, for running the CLIs fast."""
+
+import json
+import string
+from pathlib import Path
+
+from conftest import tiny_model
+
+CHARS = string.ascii_letters + string.digits + " .,;:'!?-\n"  # 73 symbols, fits the vocab of 101
+
+
+def write_char_tokenizer(folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json: one token per character, id 0 unknown, id 1 EOS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 256}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def write_tiny_model(folder: Path, share=None, rank: int = 0, seed: int = 0) -> Path:
+    """The tiny random Llama (conftest.TINY), shared by ``share`` at ``rank``, as a model folder."""
+    from sharp_mlx import save
+
+    model, config = tiny_model(share=share, rank=rank, seed=seed)
+    save(folder, model, {**config, "eos_token_id": 1})
+    write_char_tokenizer(Path(folder))
+    return Path(folder)
+
+
+def write_text_data(path: Path, records: int = 40, seed: int = 0) -> Path:
+    """A .jsonl file of {"text": ...} records of random words (about 60 characters each)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "model", "shares", "layers", "with", "low", "rank", "recovery", "and", "a", "small", "cost"]
+    lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(12)) + "."}) for _ in range(records)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
