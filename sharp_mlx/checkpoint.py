@@ -51,11 +51,32 @@ def read_config(path: PathLike) -> dict:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise SharpError(f"{path / 'config.json'} is not valid JSON ({e}): re-import the model")
+    asks_for_code(path, config)
     if config.get("model_type") not in SUPPORTED_TYPES:
         raise SharpError(f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type {', '.join(SUPPORTED_TYPES)}")
     if not list(path.glob("model*.safetensors")):
         raise SharpError(f"{path} has a config.json but no model*.safetensors weights: re-import or re-save the model")
     return config
+
+
+def asks_for_code(path: Path, config: dict) -> None:
+    """Refuse a folder whose config.json or tokenizer_config.json names its own Python code
+    (``auto_map``): nothing from a model folder is ever run here."""
+    for name in ("config.json", "tokenizer_config.json"):
+        cfg = config if name == "config.json" else _json_or_empty(path / name)
+        if cfg.get("auto_map"):
+            raise SharpError(
+                f"{path / name} asks to run the folder's own code (auto_map): sharp_mlx runs no code from model folders; "
+                f"if it is a standard Llama, import it without the code: `python -m sharp_mlx.convert --source {path} --trust-remote-code`"
+            )
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_model(path: PathLike, lazy: bool = False) -> Tuple[Model, dict]:

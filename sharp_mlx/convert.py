@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from .checkpoint import atomic_dir, copy_tokenizer, write_model
+from .checkpoint import asks_for_code, atomic_dir, copy_tokenizer, write_model
 from .errors import SharpError, cli
 from .model import Model, ModelArgs
 
@@ -57,10 +57,19 @@ def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
     return config, {k: mx.array(v) for k, v in float_weights(reader, config).items()}
 
 
-def read_hf_folder(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
+def read_hf_folder(path: Path, trust_remote_code: bool = False) -> Tuple[dict, Dict[str, mx.array]]:
+    """Config and weights of a Hugging Face folder. One that names its own code (auto_map) is
+    refused unless ``trust_remote_code``; even then the code is not run: the weights are read
+    as a standard Llama's and the auto_map is left out."""
     if not (path / "config.json").exists():
         raise SharpError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
-    config = normalize_config(json.loads((path / "config.json").read_text()))
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SharpError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}): fix or re-download the folder")
+    if not trust_remote_code:
+        asks_for_code(path, config)
+    config = normalize_config({k: v for k, v in config.items() if k != "auto_map"})
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SharpError(f"{path} has no *.safetensors weights: convert .bin checkpoints to safetensors first")
@@ -91,7 +100,7 @@ def build_model(config: dict, weights: Dict[str, mx.array], dtype: str) -> Model
     return model
 
 
-def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype: str = "float32", force: bool = False) -> Path:
+def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype: str = "float32", force: bool = False, trust_remote_code: bool = False) -> Path:
     """Import ``source`` (default: the embedded GGUF) into ``out``; returns the folder."""
     if source is None:
         path = embedded_gguf()
@@ -107,7 +116,7 @@ def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype
     is_gguf = path.is_file()
     if is_gguf and path.suffix != ".gguf":
         raise SharpError(f"{path} is a file but not a .gguf: pass a GGUF file or a Hugging Face folder")
-    config, weights = read_gguf(path) if is_gguf else read_hf_folder(path)
+    config, weights = read_gguf(path) if is_gguf else read_hf_folder(path, trust_remote_code)
     config["torch_dtype"] = dtype
     model = build_model(config, weights, dtype)
     with atomic_dir(out, force=force) as tmp:
@@ -118,6 +127,11 @@ def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype
             save_tokenizer(path, tmp)
         else:
             copy_tokenizer(path, tmp)
+            tokenizer_config = tmp / "tokenizer_config.json"
+            if tokenizer_config.exists():  # the custom tokenizer code stays behind too
+                cfg = json.loads(tokenizer_config.read_text())
+                if cfg.pop("auto_map", None) is not None:
+                    tokenizer_config.write_text(json.dumps(cfg, indent=2))
     return out
 
 
@@ -134,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_MODEL} for the embedded model, models/<name> otherwise)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32, exact for dequantized GGUF weights)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--trust-remote-code", action="store_true", help="import a folder whose config names its own code (auto_map) as a standard Llama; its code is never run")
     return p
 
 
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    out = import_model(args.source, args.out, args.dtype, args.force)
+    out = import_model(args.source, args.out, args.dtype, args.force, args.trust_remote_code)
     print(f"imported {args.source or embedded_gguf().name} -> {out} ({time.perf_counter() - tic:.1f} s)")
 
 

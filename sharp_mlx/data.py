@@ -168,7 +168,7 @@ def batches(tokens: Sequence[int], mask: Sequence[int], batch_size: int, length:
 
     `shard=(rank, size)`: batch k is rank's slice of the k-th global batch of
     batch_size * size windows, so the size processes together see exactly the batches of one
-    process with batch_size * size."""
+    process with batch_size * size. Too little data is refused here, not at the first batch."""
     tokens, mask = np.asarray(tokens, dtype=np.int32), np.asarray(mask, dtype=np.float32)
     if tokens.shape != mask.shape:
         raise DataError(f"tokens {tokens.shape} and mask {mask.shape} differ in shape")
@@ -182,6 +182,11 @@ def batches(tokens: Sequence[int], mask: Sequence[int], batch_size: int, length:
         raise DataError(f"{len(tokens)} tokens make {len(rows)} windows of {length}+1 tokens, "
                         f"fewer than a batch of {batch_size * size}{per}; use more data or a "
                         "smaller batch size or sequence length")
+    return _batches(tokens, mask, rows, per_epoch, batch_size, seed, start, shard)
+
+
+def _batches(tokens, mask, rows, per_epoch, batch_size, seed, start, shard):
+    rank, size = shard
     epoch, order = None, None
     for step in itertools.count(start):
         if step // per_epoch != epoch:

@@ -320,8 +320,6 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         raise SharpError(f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'")
     if not resume and (out_dir / CHECKPOINT).exists():
         raise SharpError(f"{out_dir} already holds an SFT checkpoint: resume it, or choose an empty folder")
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(config.seed)
     first = prepare(model, config)
     start = first if config.frozen_prefix else 0
@@ -340,6 +338,8 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         log(f"resumed {out_dir} at step {step}" + (f" with changed settings {changed}" if changed else ""))
     saved_step = step if resume else None
     validate = _Validator(model, valid_tokens, config, start)
+    data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * size
     if step == 0:
         valid_history.append((0, validate()))
 
@@ -358,8 +358,6 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
             grad = None
         return loss, grad
 
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * size
-    data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
     mx.reset_peak_memory()
     train_time, wall_start, first_step = 0.0, time.perf_counter(), step
     bar = tqdm(range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main)
@@ -385,6 +383,7 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
             if main:
+                out_dir.mkdir(parents=True, exist_ok=True)
                 history = {"batch": position, "processes": size, "train_history": train_history, "valid_history": valid_history, "config": asdict(config)}
                 save_checkpoint(out_dir, step, model, optimizer, history)
                 plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)

@@ -91,9 +91,11 @@ def stage_slw(args) -> dict:
     config = read_config(args.model)
     if config.get("sharp", {}).get("share"):
         raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
-    original, tokenizer = load(args.model)
     n = config["num_hidden_layers"]
     share = sharemap.parse_share(args.share, n, layers=args.layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
+    if args.baseline in ("sharp", "lowrank"):
+        check_rank(args.rank, config)
+    original, tokenizer = load(args.model)
     if args.baseline == "layer-prune":
         model, new_config = sharemap.prune_layers(original, config, sorted(share))
         report = {}
@@ -117,6 +119,13 @@ def stage_slw(args) -> dict:
             report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
     say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else args.rank))
     return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": args.rank, "layers": {str(k): v for k, v in report.items()}}}
+
+
+def check_rank(rank: int, config: dict) -> None:
+    """A recovery rank fits between 1 and the smaller of the model's hidden and MLP sizes."""
+    top = min(config["hidden_size"], config["intermediate_size"])
+    if not 1 <= rank <= top:
+        raise SharpError(f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in that range (--baseline direct shares without recovery)")
 
 
 def _similarity(args):
