@@ -75,6 +75,7 @@ class SharpArgs:
 @dataclass
 class ModelArgs(llama.ModelArgs):
     sharp: Optional[dict] = None
+    quantization: Optional[dict] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,6 +88,9 @@ def lowrank(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
     return (x @ a) @ b
 
 
+PROJECTIONS = ("gate", "up", "down")
+
+
 class Recovery(nn.Module):
     """Low-rank factors on gate, up and down of a borrowed MLP: W_t ~= W_r + B_t A_t.
 
@@ -96,20 +100,82 @@ class Recovery(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, rank: int):
         super().__init__()
-        for name, n_in, n_out in (("gate", dim, hidden_dim), ("up", dim, hidden_dim), ("down", hidden_dim, dim)):
+        for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
             bound = n_in**-0.5
             setattr(self, f"{name}_a", mx.random.uniform(-bound, bound, (n_in, rank)))
             setattr(self, f"{name}_b", mx.zeros((rank, n_out)))
 
+    def delta(self, x: mx.array, name: str) -> mx.array:
+        return lowrank(x, self[f"{name}_a"], self[f"{name}_b"])
+
     def __call__(self, x: mx.array, mlp: Optional[nn.Module]) -> mx.array:
-        gate = lowrank(x, self.gate_a, self.gate_b)
-        up = lowrank(x, self.up_a, self.up_b)
+        gate = self.delta(x, "gate")
+        up = self.delta(x, "up")
         if mlp is not None:
             gate = gate + mlp.gate_proj(x)
             up = up + mlp.up_proj(x)
         h = swiglu(gate, up)
-        out = lowrank(h, self.down_a, self.down_b)
+        out = self.delta(h, "down")
         return out if mlp is None else out + mlp.down_proj(h)
+
+
+
+class QuantizedRecovery(Recovery):
+    """Recovery factors as affine codes. Each factor is stored transposed, (out, in) as a
+    QuantizedLinear weight is, so its groups run along its input; ``*_scales`` and ``*_biases``
+    sit beside it. The rank must be a multiple of the group size."""
+
+    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+        nn.Module.__init__(self)
+        self.group_size, self.code_bits, self.mode = group_size, bits, mode
+        for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
+            self._set(f"{name}_a", mx.zeros((rank, n_in)))
+            self._set(f"{name}_b", mx.zeros((n_out, rank)))
+        self.freeze()
+
+    def _set(self, key: str, w_t: mx.array) -> None:
+        q = mx.quantize(w_t, self.group_size, self.code_bits, mode=self.mode)
+        self[key], self[f"{key}_scales"] = q[0], q[1]
+        if len(q) > 2:
+            self[f"{key}_biases"] = q[2]
+
+    @classmethod
+    def from_recovery(cls, rec: Recovery, group_size: int, bits: int, mode: str = "affine") -> "QuantizedRecovery":
+        (dim, rank), hidden_dim = rec.gate_a.shape, rec.gate_b.shape[1]
+        if rank % group_size or dim % group_size or hidden_dim % group_size:
+            raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.group_size, q.code_bits, q.mode = group_size, bits, mode
+        for name in PROJECTIONS:
+            for f in ("a", "b"):
+                q._set(f"{name}_{f}", rec[f"{name}_{f}"].T)
+        q.freeze()
+        return q
+
+    def to_quantized(self, group_size: int, bits: int, mode: str = "affine", **_) -> "QuantizedRecovery":
+        """Already quantized: ``mlx_lm.load`` calls this for every path its config lists."""
+        if (group_size, bits, mode) != (self.group_size, self.code_bits, self.mode):
+            raise ValueError(f"recovery quantized with group size {self.group_size}, {self.code_bits} bits cannot become group size {group_size}, {bits} bits")
+        return self
+
+    def dequantized(self) -> Recovery:
+        """The same factors as float arrays (the scales' dtype)."""
+        rec = Recovery.__new__(Recovery)
+        nn.Module.__init__(rec)
+        for name in PROJECTIONS:
+            for f in ("a", "b"):
+                key = f"{name}_{f}"
+                w_t = mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode)
+                rec[key] = w_t.T
+        return rec
+
+    def delta(self, x: mx.array, name: str) -> mx.array:
+        for f in ("a", "b"):
+            key = f"{name}_{f}"
+            x = mx.quantized_matmul(x, self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), transpose=True,
+                                    group_size=self.group_size, bits=self.code_bits, mode=self.mode)
+        return x
 
 
 class Block(llama.TransformerBlock):
@@ -120,7 +186,10 @@ class Block(llama.TransformerBlock):
         if layer in args.sharp_args.share:
             del self["mlp"]
             rank = args.sharp_args.rank_of(layer)
-            if rank > 0:
+            q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
+            if rank > 0 and q:
+                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"))
+            elif rank > 0:
                 self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank)
 
     def __call__(self, x, mask=None, cache=None, mlp: Optional[nn.Module] = None):

@@ -5,7 +5,8 @@
 
 Every Linear and Embedding that the model stores is quantized once: a shared MLP lives at one
 path, so it is quantized and stored once whatever number of layers run it. Recovery factors are
-plain arrays, so they stay float (``--recovery-dtype``). Norms keep the source's dtype and new
+plain arrays and stay float (``--recovery-dtype``) unless ``--recovery-bits`` asks for affine
+codes (``QuantizedRecovery``). Norms keep the source's dtype and new
 scales take it, as ``mlx_lm.convert`` does without ``--dtype``: a float32 model runs float32
 activations, which MLX's CPU backend needs (its float16 quantized matmul is ~35x slower there);
 import with ``python -m sharp_mlx.convert --dtype float16`` for a float16 model on a Mac. The
@@ -31,12 +32,15 @@ from typing import Dict, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import dequantize_model
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
 from .errors import SharpError, cli
+from .model import QuantizedRecovery, Recovery
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
+BITS = (2, 3, 4, 5, 6, 8)
 # A GGUF code matches a float weight when it dequantizes to it within this fraction of the
 # weight's largest magnitude (0 for an fp32 import of the GGUF; fp16 rounding stays below 1e-3).
 MATCH_TOL = 1e-3
@@ -94,13 +98,22 @@ def code_params(weight: mx.array, scales: mx.array, in_dims: int) -> dict:
     return {"group_size": in_dims // scales.shape[-1], "bits": weight.shape[-1] * 32 // in_dims, "mode": "affine"}
 
 
-def check_options(bits: int, group_size: int, recovery_dtype: str) -> None:
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise SharpError(f"--bits {bits} is not supported: use 2, 3, 4, 5, 6 or 8")
+def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits: Optional[int] = None, embedding_bits: Optional[int] = None) -> None:
+    for flag, b in (("--bits", bits), ("--recovery-bits", recovery_bits), ("--embedding-bits", embedding_bits)):
+        if b is not None and b not in BITS:
+            raise SharpError(f"{flag} {b} is not supported: use {', '.join(map(str, BITS))}")
     if group_size not in (32, 64, 128):
         raise SharpError(f"--group-size {group_size} is not supported: use 32, 64 or 128")
     if recovery_dtype not in RECOVERY_DTYPES:
         raise SharpError(f"recovery dtype {recovery_dtype!r} is not supported: use {', '.join(RECOVERY_DTYPES)}")
+
+
+def recovery_group_size(rank: int, group_size: int) -> int:
+    """The largest supported group size <= ``group_size`` that divides the rank."""
+    for g in (128, 64, 32):
+        if g <= group_size and rank % g == 0:
+            return g
+    raise SharpError(f"recovery rank {rank} is not a multiple of 32, so its factors cannot be quantized: keep them float (drop --recovery-bits)")
 
 
 def quantize(
@@ -110,35 +123,59 @@ def quantize(
     group_size: int = 64,
     recovery_dtype: str = "float16",
     codes: Optional[Codes] = None,
+    recovery_bits: Optional[int] = None,
+    embedding_bits: Optional[int] = None,
 ) -> Tuple[nn.Module, dict]:
     """Quantize ``model`` in place; returns it and its config with a "quantization" section.
 
     Modules in ``codes`` take those codes; every other Linear/Embedding whose input size is a
-    multiple of ``group_size`` is quantized to ``bits``. Recovery factors become
-    ``recovery_dtype``; other float tensors keep their dtype.
+    multiple of ``group_size`` is quantized to ``bits`` (the embedding to ``embedding_bits``
+    when given, which overrides its codes). Recovery factors become ``recovery_dtype``, or
+    ``recovery_bits`` affine codes when given; other float tensors keep their dtype.
     """
     if is_quantized(model, config):
         raise SharpError("the model is already quantized: quantize the float model it came from")
-    check_options(bits, group_size, recovery_dtype)
-    codes = codes or {}
-    params = {}
+    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits)
+    codes = dict(codes or {})
+    params, recovery = {}, {}
     for path, module in model.named_modules():
+        if isinstance(module, Recovery) and recovery_bits is not None:
+            recovery[path] = {"group_size": recovery_group_size(module.gate_a.shape[1], group_size), "bits": recovery_bits, "mode": "affine"}
         if not hasattr(module, "to_quantized"):
             continue
         in_dims = module.weight.shape[-1]
-        if path in codes:
+        if embedding_bits is not None and isinstance(module, nn.Embedding):
+            codes.pop(path, None)
+            if in_dims % group_size == 0:
+                params[path] = {"group_size": group_size, "bits": embedding_bits, "mode": "affine"}
+        elif path in codes:
             params[path] = code_params(codes[path][0], codes[path][1], in_dims)
         elif in_dims % group_size == 0:
             params[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    quantization = quantization_config(params)
+    quantization = {**quantization_config(params), **recovery}
+    for i, layer in enumerate(model.model.layers):
+        if "recovery" not in layer:
+            continue
+        q = recovery.get(f"model.layers.{i}.recovery")
+        if q:
+            layer.recovery = QuantizedRecovery.from_recovery(layer.recovery, q["group_size"], q["bits"], q["mode"])
+        else:
+            layer.recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layer.recovery.parameters()))
     nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
     # Lazy: the codes replace the re-quantized weights before those are ever computed.
     model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
-    for layer in model.model.layers:
-        if "recovery" in layer:
-            layer.recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layer.recovery.parameters()))
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization}
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """``model`` with every quantized weight replaced, in place, by its float values (the same
+    function; MLX's CPU quantized matmul is ~25x slower than float for many-token batches)."""
+    dequantize_model(model)
+    for layer in model.model.layers:
+        if isinstance(layer.get("recovery"), QuantizedRecovery):
+            layer.recovery = layer.recovery.dequantized()
+    return model
 
 
 def quantization_config(params: Dict[str, dict]) -> dict:
@@ -174,10 +211,12 @@ def quantize_model_folder(
     recovery_dtype: str = "float16",
     from_gguf: str = "auto",
     force: bool = False,
+    recovery_bits: Optional[int] = None,
+    embedding_bits: Optional[int] = None,
 ) -> dict:
     """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on disk."""
     model_dir, out = Path(model_dir), Path(out)
-    check_options(bits, group_size, recovery_dtype)
+    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
@@ -190,7 +229,7 @@ def quantize_model_folder(
     codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
     if gguf is not None and from_gguf != "auto" and not codes:
         raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
-    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes)
+    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits)
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(model_dir, tmp)
@@ -200,7 +239,7 @@ def quantize_model_folder(
         "gguf": str(gguf) if codes else None,
         "gguf_codes": len(codes),
         "gguf_mismatched": mismatched if codes else 0,
-        "quantized": sum(1 for k, _ in tree_flatten(model.parameters()) if k.endswith(".scales")),
+        "quantized": sum(1 for k, _ in tree_flatten(model.parameters()) if k.endswith("scales")),
         "quantization": config["quantization"],
         "bytes_before": folder_bytes(model_dir),
         "bytes_after": folder_bytes(out),
@@ -213,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--bits", type=int, default=4, help="bits per weight not taken from GGUF codes (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
-    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of the recovery factors (default: %(default)s)")
+    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of float recovery factors (default: %(default)s)")
+    p.add_argument("--recovery-bits", type=int, help="quantize the recovery factors too, to this many bits (default: keep them float)")
+    p.add_argument("--embedding-bits", type=int, help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)")
     p.add_argument("--from-gguf", default="auto", metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -224,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force)
+    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits)
     if args.json:
         print(json.dumps(r))
         return

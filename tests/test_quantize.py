@@ -109,3 +109,35 @@ def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_di
     flat = dict(tree_flatten(q.parameters()))
     assert all(flat[k].dtype == mx.float16 for k in flat if ".recovery." in k)
     assert np.abs(np.array(dequantized(q, "model.layers.28.mlp.up_proj")) - np.array(original.model.layers[28].mlp.up_proj.weight)).max() < 1e-3
+
+
+def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from sharp_mlx.model import QuantizedRecovery
+    from sharp_mlx.quantize import dequantized as float_copy
+
+    model, config = tiny_model(share=SHARE, rank=32)
+    randomize_recovery(model)
+    reference = model(TOKENS)
+    q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4)
+    assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert q_config["quantization"]["model.embed_tokens"]["bits"] == 4
+    assert isinstance(q.model.layers[3].recovery, QuantizedRecovery) and not q.model.layers[3].recovery.trainable_parameters()
+    out = sharp_mlx.save(tmp_path / "q", q, q_config)
+    saved = mx.load(str(out / "model.safetensors"))
+    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == {f"{p}_{f}{s}" for p in ("gate", "up", "down") for f in "ab" for s in ("", "_scales", "_biases")}
+    logits = q(TOKENS)
+    ours, _ = load_model(out)
+    theirs, _ = mlx_lm_load_model(out, trust_remote_code=True)
+    assert mx.array_equal(ours(TOKENS), logits) and mx.array_equal(theirs(TOKENS), logits)
+    # 8-bit recovery with a 4-bit embedding stays close to float; the float copy is the same function.
+    assert mx.abs(logits - reference).mean().item() < 0.2 * mx.abs(reference).mean().item()
+    assert mx.allclose(float_copy(ours)(TOKENS), logits, atol=1e-4)
+    assert not any(k.endswith("scales") for k, _ in tree_flatten(ours.parameters()))
+
+
+def test_recovery_bits_need_a_rank_that_groups_divide(shared_dir, tmp_path):
+    with pytest.raises(SharpError, match="multiple of 32"):
+        quantize_model_folder(shared_dir, tmp_path / "q", group_size=32, from_gguf="none", recovery_bits=8)
+    assert not (tmp_path / "q").exists()
