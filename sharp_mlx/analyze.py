@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import load, read_config
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
 DEFAULT_DATA = [Path("data") / d / "train.jsonl" for d in DOMAINS]
@@ -203,7 +203,7 @@ def plot(analysis: dict, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .convert import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help=f"an unshared model folder (default: {DEFAULT_MODEL}, imported on first use)")
     p.add_argument("--data", type=Path, nargs="+", help="calibration text files, .txt or .jsonl (default: data/*/train.jsonl of the five domains)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens, drawn evenly from the files (default: %(default)s)")

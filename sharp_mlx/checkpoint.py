@@ -53,7 +53,7 @@ def read_config(path: PathLike) -> dict:
         raise SharpError(f"{path / 'config.json'} is not valid JSON ({e}): re-import the model")
     asks_for_code(path, config)
     if config.get("model_type") not in SUPPORTED_TYPES:
-        raise SharpError(f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type {', '.join(SUPPORTED_TYPES)}")
+        raise SharpError(f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type {', '.join(SUPPORTED_TYPES)}: pass a Llama-family model")
     if not list(path.glob("model*.safetensors")):
         raise SharpError(f"{path} has a config.json but no model*.safetensors weights: re-import or re-save the model")
     return config

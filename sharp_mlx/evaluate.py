@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import load
 from .data import DataError, load_tokens, windows
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 
 
 def window_losses(model, batch: mx.array) -> mx.array:
@@ -52,7 +52,7 @@ def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_si
         for f in files:
             if f not in streams:
                 streams[f] = load_tokens(f, tokenizer)[0]
-        results[str(path)] = {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{path.name} {f.parent.name}/{f.name}") for f in files}
+        results[str(path)] = {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}") for f in files}
         del model
     return results
 
@@ -90,7 +90,7 @@ def plot(results: Dict[str, Dict[str, Dict[str, float]]], out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, nargs="+", required=True, help="one or more model folders")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats")
     p.add_argument("--seq-len", type=int, default=512, help="window length in scored tokens (default: %(default)s)")

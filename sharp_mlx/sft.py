@@ -45,7 +45,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from tqdm import tqdm
 
 from . import distributed
-from .data import batches, windows
+from .data import DataError, batches, windows
 from .errors import SharpError
 
 LOSSES = ("ce", "kd", "mix")
@@ -209,7 +209,7 @@ def _check_teacher(model, teacher, start: int) -> None:
     theirs = dict(tree_flatten({"embed": teacher.model.embed_tokens.parameters(), "layers": [l.parameters() for l in teacher.model.layers[:start]]}))
     for name, value in mine:
         if name not in theirs or theirs[name].shape != value.shape or not mx.array_equal(theirs[name], value).item():
-            raise SharpError(f"the teacher's {name} differs from the student's: pass the original model the shared one was made from (or set frozen_prefix=False)")
+            raise SharpError(f"the teacher's {name} differs from the student's: pass the original model the shared one was made from (or turn off frozen_prefix, --no-frozen-prefix)")
 
 
 class _Validator:
@@ -218,7 +218,7 @@ class _Validator:
     def __init__(self, model, valid_tokens, config: SFTConfig, start: int):
         wins = windows(valid_tokens, config.seq_len)[0][: config.eval_windows]
         if wins.shape[0] == 0:
-            raise SharpError(f"the validation data ({len(valid_tokens)} tokens) is shorter than one window of {config.seq_len}+1 tokens: use more data or a smaller seq_len")
+            raise SharpError(f"the validation data ({len(valid_tokens)} tokens) is shorter than one window of {config.seq_len}+1 tokens: use more validation data or a smaller --seq-len")
         self.model, self.start = model, start
         self.batches = []
         for i in range(0, wins.shape[0], config.batch_size):
@@ -257,7 +257,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
     """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
     path = out_dir / CHECKPOINT
     if not path.exists():
-        raise SharpError(f"cannot resume: {path} does not exist; start without resume, or pass the folder of an earlier run")
+        raise SharpError(f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run")
     state = json.loads(path.read_text())
     saved, wanted = state["config"], asdict(config)
     changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
@@ -319,7 +319,7 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
     if config.loss != "ce" and teacher is None:
         raise SharpError(f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'")
     if not resume and (out_dir / CHECKPOINT).exists():
-        raise SharpError(f"{out_dir} already holds an SFT checkpoint: resume it, or choose an empty folder")
+        raise SharpError(f"{out_dir} already holds an SFT checkpoint: pass --resume to continue it, or choose another --run-dir")
     mx.random.seed(config.seed)
     first = prepare(model, config)
     start = first if config.frozen_prefix else 0
@@ -338,7 +338,10 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         log(f"resumed {out_dir} at step {step}" + (f" with changed settings {changed}" if changed else ""))
     saved_step = step if resume else None
     validate = _Validator(model, valid_tokens, config, start)
-    data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
+    try:
+        data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
+    except DataError as e:
+        raise DataError(f"the training data: {e}")
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * size
     if step == 0:
         valid_history.append((0, validate()))

@@ -25,7 +25,7 @@ from . import distributed, sharemap
 from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 from .slw import SLWConfig, run_slw
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
@@ -49,6 +49,7 @@ SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
     "eval_windows": "validation windows",
     "save_every": "checkpoint every N steps",
 }
+DEFAULT_LAYERS = "14:30"
 BASELINES = ("sharp", "direct", "mlp-prune", "layer-prune", "lowrank")
 
 
@@ -92,7 +93,9 @@ def stage_slw(args) -> dict:
     if config.get("sharp", {}).get("share"):
         raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
     n = config["num_hidden_layers"]
-    share = sharemap.parse_share(args.share, n, layers=args.layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
+    generated = args.share.strip() in ("next", "auto") or args.share.strip().startswith("next:")
+    layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
+    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
     if args.baseline in ("sharp", "lowrank"):
         check_rank(args.rank, config)
     original, tokenizer = load(args.model)
@@ -140,8 +143,10 @@ def _similarity(args):
 def stage_sft(args) -> dict:
     from .sft import SFTConfig, merge_lora, train_sft
 
+    config = read_config(args.model)
+    if not (config.get("sharp") or {}).get("share"):
+        raise SharpError(f"{args.model} shares no layers, so it has no recovery factors to train: --stage sft fine-tunes a shared model, make one with --stage slw first")
     model, tokenizer = load(args.model)
-    config = json.loads((args.model / "config.json").read_text())
     teacher = load(args.teacher)[0] if args.teacher else None
     cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})
     if cfg.loss != "ce" and teacher is None:
@@ -160,7 +165,7 @@ def stage_sft(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .sft import SFTConfig
 
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("slw", "sft"), required=True, help="slw: build + warm up from the original; sft: fine-tune a shared model")
     p.add_argument("--model", type=Path, required=True, help="input model folder (the original for slw, a shared model for sft)")
     p.add_argument("--out", type=Path, required=True, help="output model folder")
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
     g = p.add_argument_group("share map (slw)")
     g.add_argument("--share", default="next", help="next | next:K | auto | JSON map or file (default: %(default)s)")
-    g.add_argument("--layers", default="14:30", help="layer range A:B for next / next:K (default: %(default)s)")
+    g.add_argument("--layers", help=f"layer range A:B for next, next:K and auto (default: {DEFAULT_LAYERS})")
     g.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
     g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto")
     g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
