@@ -1,7 +1,8 @@
-"""The main job: import -> share -> SLW -> SFT -> evaluate -> generate, on the embedded model.
+"""The main job: import -> share -> SLW -> SFT -> evaluate -> 4-bit -> generate, on the embedded model.
 
     python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores
     python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
+    python -m sharp_mlx.pipeline --share auto --cut 0.5 --name smollm2-135m-instruct-sharp50   # the ~50% setting
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
 run continues where it stopped (``--force`` redoes everything). Each step is the same command a
@@ -16,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import evaluate, generate, train
+from . import analyze, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import SharpError, cli
 
 DOMAINS = train.DOMAINS
+ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 
 
 def ensure_data(data: Path) -> None:
@@ -47,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--share", default="next", help="share map kind (default: %(default)s)")
     p.add_argument("--layers", default="11:29", help="layer range for next / next:K (default: %(default)s: 9 targets, 12..28)")
+    p.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
     p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=16384, help="SLW calibration tokens (default: %(default)s)")
     p.add_argument("--slw-steps", type=int, default=50, help="SLW Adam steps per layer (default: %(default)s)")
     p.add_argument("--sft-steps", type=int, default=40, help="SFT optimizer steps of 2 x 256 tokens (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
+    p.add_argument("--recovery-bits", type=int, default=quantize.DEFAULT_RECOVERY_BITS, help="bits of the recovery factors in the 4-bit checkpoint (default: %(default)s; none keeps float16)")
+    p.add_argument("--embedding-bits", type=int, default=quantize.DEFAULT_EMBEDDING_BITS, help="bits of the embedding in the 4-bit checkpoint (default: %(default)s; none keeps its GGUF codes)")
     p.add_argument("--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)")
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -64,9 +69,11 @@ def main(argv=None):
     tic = time.perf_counter()
     original = ensure_default_model()
     ensure_data(args.data)
+    if args.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
+        step("analyze", ANALYSIS, ["--out", ANALYSIS.parent], analyze.main, False)
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, "--layers", args.layers, "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
+    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, "--layers", args.layers, *(["--cut", args.cut] if args.cut is not None else []), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -82,10 +89,13 @@ def main(argv=None):
     base = results[str(original)]
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
-    for model in (original, final):
+    q4 = Path("models") / f"{args.name}-4bit"
+    bits = [a for flag, v in (("--recovery-bits", args.recovery_bits), ("--embedding-bits", args.embedding_bits)) if v is not None for a in (flag, v)]
+    step("quantize", q4, ["--model", final, "--out", q4, *bits], quantize.main, args.force)
+    for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
         generate.main(["--model", str(model)])
-    print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}")
+    print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}, 4-bit: {q4}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from .model import QuantizedRecovery, Recovery
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
 BITS = (2, 3, 4, 5, 6, 8)
+# What the main job's 4-bit checkpoint uses (see docs/bench.md for what each choice costs).
+DEFAULT_RECOVERY_BITS: Optional[int] = 8
+DEFAULT_EMBEDDING_BITS: Optional[int] = None
 # A GGUF code matches a float weight when it dequantizes to it within this fraction of the
 # weight's largest magnitude (0 for an fp32 import of the GGUF; fp16 rounding stays below 1e-3).
 MATCH_TOL = 1e-3

@@ -1,0 +1,369 @@
+"""Load, decode and perplexity benchmark: SHARP checkpoints against mlx-lm's 4-bit original.
+
+    python -m sharp_mlx.bench                         # the default rows; writes docs/bench.{md,json,png}
+    python -m sharp_mlx.bench --reps 5 --max-tokens 64 --out docs/bench
+    python -m sharp_mlx.bench --row mine=models/my-sharp-4bit --row mlx4=models/smollm2-135m-instruct-mlx-4bit
+
+Every repetition of every row is a fresh process, started in alternating order (rows forward on
+even repetitions, backward on odd ones), so no row enjoys a warmer process than another. Each
+process times its load twice: from the moment it was spawned to the weights being materialised
+(interpreter, imports and reading the weights: what a user waits for) and the load call alone
+(in-process). It then answers every prompt greedily and reports time to first token, prompt and
+decode tokens/s, and peak memory (MLX's allocator, this process only). The report gives medians
+with min-max, and ratios against mlx-lm's 4-bit conversion of the original run by mlx-lm itself
+(``mlx_lm.load`` + ``stream_generate``), the tool a user would otherwise pick.
+
+Perplexity is measured once per row on the test split of every domain, with quantized weights
+replaced by their float values (``quantize.dequantized``: the same function; MLX's CPU quantized
+matmul is ~25x slower than float for many-token batches, and decoding is timed above anyway).
+
+The default rows are built when missing (mlx-lm's conversion with ``mlx_lm.convert``; ours with
+``sharp_mlx.quantize``); a float SHARP model that is missing (the ~50% and ~65% settings) is
+skipped with the command that makes it.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import SharpError, cli
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in three sentences why the sky is blue.",
+)
+ORIGINAL = Path("models/smollm2-135m-instruct")
+MLX4 = Path("models/smollm2-135m-instruct-mlx-4bit")
+REFERENCE = "original-4bit mlx-lm"  # the row every ratio is taken against
+
+# The process each repetition runs. It imports only what its loader needs, so that the
+# spawn-to-materialised time of an mlx-lm row is what mlx-lm alone costs.
+WORKER = r"""
+import json, sys, time
+spawned, loader, path, max_tokens = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+prompts = json.loads(sys.argv[5])
+import mlx.core as mx
+from mlx.utils import tree_flatten
+if loader == "mlx_lm":
+    from mlx_lm import load
+else:
+    from sharp_mlx import load
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+tic = time.perf_counter()
+model, tokenizer = load(path)
+mx.eval(model.parameters())
+in_process = time.perf_counter() - tic
+from_spawn = time.time() - spawned
+runs = []
+for prompt in prompts:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tokenizer.encode(prompt)
+    mx.reset_peak_memory()
+    tic, ttft, tokens, last = time.perf_counter(), None, [], None
+    for r in stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
+        ttft = ttft if ttft is not None else time.perf_counter() - tic
+        tokens.append(r.token)
+        last = r
+    runs.append({"ttft_s": ttft, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
+                 "generation_tokens": last.generation_tokens, "decode_tps": last.generation_tps,
+                 "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens})
+print("BENCH " + json.dumps({"load_spawn_s": from_spawn, "load_s": in_process, "runs": runs,
+                             "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters()))}))
+"""
+
+
+@dataclass
+class Row:
+    name: str
+    path: Path
+    loader: str = "sharp_mlx"  # or "mlx_lm"
+    note: str = ""
+
+
+@dataclass
+class BenchConfig:
+    reps: int = 3
+    max_tokens: int = 48
+    prompts: List[str] = field(default_factory=lambda: list(PROMPTS))
+    ppl_windows: int = 8
+    seq_len: int = 256
+    data: List[Path] = field(default_factory=lambda: sorted(Path("data").glob("*/test.jsonl")))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
+    """Read bandwidth of one core summing a float32 array much larger than the caches (median GB/s)."""
+    a = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    a.sum()
+    times = []
+    for _ in range(reps):
+        tic = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - tic)
+    return a.nbytes / statistics.median(times) / 1e9
+
+
+def run_worker(row: Row, cfg: BenchConfig) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-c", WORKER, repr(time.time()), row.loader, str(row.path), str(cfg.max_tokens), json.dumps(cfg.prompts)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
+    if p.returncode != 0 or line is None:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SharpError(f"benchmark of {row.name} ({row.path}) failed: {tail}")
+    return json.loads(line[len("BENCH "):])
+
+
+def summary(values: List[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def time_rows(rows: List[Row], cfg: BenchConfig) -> Dict[str, dict]:
+    from tqdm import tqdm
+
+    raw = {r.name: [] for r in rows}
+    with tqdm(total=cfg.reps * len(rows), desc="bench", unit="run") as bar:
+        for rep in range(cfg.reps):
+            for row in rows if rep % 2 == 0 else rows[::-1]:
+                raw[row.name].append(run_worker(row, cfg))
+                bar.update()
+    out = {}
+    for row in rows:
+        reps = raw[row.name]
+        runs = [run for rep in reps for run in rep["runs"]]
+        out[row.name] = {
+            "path": str(row.path),
+            "loader": row.loader,
+            "note": row.note,
+            "bytes": folder_bytes(row.path),
+            "model_bytes": reps[0]["model_bytes"],
+            "load_spawn_s": summary([r["load_spawn_s"] for r in reps]),
+            "load_s": summary([r["load_s"] for r in reps]),
+            "ttft_s": summary([r["ttft_s"] for r in runs]),
+            "prompt_tps": summary([r["prompt_tps"] for r in runs]),
+            "decode_tps": summary([r["decode_tps"] for r in runs]),
+            "peak_memory_gb": summary([r["peak_memory_gb"] for r in runs]),
+            "generation_tokens": [r["generation_tokens"] for r in reps[0]["runs"]],
+            "tokens": [r["tokens"] for r in reps[0]["runs"]],
+        }
+    return out
+
+
+def perplexities(rows: List[Row], cfg: BenchConfig) -> Dict[str, Dict[str, float]]:
+    """{row: {domain: ppl}} with float values for quantized weights; mlx-lm rows share a folder with a sharp_mlx row."""
+    import mlx.core as mx
+
+    from .checkpoint import load
+    from .data import load_tokens
+    from .evaluate import perplexity
+    from .quantize import dequantized
+
+    out, by_path, streams = {}, {}, {}
+    for row in rows:
+        if str(row.path) in by_path:
+            out[row.name] = by_path[str(row.path)]
+            continue
+        model, tokenizer = load(row.path)
+        dequantized(model)
+        for f in cfg.data:
+            if f not in streams:
+                streams[f] = load_tokens(f, tokenizer)[0]
+        out[row.name] = by_path[str(row.path)] = {
+            f.parent.name: perplexity(model, streams[f], cfg.seq_len, 4, cfg.ppl_windows, desc=f"ppl {row.name} {f.parent.name}")["ppl"] for f in cfg.data
+        }
+        del model
+        mx.clear_cache()
+    return out
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def markdown(report: dict) -> str:
+    rows, ref = report["rows"], report["rows"][REFERENCE]
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['machine']}; one core's measured read bandwidth {m['bandwidth_gbs']:.1f} GB/s. "
+        f"{report['config']['reps']} repetitions per row, each a fresh process, alternating order; "
+        f"{len(report['config']['prompts'])} chat prompts, greedy, up to {report['config']['max_tokens']} new tokens. "
+        f"Medians, [min-max]; ratios against `{REFERENCE}` (`mlx_lm.convert -q` of the original, loaded and run by mlx-lm).",
+        "",
+        "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode tok/s | x | peak GB | GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(s: dict, fmt: str = ".2f") -> str:
+        return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.1f} | {ratio(r['bytes'], ref['bytes']):.2f} "
+            f"| {cell(r['load_spawn_s'])} | {ratio(r['load_spawn_s']['median'], ref['load_spawn_s']['median']):.2f} "
+            f"| {cell(r['load_s'], '.3f')} | {ratio(r['load_s']['median'], ref['load_s']['median']):.2f} "
+            f"| {cell(r['ttft_s'])} | {r['prompt_tps']['median']:.1f} | {cell(r['decode_tps'], '.1f')} "
+            f"| {ratio(r['decode_tps']['median'], ref['decode_tps']['median']):.2f} | {r['peak_memory_gb']['median']:.2f} "
+            f"| {r['model_bytes'] * r['decode_tps']['median'] / 1e9:.2f} |"
+        )
+    ppl = report.get("perplexity")
+    if ppl:
+        domains = list(next(iter(ppl.values())))
+        lines += ["", f"Perplexity, test splits ({report['config']['ppl_windows']} windows of {report['config']['seq_len']} tokens per domain); "
+                  "last column: geometric mean of the ratios to the `original` row.", "",
+                  "| row | " + " | ".join(domains) + " | x original |", "|---|" + "---|" * (len(domains) + 1)]
+        base = ppl.get("original")
+        for name, p in ppl.items():
+            gm = math.exp(statistics.mean(math.log(p[d] / base[d]) for d in domains)) if base else float("nan")
+            lines.append(f"| {name} | " + " | ".join(f"{p[d]:.2f}" for d in domains) + f" | {gm:.3f} |")
+    notes = [f"- `{n}`: `{r['path']}`{' (' + r['note'] + ')' if r['note'] else ''}" for n, r in rows.items()]
+    same = [n for n, r in rows.items() if n != REFERENCE and r["path"] == ref["path"]]
+    for n in same:
+        notes.append(f"- `{n}` and `{REFERENCE}` greedy tokens identical: {rows[n]['tokens'] == ref['tokens']}")
+    return "\n".join(lines + ["", "Rows:"] + notes) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = list(rows)
+    ref = rows[REFERENCE]
+    panels = [
+        ("disk bytes", [ratio(r["bytes"], ref["bytes"]) for r in rows.values()]),
+        ("load (in-process)", [ratio(r["load_s"]["median"], ref["load_s"]["median"]) for r in rows.values()]),
+        ("decode tokens/s", [ratio(r["decode_tps"]["median"], ref["decode_tps"]["median"]) for r in rows.values()]),
+    ]
+    ppl = report.get("perplexity") or {}
+    if "original" in ppl:
+        base = ppl["original"]
+        panels.append(("perplexity (geo. mean x original)", [math.exp(statistics.mean(math.log(ppl[n][d] / base[d]) for d in base)) if n in ppl else float("nan") for n in names]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(names, values, color=["tab:gray" if n == REFERENCE else "tab:blue" for n in names])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(title + ("" if title.startswith("perplexity") else f"\nx {REFERENCE}"), fontsize=9)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
+    """The issue's rows, building the 4-bit folders that are missing."""
+    from .checkpoint import atomic_dir
+    from .convert import ensure_default_model
+    from .quantize import quantize_model_folder
+
+    ensure_default_model()
+    if not MLX4.exists():
+        import importlib
+
+        mlx_convert = importlib.import_module("mlx_lm.convert").convert
+        with atomic_dir(MLX4) as tmp:
+            tmp.rmdir()  # mlx_lm.convert refuses an existing folder
+            mlx_convert(hf_path=str(ORIGINAL), mlx_path=str(tmp), quantize=True, q_group_size=64, q_bits=4)
+    rows = [
+        Row("original", ORIGINAL, note="float32"),
+        Row(REFERENCE, MLX4, "mlx_lm", "mlx_lm.convert -q, group 64"),
+        Row("original-4bit mlx-lm, via sharp_mlx", MLX4, note="the same folder loaded by sharp_mlx"),
+    ]
+    settings = [("original-4bit", ORIGINAL, "GGUF codes"), ("sharp", Path("models/smollm2-135m-instruct-sharp"), "default setting"),
+                ("sharp50", Path("models/smollm2-135m-instruct-sharp50"), "~50% setting"), ("sharp65", Path("models/smollm2-135m-instruct-sharp65"), "~65% setting")]
+    for name, src, note in settings:
+        if not src.exists():
+            print(f"skipping {name}: {src} is missing (make it with python -m sharp_mlx.pipeline, see README)", file=sys.stderr)
+            continue
+        if name != "original-4bit":
+            rows.append(Row(f"{name} float", src, note=note + ", float32"))
+        q = Path(f"{src}-4bit") if name != "original-4bit" else Path("models/smollm2-135m-instruct-4bit")
+        if force_build or not q.exists():
+            quantize_model_folder(src, q, recovery_bits=recovery_bits, embedding_bits=embedding_bits, force=force_build)
+        rows.append(Row(f"{name}-4bit" if name != "original-4bit" else name, q, note=note + ", 4-bit GGUF codes"))
+    return rows
+
+
+def parse_row(spec: str) -> Row:
+    name, sep, path = spec.partition("=")
+    loader = "sharp_mlx"
+    if name.endswith("@mlx_lm"):
+        name, loader = name[: -len("@mlx_lm")], "mlx_lm"
+    if not sep or not name or not path:
+        raise SharpError(f"--row {spec!r}: write NAME=FOLDER (NAME@mlx_lm=FOLDER to load it with mlx-lm)")
+    if not Path(path).is_dir():
+        raise SharpError(f"--row {spec!r}: {path} is not a model folder")
+    return Row(name, Path(path), loader)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", action="append", type=parse_row, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER); default: the issue's rows. One must be named {REFERENCE!r}@mlx_lm")
+    p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")
+    p.add_argument("--ppl-windows", type=int, default=8, help="test windows per domain for perplexity; 0 skips it (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
+    p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
+    p.add_argument("--recovery-bits", type=int, default=None, help="recovery codes for the SHARP 4-bit rows built here (default: float16)")
+    p.add_argument("--embedding-bits", type=int, default=None, help="embedding bits for the 4-bit rows built here (default: its GGUF codes)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild our 4-bit folders even if they exist")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")
+    return p
+
+
+@cli("sharp_mlx.bench")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.reps < 1 or args.max_tokens < 1:
+        raise SharpError("--reps and --max-tokens must be at least 1")
+    rows = args.row or default_rows(args.recovery_bits, args.embedding_bits, args.rebuild)
+    if REFERENCE not in {r.name for r in rows}:
+        raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original)")
+    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, ppl_windows=args.ppl_windows, seq_len=args.seq_len)
+    if args.data:
+        missing = [str(f) for f in args.data if not f.is_file()]
+        if missing:
+            raise SharpError(f"--data {missing[0]}: no such file; pass test files (.jsonl or .txt)")
+        cfg.data = list(args.data)
+    tic = time.time()
+    import platform
+
+    report = {
+        "command": "python -m sharp_mlx.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "bandwidth_gbs": memory_bandwidth_gbs()},
+        "config": {k: (v if k != "data" else [str(x) for x in v]) for k, v in asdict(cfg).items()},
+        "rows": time_rows(rows, cfg),
+    }
+    if cfg.ppl_windows > 0 and cfg.data:
+        report["perplexity"] = perplexities(rows, cfg)
+    report["wall_s"] = time.time() - tic
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# Benchmark\n\n`{report['command']}` ({report['wall_s'] / 60:.0f} min)\n\n" + markdown(report)
+    for suffix, content in ((".md", text), (".json", json.dumps(report, indent=1))):
+        tmp = args.out.with_name(args.out.name + suffix + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(args.out.with_name(args.out.name + suffix))
+    plot(report, args.out.with_name(args.out.name + ".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
