@@ -8,7 +8,8 @@ everything here is a no-op, so single-process behaviour is unchanged.
   from the r-th) and the fitted factors are summed into every process (``all_sum`` with zeros
   where a rank fitted nothing).
 - SFT: data parallel. Each rank reads its own slice of every global batch (see
-  ``data.batches(shard=...)``) and the gradients are averaged (``nn.average_gradients``).
+  ``data.batches(shard=...)``) and the gradients are averaged (``nn.average_gradients``),
+  weighted by each rank's trained tokens.
 - Only rank 0 writes files (``is_main``); the others compute the same result.
 """
 
@@ -38,11 +39,6 @@ def shard(items: Sequence[T], g: mx.distributed.Group) -> List[T]:
 def all_sum(x: mx.array, g: mx.distributed.Group) -> mx.array:
     """The sum of ``x`` over the group (``x`` itself for a group of one)."""
     return mx.distributed.all_sum(x, group=g, stream=mx.cpu) if g.size() > 1 else x
-
-
-def mean(value: float, g: mx.distributed.Group) -> float:
-    """The mean of a Python float over the group."""
-    return all_sum(mx.array(value, dtype=mx.float32), g).item() / g.size() if g.size() > 1 else value
 
 
 def gather_owned(arrays: Dict[str, mx.array], owned: bool, g: mx.distributed.Group) -> Dict[str, mx.array]:

@@ -20,9 +20,9 @@ so it always names a complete checkpoint.
 
 Data parallel under ``mx.distributed`` (``group`` of several processes, see
 sharp_mlx.distributed): each process trains on its own slice of every global batch of
-``batch_size * size`` windows, gradients are averaged across processes (each process's
-micro-batch mean counts equally, as micro-batches of ``grad_accum`` do), and only rank 0
-writes checkpoints, plots and logs. Resuming reads ``out_dir`` in every process.
+``batch_size * size`` windows, and the gradients are averaged across processes weighted by
+their trained (unmasked) tokens, so the step equals one process's on the whole global batch.
+Only rank 0 writes checkpoints, plots and logs. Resuming reads ``out_dir`` in every process.
 """
 
 import json
@@ -351,30 +351,38 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
     frozen = teacher.state if teacher is not None else {}
 
     @partial(mx.compile, inputs=[*state, frozen], outputs=state)
-    def micro_step(inputs, targets, mask, grad, update: bool):
-        (loss, _), g = loss_and_grad(model, inputs, targets, mask)
+    def micro_step(inputs, targets, mask, grad, count, update: bool):
+        (loss, n), g = loss_and_grad(model, inputs, targets, mask)
         grad = g if grad is None else tree_map(mx.add, grad, g)
+        count = n if count is None else count + n
         if update:
+            grad = tree_map(lambda x: x / config.grad_accum, grad)
             if size > 1:
-                grad = nn.average_gradients(grad, group)
-            optimizer.update(model, tree_map(lambda x: x / config.grad_accum, grad))
-            grad = None
-        return loss, grad
+                # Each process's gradient weighted by its trained tokens, as in one batch of them all.
+                weight = count * size / mx.maximum(distributed.all_sum(count, group), 1)
+                grad = nn.average_gradients(tree_map(lambda x: x * weight, grad), group)
+            optimizer.update(model, grad)
+            grad, count = None, None
+        return loss, n, grad, count
 
     mx.reset_peak_memory()
     train_time, wall_start, first_step = 0.0, time.perf_counter(), step
     bar = tqdm(range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main)
     for step in bar:
         tic = time.perf_counter()
-        grad, total = None, 0.0
+        grad, count, total, tokens = None, None, 0.0, 0.0
         for k in range(config.grad_accum):
             inputs, targets, mask = next(data)
             position += 1
-            loss, grad = micro_step(inputs, targets, mask, grad, k == config.grad_accum - 1)
-            mx.eval(state, loss, grad)
+            loss, n, grad, count = micro_step(inputs, targets, mask, grad, count, k == config.grad_accum - 1)
+            mx.eval(state, loss, n, grad, count)
             total += loss.item()
+            tokens += n.item()
         train_time += time.perf_counter() - tic
-        loss = distributed.mean(total / config.grad_accum, group) if size > 1 else total / config.grad_accum
+        loss = total / config.grad_accum
+        if size > 1:  # the mean over every process's trained tokens
+            summed = distributed.all_sum(mx.array([loss * tokens, tokens]), group).tolist()
+            loss = summed[0] / max(summed[1], 1.0)
         if not math.isfinite(loss):
             bar.close()
             kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"

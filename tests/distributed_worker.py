@@ -48,7 +48,8 @@ def main(out: Path, batch_size: int) -> None:
     valid = rng.integers(0, 101, 4 * 32 + 1).astype(np.int32)
     cfg = SFTConfig(steps=6, batch_size=batch_size, seq_len=32, loss="kd", learning_rate=1e-2, warmup_steps=1,
                     eval_every=3, eval_windows=2, save_every=3)
-    summary = train_sft(model, train, np.ones_like(train), valid, cfg, out / "run", teacher=original, log=lambda s: None, group=group)
+    mask = (rng.random(len(train)) < np.repeat(rng.random(len(train) // 32 + 1), 32)[: len(train)]).astype(np.int32)  # uneven per window
+    summary = train_sft(model, train, mask, valid, cfg, out / "run", teacher=original, log=lambda s: None, group=group)
     result.update(sft_history=summary["train_history"], processes=summary["processes"], sft_s=time.perf_counter() - tic)
     if main_rank:
         np.savez(out / "sft.npz", **factors(model))
