@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import SharpError, cli
+from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS
 
 PROMPTS = (
     "What is the capital of France?",
@@ -269,7 +270,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
-    """The issue's rows, building the 4-bit folders that are missing."""
+    """The issue's rows, building the 4-bit folders that are missing: for every float SHARP model
+    found, its 4-bit checkpoint as the main job makes it (``recovery_bits``/``embedding_bits``)
+    and one with a 4-bit embedding like mlx-lm's (``-4bit-emb4``)."""
     from .checkpoint import atomic_dir
     from .convert import ensure_default_model
     from .quantize import quantize_model_folder
@@ -282,23 +285,26 @@ def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], fo
         with atomic_dir(MLX4) as tmp:
             tmp.rmdir()  # mlx_lm.convert refuses an existing folder
             mlx_convert(hf_path=str(ORIGINAL), mlx_path=str(tmp), quantize=True, q_group_size=64, q_bits=4)
+
+    def built(src: Path, out: Path, **kw) -> Path:
+        if force_build or not out.exists():
+            quantize_model_folder(src, out, recovery_bits=recovery_bits, force=force_build, **kw)
+        return out
+
     rows = [
         Row("original", ORIGINAL, note="float32"),
-        Row(REFERENCE, MLX4, "mlx_lm", "mlx_lm.convert -q, group 64"),
-        Row("original-4bit mlx-lm, via sharp_mlx", MLX4, note="the same folder loaded by sharp_mlx"),
+        Row(REFERENCE, MLX4, "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm"),
+        Row("original-4bit mlx-lm, via sharp_mlx", MLX4, note="the same folder, loaded by sharp_mlx"),
+        Row("original-4bit", built(ORIGINAL, Path(f"{ORIGINAL}-4bit"), embedding_bits=embedding_bits), note="GGUF codes"),
     ]
-    settings = [("original-4bit", ORIGINAL, "GGUF codes"), ("sharp", Path("models/smollm2-135m-instruct-sharp"), "default setting"),
-                ("sharp50", Path("models/smollm2-135m-instruct-sharp50"), "~50% setting"), ("sharp65", Path("models/smollm2-135m-instruct-sharp65"), "~65% setting")]
-    for name, src, note in settings:
+    for name, note in (("sharp", "default setting"), ("sharp50", "~50% setting"), ("sharp65", "~65% setting")):
+        src = Path(f"models/smollm2-135m-instruct-{name}")
         if not src.exists():
-            print(f"skipping {name}: {src} is missing (make it with python -m sharp_mlx.pipeline, see README)", file=sys.stderr)
+            print(f"skipping {name}: {src} is missing (see README: python -m sharp_mlx.pipeline --name {src.name} ...)", file=sys.stderr)
             continue
-        if name != "original-4bit":
-            rows.append(Row(f"{name} float", src, note=note + ", float32"))
-        q = Path(f"{src}-4bit") if name != "original-4bit" else Path("models/smollm2-135m-instruct-4bit")
-        if force_build or not q.exists():
-            quantize_model_folder(src, q, recovery_bits=recovery_bits, embedding_bits=embedding_bits, force=force_build)
-        rows.append(Row(f"{name}-4bit" if name != "original-4bit" else name, q, note=note + ", 4-bit GGUF codes"))
+        rows.append(Row(f"{name} float", src, note=note + ", float32"))
+        rows.append(Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=note + ", GGUF codes"))
+        rows.append(Row(f"{name}-4bit-emb4", built(src, Path(f"{src}-4bit-emb4"), embedding_bits=4), note=note + ", GGUF codes, embedding re-quantized to 4 bits"))
     return rows
 
 
@@ -322,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-windows", type=int, default=8, help="test windows per domain for perplexity; 0 skips it (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
-    p.add_argument("--recovery-bits", type=int, default=None, help="recovery codes for the SHARP 4-bit rows built here (default: float16)")
-    p.add_argument("--embedding-bits", type=int, default=None, help="embedding bits for the 4-bit rows built here (default: its GGUF codes)")
+    p.add_argument("--recovery-bits", type=int, default=DEFAULT_RECOVERY_BITS, help="recovery codes for the SHARP 4-bit rows built here (default: %(default)s, as the main job)")
+    p.add_argument("--embedding-bits", type=int, default=DEFAULT_EMBEDDING_BITS, help="embedding bits for the 4-bit rows built here (default: %(default)s: its GGUF codes, as the main job)")
     p.add_argument("--rebuild", action="store_true", help="rebuild our 4-bit folders even if they exist")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")
     return p
