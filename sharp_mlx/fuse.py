@@ -17,11 +17,11 @@ from typing import Dict, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import dequantize_model
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
 from .errors import SharpError, cli
 from .model import Model, ModelArgs
+from .quantize import dequantized
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 PROJ = ("gate", "up", "down")
@@ -52,7 +52,7 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
         for m in quantized:
             # float32 scales, so dequantizing adds no float16 rounding to the weights
             m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
-        model = dequantize_model(model)
+    model = dequantized(model)  # also recovery factors stored as codes
     plain_config = {k: v for k, v in config.items() if k not in ("sharp", "model_file", "quantization", "quantization_config")}
     plain_config["torch_dtype"] = dtype
     weights = {k: v for k, v in tree_flatten(model.parameters()) if ".recovery." not in k}

@@ -104,11 +104,12 @@ def test_fused_model_loads_in_transformers(tmp_path):
     assert np.allclose(logits, np.array(model(TOKENS)), atol=1e-4)
 
 
-def test_fuse_dequantizes_a_quantized_input(tmp_path):
-    model, config = tiny_model(share={3: 2}, rank=4)
+@pytest.mark.parametrize("recovery_bits", [None, 8])
+def test_fuse_dequantizes_a_quantized_input(tmp_path, recovery_bits):
+    model, config = tiny_model(share={3: 2}, rank=32)
     randomize_recovery(model)
     src = sharp_mlx.save(tmp_path / "sharp", model, config)
-    q = quantize_model_folder(src, tmp_path / "q", group_size=32, from_gguf="none")["out"]
+    q = quantize_model_folder(src, tmp_path / "q", group_size=32, from_gguf="none", recovery_bits=recovery_bits)["out"]
     quantized, _ = sharp_mlx.checkpoint.load_model(q)
     fused, _ = fuse.fuse(quantized, config, dtype="float32")
     assert not any(k.endswith(".scales") for k, _ in tree_flatten(fused.parameters()))
