@@ -58,3 +58,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     history = [json.loads((tmp_path / n / "training.json").read_text())[-1]["summary"]["train_history"] for n in ("full", "part")]
     assert [s for s, _ in history[1]] == list(range(1, STEPS + 1))
     assert [l for _, l in history[1]] == pytest.approx([l for _, l in history[0]], rel=1e-4)
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path):
+    """The global batch is batch_size x processes, so the data position means nothing to another count."""
+    import numpy as np
+
+    from sharp_mlx import sft
+    from sharp_mlx.errors import SharpError
+    from sharp_mlx.sharemap import share_model
+    from conftest import tiny_model
+
+    original, config = tiny_model()
+    cfg = sft.SFTConfig(steps=2, batch_size=2, seq_len=16, loss="ce", eval_windows=1, save_every=1)
+    tokens = np.random.default_rng(0).integers(0, 101, 8 * 16 + 1).astype(np.int32)
+    sft.train_sft(share_model(original, config, {3: 2}, 2)[0], tokens, np.ones_like(tokens), tokens, cfg, tmp_path, log=lambda s: None)
+    model = share_model(original, config, {3: 2}, 2)[0]
+    sft.prepare(model, cfg)
+    optimizer = sft.make_optimizer(cfg)
+    assert sft.load_checkpoint(tmp_path, model, optimizer, cfg)["processes"] == 1
+    with pytest.raises(SharpError, match="trained by 1 process"):
+        sft.load_checkpoint(tmp_path, model, optimizer, cfg, processes=2)
