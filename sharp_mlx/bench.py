@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS
 
 PROMPTS = (
@@ -321,7 +321,7 @@ def parse_row(spec: str) -> Row:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", type=parse_row, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER); default: the issue's rows. One must be named {REFERENCE!r}@mlx_lm")
     p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 from .model import Model, ModelArgs
 from .quantize import dequantized
 
@@ -82,7 +82,7 @@ def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.fuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.fuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="SHARP model folder (float or quantized)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the dense Llama")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)")

@@ -20,7 +20,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .checkpoint import load, parameter_bytes
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -108,7 +108,7 @@ def stream(
 def build_parser() -> argparse.ArgumentParser:
     from .convert import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help=f"model folder (default: {DEFAULT_MODEL}, imported on first use)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     p.add_argument("--system", help="a system message for chat models")
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli("sharp_mlx.generate")
 def main(argv=None):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # a long prompt is our own one-line error, not a tokenizer warning
     args = build_parser().parse_args(argv)
     if args.model is None:
         from .convert import ensure_default_model

@@ -2,7 +2,7 @@
 
     python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores
     python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
-    python -m sharp_mlx.pipeline --share auto --cut 0.5 --name smollm2-135m-instruct-sharp50   # the ~50% setting
+    python -m sharp_mlx.pipeline --share next:2 --layers 2:29 --name smollm2-135m-instruct-sharp50   # the ~50% setting
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
 run continues where it stopped (``--force`` redoes everything). Each step is the same command a
@@ -19,10 +19,11 @@ from pathlib import Path
 
 from . import analyze, evaluate, generate, quantize, train
 from .convert import ensure_default_model
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 
 DOMAINS = train.DOMAINS
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
+DEFAULT_LAYERS = "11:29"
 
 
 def ensure_data(data: Path) -> None:
@@ -46,9 +47,9 @@ def step(name: str, out: Path, argv: list, main, force: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--share", default="next", help="share map kind (default: %(default)s)")
-    p.add_argument("--layers", default="11:29", help="layer range for next / next:K (default: %(default)s: 9 targets, 12..28)")
+    p.add_argument("--layers", help=f"layer range for next / next:K / auto (default for next: {DEFAULT_LAYERS}: 9 targets, 12..28)")
     p.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
     p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=16384, help="SLW calibration tokens (default: %(default)s)")
@@ -71,9 +72,14 @@ def main(argv=None):
     ensure_data(args.data)
     if args.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, ["--out", ANALYSIS.parent], analyze.main, False)
+    generated = args.share in ("next", "auto") or args.share.startswith("next:")
+    if args.layers is None and args.share.startswith("next"):
+        args.layers = DEFAULT_LAYERS
+    # An explicit JSON map names its layers; auto searches train's default range unless told.
+    layers = ["--layers", args.layers] if generated and args.layers else []
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, "--layers", args.layers, *(["--cut", args.cut] if args.cut is not None else []), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
+    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, *layers, *(["--cut", args.cut] if args.cut is not None else []), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
-from .errors import SharpError, cli
+from .errors import ArgumentParser, SharpError, cli
 from .model import QuantizedRecovery, Recovery
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
@@ -250,7 +250,7 @@ def quantize_model_folder(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="float model folder (SHARP or plain)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--bits", type=int, default=4, help="bits per weight not taken from GGUF codes (default: %(default)s)")
