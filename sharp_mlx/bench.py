@@ -41,8 +41,8 @@ from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS
 
 PROMPTS = (
     "What is the capital of France?",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain in three sentences why the sky is blue.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 )
 ORIGINAL = Path("models/smollm2-135m-instruct")
 MLX4 = Path("models/smollm2-135m-instruct-mlx-4bit")
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", type=parse_row, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER); default: the issue's rows. One must be named {REFERENCE!r}@mlx_lm")
     p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} built-in prompts to run (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")
     p.add_argument("--ppl-windows", type=int, default=8, help="test windows per domain for perplexity; 0 skips it (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
@@ -338,12 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
 @cli("sharp_mlx.bench")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.reps < 1 or args.max_tokens < 1:
-        raise SharpError("--reps and --max-tokens must be at least 1")
+    if min(args.reps, args.max_tokens, args.prompts) < 1:
+        raise SharpError("--reps, --max-tokens and --prompts must be at least 1")
     rows = args.row or default_rows(args.recovery_bits, args.embedding_bits, args.rebuild)
     if REFERENCE not in {r.name for r in rows}:
         raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original)")
-    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, ppl_windows=args.ppl_windows, seq_len=args.seq_len)
+    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len)
     if args.data:
         missing = [str(f) for f in args.data if not f.is_file()]
         if missing:

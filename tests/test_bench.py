@@ -25,7 +25,7 @@ def test_bench_reports_every_row_against_mlx_lm(tmp_path):
     for r in rows.values():
         assert 0 < r["load_s"]["min"] <= r["load_s"]["median"] <= r["load_s"]["max"] < r["load_spawn_s"]["max"]
         assert r["decode_tps"]["median"] > 0 and r["bytes"] > 0 and r["peak_memory_gb"]["median"] > 0
-        assert len(r["tokens"]) == len(bench.PROMPTS)
+        assert len(r["tokens"]) == len(bench.PROMPTS)  # every built-in prompt by default
     # mlx-lm and sharp_mlx load the same folder to the same greedy tokens, and the same perplexity.
     assert rows["same folder"]["tokens"] == rows[bench.REFERENCE]["tokens"]
     assert report["perplexity"]["same folder"] == report["perplexity"][bench.REFERENCE]
