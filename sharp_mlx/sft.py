@@ -103,11 +103,12 @@ def prepare(model: nn.Module, config: SFTConfig) -> int:
     """Freeze everything but the recovery factors (and LoRA, if asked); return the first trainable block."""
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
-    if not targets:
-        raise SharpError("the model has no recovery factors to train: give its share map a rank > 0")
+    if not targets and config.lora_rank <= 0:
+        raise SharpError("the model has no recovery factors to train: give its share map a rank > 0, or fine-tune it with LoRA (--lora-rank R)")
     model.freeze()
     if config.lora_rank > 0:
-        n = config.lora_layers if config.lora_layers is not None else len(layers) - targets[0]
+        # By default LoRA covers the blocks from the first target on (every block without targets).
+        n = config.lora_layers if config.lora_layers is not None else len(layers) - (targets[0] if targets else 0)
         lora = {"rank": config.lora_rank, "scale": config.lora_scale, "dropout": 0.0}
         linear_to_lora_layers(model, n, lora)
     for i in targets:
@@ -322,6 +323,7 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         raise SharpError(f"{out_dir} already holds an SFT checkpoint: pass --resume to continue it, or choose another --run-dir")
     mx.random.seed(config.seed)
     first = prepare(model, config)
+    log(f"trainable parameters: {trainable_count(model):,} (blocks {first}..{len(model.model.layers) - 1})")
     start = first if config.frozen_prefix else 0
     if teacher is not None:
         teacher.freeze()

@@ -26,6 +26,7 @@ from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
+from .model import SharpArgs
 from .slw import SLWConfig, run_slw
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
@@ -144,8 +145,10 @@ def stage_sft(args) -> dict:
     from .sft import SFTConfig, merge_lora, train_sft
 
     config = read_config(args.model)
-    if not (config.get("sharp") or {}).get("share"):
-        raise SharpError(f"{args.model} shares no layers, so it has no recovery factors to train: --stage sft fine-tunes a shared model, make one with --stage slw first")
+    sharp = SharpArgs.from_dict(config.get("sharp"))
+    if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not (args.lora_rank or 0) > 0:
+        what = "shares no layers" if not sharp.share else "has rank-0 targets (a pruned MLP)"
+        raise SharpError(f"{args.model} {what}, so it has no recovery factors to train: make a shared model with --stage slw first, or fine-tune this one with LoRA (--lora-rank R)")
     model, tokenizer = load(args.model)
     teacher = load(args.teacher)[0] if args.teacher else None
     cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})

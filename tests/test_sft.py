@@ -97,6 +97,30 @@ def test_lora_with_checkpointing_and_accumulation(original, tokens, tmp_path):
     assert mx.allclose(model(x), before, atol=1e-4).item()
 
 
+@pytest.mark.parametrize("share", [{3: None, 5: None}, {}])
+def test_lora_fine_tunes_a_model_without_recovery(original, tokens, tmp_path, share):
+    """The pruning baselines at a matched budget: MLP-pruned (rank-0 targets) or plain, LoRA only."""
+    model = shared(original, share=share, rank=0)
+    with pytest.raises(SharpError, match="--lora-rank"):
+        sft.prepare(model, config())
+    cfg = config(lora_rank=2, lora_layers=3)
+    assert sft.prepare(model, cfg) == 3
+    # q, k, v, o (64 -> 64, 64 -> 32 twice, 64 -> 64) and, where the block owns one, the MLP.
+    attention = 2 * (2 * (64 + 64) + 2 * (64 + 32))
+    mlp = 2 * (2 * (64 + 96) + (96 + 64))
+    assert sft.trainable_count(model) == 3 * attention + sum(1 for i in (3, 4, 5) if i not in share) * mlp
+    model = shared(original, share=share, rank=0)
+    before = flat(model)
+    summary = train_sft(model, *tokens, cfg, tmp_path, log=lambda s: None)
+    assert all(math.isfinite(loss) for _, loss in summary["train_history"])
+    after = flat(model)
+    for name, value in after.items():
+        if ".lora_b" in name:
+            assert mx.abs(value).max().item() > 0, name  # trained from zero
+        elif ".lora_a" not in name:
+            assert mx.array_equal(value, before[name.replace(".linear.", ".")]).item(), name  # frozen
+
+
 def test_loss_decreases_on_a_fixed_batch(original, tokens, tmp_path):
     model = shared(original, rank=8)
     train, mask, valid = tokens
