@@ -216,9 +216,18 @@ def savings(config: dict, share: ShareMap, rank: Rank) -> dict:
     }
 
 
-def savings_line(config: dict, share: ShareMap, rank: Rank) -> str:
+def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp") -> str:
+    """What building ``baseline`` (sharp, direct, lowrank, mlp-prune, layer-prune) at the targets of ``share`` saves."""
     s = savings(config, share, rank)
-    return (f"{s['targets']} of {s['layers']} MLPs shared: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
+    if baseline == "layer-prune":
+        args = _param_counts(config)[0]
+        head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        attention = 2 * args.hidden_size * args.num_attention_heads * head_dim + 2 * args.hidden_size * args.num_key_value_heads * head_dim
+        removed = s["targets"] * (attention + 2 * args.hidden_size) + s["mlp_params"] - s["mlp_params_stored"]
+        return f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params -{removed / s['params_before']:.1%}"
+    what = {"mlp-prune": "MLPs removed (no MLP at the targets)", "direct": "MLPs shared, no recovery",
+            "lowrank": "MLPs replaced by low-rank factors, nothing borrowed"}.get(baseline, "MLPs shared")
+    return (f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
             f"all params -{s['total_cut']:.1%}")
 
 

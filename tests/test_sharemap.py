@@ -264,6 +264,8 @@ def test_prune_layers_runs_the_kept_layers():
     expected = inner.embed_tokens.as_linear(inner.norm(h))
     assert np.allclose(np.array(pruned(TOKENS)), np.array(expected), atol=1e-5)
     assert n_params(original) - n_params(pruned) == 2 * (18432 + 12288 + 128)
+    cut = (n_params(original) - n_params(pruned)) / n_params(original)
+    assert savings_line(config, {1: 0, 4: 3}, 0, "layer-prune") == f"2 of 6 layers removed (attention and MLP): all params -{cut:.1%}"
     for bad in ([], [6], list(range(6))):
         with pytest.raises(SharpError, match="non-empty proper subset of 0..5"):
             prune_layers(original, config, bad)
