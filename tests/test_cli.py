@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, tiny_model
+from tiny_folder import write_gguf
 from sharp_mlx import convert, evaluate, generate
 
 
@@ -102,16 +103,8 @@ def test_convert_hub_id_offline_is_clear(tmp_path):
 
 
 def test_convert_rejects_non_llama_gguf(tmp_path):
-    import gguf
-
     path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, "gpt2")
     one_line_error(*run_module("sharp_mlx.convert", "--source", path, "--out", tmp_path / "m"), "'gpt2'", "Llama")
 
 

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
 import pytest
 
 from conftest import ROOT
 from sharp_mlx import convert, evaluate, generate, quantize, train
-from tiny_folder import write_text_data, write_tiny_model
+from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
 MAINS = {"train": train.main, "convert": convert.main, "evaluate": evaluate.main, "generate": generate.main, "quantize": quantize.main}
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
@@ -102,18 +101,6 @@ CASES = [
     Case("quantize-already-quantized", "quantize", ["--model", "quantized", "--out", "requantized", "--from-gguf", "none"]),
     Case("quantize-output-exists", "quantize", ["--model", "orig", "--out", "existing", "--from-gguf", "none"]),
 ]
-
-
-def write_gguf(path: Path, arch: str) -> None:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def edit_config(folder: Path, **changes) -> None:

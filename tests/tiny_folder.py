@@ -41,3 +41,17 @@ def write_text_data(path: Path, records: int = 40, seed: int = 0) -> Path:
     lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(12)) + "."}) for _ in range(records)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_gguf(path: Path, arch: str) -> None:
+    """A minimal GGUF of architecture ``arch``: one block, a zero token embedding."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
