@@ -7,8 +7,9 @@
 Every repetition of every row is a fresh process, started in alternating order (rows forward on
 even repetitions, backward on odd ones), so no row enjoys a warmer process than another. Each
 process times its load twice: from the moment it was spawned to the weights being materialised
-(interpreter, imports and reading the weights: what a user waits for) and the load call alone
-(in-process). It then answers every prompt greedily and reports time to first token, prompt and
+(interpreter, imports and reading the weights: what a user waits for) and the weight-loading call
+alone (in-process: ``sharp_mlx.checkpoint.load_model`` or ``mlx_lm.utils.load_model``, then
+``mx.eval``); the tokenizer, the same for every row, is loaded and timed after that. It then answers every prompt greedily and reports time to first token, prompt and
 decode tokens/s, and peak memory (MLX's allocator, this process only). The report gives medians
 with min-max, and ratios against mlx-lm's 4-bit conversion of the original run by mlx-lm itself
 (``mlx_lm.load`` + ``stream_generate``), the tool a user would otherwise pick.
@@ -57,16 +58,21 @@ prompts = json.loads(sys.argv[5])
 import mlx.core as mx
 from mlx.utils import tree_flatten
 if loader == "mlx_lm":
-    from mlx_lm import load
+    from mlx_lm.utils import load_model
 else:
-    from sharp_mlx import load
+    from sharp_mlx.checkpoint import load_model
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from pathlib import Path
 tic = time.perf_counter()
-model, tokenizer = load(path)
+model = load_model(Path(path))[0]
 mx.eval(model.parameters())
 in_process = time.perf_counter() - tic
 from_spawn = time.time() - spawned
+tic = time.perf_counter()
+tokenizer = load_tokenizer(Path(path))
+tokenizer_s = time.perf_counter() - tic
 runs = []
 for prompt in prompts:
     if getattr(tokenizer, "chat_template", None):
@@ -82,7 +88,7 @@ for prompt in prompts:
     runs.append({"ttft_s": ttft, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
                  "generation_tokens": last.generation_tokens, "decode_tps": last.generation_tps,
                  "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens})
-print("BENCH " + json.dumps({"load_spawn_s": from_spawn, "load_s": in_process, "runs": runs,
+print("BENCH " + json.dumps({"load_spawn_s": from_spawn, "load_s": in_process, "tokenizer_s": tokenizer_s, "runs": runs,
                              "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters()))}))
 """
 
@@ -157,6 +163,7 @@ def time_rows(rows: List[Row], cfg: BenchConfig) -> Dict[str, dict]:
             "model_bytes": reps[0]["model_bytes"],
             "load_spawn_s": summary([r["load_spawn_s"] for r in reps]),
             "load_s": summary([r["load_s"] for r in reps]),
+            "tokenizer_s": summary([r["tokenizer_s"] for r in reps]),
             "ttft_s": summary([r["ttft_s"] for r in runs]),
             "prompt_tps": summary([r["prompt_tps"] for r in runs]),
             "decode_tps": summary([r["decode_tps"] for r in runs]),
@@ -205,6 +212,7 @@ def markdown(report: dict) -> str:
         f"Machine: {m['machine']}; one core's measured read bandwidth {m['bandwidth_gbs']:.1f} GB/s. "
         f"{report['config']['reps']} repetitions per row, each a fresh process, alternating order; "
         f"{len(report['config']['prompts'])} chat prompts, greedy, up to {report['config']['max_tokens']} new tokens. "
+        f"Load: weights only (the tokenizer, {statistics.median(r['tokenizer_s']['median'] for r in report['rows'].values()):.2f} s in every row, is loaded after). "
         f"Medians, [min-max]; ratios against `{REFERENCE}` (`mlx_lm.convert -q` of the original, loaded and run by mlx-lm).",
         "",
         "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode tok/s | x | peak GB | GB/s |",
