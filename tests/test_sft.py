@@ -190,7 +190,8 @@ def test_resume_matches_an_uninterrupted_run(original, tokens, tmp_path, monkeyp
     resumed = shared(original, seed=7)  # different initial A: the checkpoint must restore it
     messages = []
     summary = train_sft(resumed, *tokens, cfg, tmp_path / "part", teacher=original[0], resume=True, log=messages.append)
-    assert messages[0] == f"resumed {tmp_path / 'part'} at step 3"
+    assert messages[0] == f"trainable parameters: {sft.trainable_count(resumed):,} (blocks 3..5)"
+    assert messages[1] == f"resumed {tmp_path / 'part'} at step 3"
     expected, got = flat(full), flat(resumed)
     for name in expected:
         assert mx.allclose(expected[name], got[name], atol=1e-6).item(), name
