@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import ArgumentParser, SharpError, cli
-from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS
+from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS, folder_bytes
 
 PROMPTS = (
     "What is the capital of France?",
@@ -111,10 +111,6 @@ class BenchConfig:
     data: List[Path] = field(default_factory=lambda: sorted(Path("data").glob("*/test.jsonl")))
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
 def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
     """Read bandwidth of one core summing a float32 array much larger than the caches (median GB/s)."""
     a = np.ones(mb * 2**20 // 4, dtype=np.float32)
@@ -175,30 +171,12 @@ def time_rows(rows: List[Row], cfg: BenchConfig) -> Dict[str, dict]:
 
 
 def perplexities(rows: List[Row], cfg: BenchConfig) -> Dict[str, Dict[str, float]]:
-    """{row: {domain: ppl}} with float values for quantized weights; mlx-lm rows share a folder with a sharp_mlx row."""
-    import mlx.core as mx
+    """{row: {domain: ppl}}, quantized weights scored by their float values; each folder once."""
+    from .evaluate import evaluate
 
-    from .checkpoint import load
-    from .data import load_tokens
-    from .evaluate import perplexity
-    from .quantize import dequantized
-
-    out, by_path, streams = {}, {}, {}
-    for row in rows:
-        if str(row.path) in by_path:
-            out[row.name] = by_path[str(row.path)]
-            continue
-        model, tokenizer = load(row.path)
-        dequantized(model)
-        for f in cfg.data:
-            if f not in streams:
-                streams[f] = load_tokens(f, tokenizer)[0]
-        out[row.name] = by_path[str(row.path)] = {
-            f.parent.name: perplexity(model, streams[f], cfg.seq_len, 4, cfg.ppl_windows, desc=f"ppl {row.name} {f.parent.name}")["ppl"] for f in cfg.data
-        }
-        del model
-        mx.clear_cache()
-    return out
+    folders = list(dict.fromkeys(row.path for row in rows))
+    results = evaluate(folders, cfg.data, cfg.seq_len, 4, cfg.ppl_windows, float_weights=True)
+    return {row.name: {f.parent.name: results[str(row.path)][str(f)]["ppl"] for f in cfg.data} for row in rows}
 
 
 def ratio(a: float, b: float) -> float:

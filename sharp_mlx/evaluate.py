@@ -18,9 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import load
+from .checkpoint import load, load_model
 from .data import DataError, load_tokens, windows
 from .errors import ArgumentParser, SharpError, cli
+from .quantize import dequantized
 
 
 def window_losses(model, batch: mx.array) -> mx.array:
@@ -44,14 +45,20 @@ def perplexity(model, tokens: Sequence[int], seq_len: int = 512, batch_size: int
     return {"ppl": math.exp(total / scored), "tokens": scored}
 
 
-def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{model: {file: {"ppl", "tokens"}}}; files are tokenized once, with the first model's tokenizer."""
-    results, streams = {}, {}
+def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None, float_weights: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{model: {file: {"ppl", "tokens"}}}; files are tokenized once, with the first model's tokenizer.
+
+    ``float_weights``: score quantized models with their weights' float values
+    (``quantize.dequantized``: the same function; MLX's CPU quantized matmul is ~25x slower)."""
+    results, streams = {}, None
     for path in models:
-        model, tokenizer = load(path)
-        for f in files:
-            if f not in streams:
-                streams[f] = load_tokens(f, tokenizer)[0]
+        if streams is None:
+            model, tokenizer = load(path)
+            streams = {f: load_tokens(f, tokenizer)[0] for f in files}
+        else:
+            model = load_model(path)[0]
+        if float_weights:
+            dequantized(model)
         results[str(path)] = {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}") for f in files}
         del model
     return results

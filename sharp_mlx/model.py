@@ -89,6 +89,7 @@ def lowrank(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
 
 
 PROJECTIONS = ("gate", "up", "down")
+FACTORS = tuple(f"{name}_{f}" for name in PROJECTIONS for f in ("a", "b"))
 
 
 class Recovery(nn.Module):
@@ -119,14 +120,16 @@ class Recovery(nn.Module):
         return out if mlp is None else out + mlp.down_proj(h)
 
 
-
 class QuantizedRecovery(Recovery):
     """Recovery factors as affine codes. Each factor is stored transposed, (out, in) as a
     QuantizedLinear weight is, so its groups run along its input; ``*_scales`` and ``*_biases``
-    sit beside it. The rank must be a multiple of the group size."""
+    sit beside it. The rank must be a multiple of the group size. (``code_bits``, not ``bits``:
+    mlx-lm takes a module with ``bits`` for a QuantizedLinear.)"""
 
     def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine"):
         nn.Module.__init__(self)
+        if rank % group_size or dim % group_size or hidden_dim % group_size:
+            raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
         self.group_size, self.code_bits, self.mode = group_size, bits, mode
         for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
             self._set(f"{name}_a", mx.zeros((rank, n_in)))
@@ -142,15 +145,9 @@ class QuantizedRecovery(Recovery):
     @classmethod
     def from_recovery(cls, rec: Recovery, group_size: int, bits: int, mode: str = "affine") -> "QuantizedRecovery":
         (dim, rank), hidden_dim = rec.gate_a.shape, rec.gate_b.shape[1]
-        if rank % group_size or dim % group_size or hidden_dim % group_size:
-            raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.group_size, q.code_bits, q.mode = group_size, bits, mode
-        for name in PROJECTIONS:
-            for f in ("a", "b"):
-                q._set(f"{name}_{f}", rec[f"{name}_{f}"].T)
-        q.freeze()
+        q = cls(dim, hidden_dim, rank, group_size, bits, mode)  # lazy zero codes, replaced unevaluated
+        for key in FACTORS:
+            q._set(key, rec[key].T)
         return q
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine", **_) -> "QuantizedRecovery":
@@ -161,13 +158,10 @@ class QuantizedRecovery(Recovery):
 
     def dequantized(self) -> Recovery:
         """The same factors as float arrays (the scales' dtype)."""
-        rec = Recovery.__new__(Recovery)
+        rec = Recovery.__new__(Recovery)  # no random init: the global RNG state stays as it was
         nn.Module.__init__(rec)
-        for name in PROJECTIONS:
-            for f in ("a", "b"):
-                key = f"{name}_{f}"
-                w_t = mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode)
-                rec[key] = w_t.T
+        for key in FACTORS:
+            rec[key] = mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode).T
         return rec
 
     def delta(self, x: mx.array, name: str) -> mx.array:

@@ -37,6 +37,11 @@ def ensure_data(data: Path) -> None:
         raise SharpError("building the corpora failed (see above): fix the network or package problem and run again")
 
 
+def flag(name: str, value) -> list:
+    """[name, value] for a command line, or nothing when value is None."""
+    return [] if value is None else [name, value]
+
+
 def step(name: str, out: Path, argv: list, main, force: bool) -> None:
     if out.exists() and not force:
         print(f"[{name}] {out} exists, skipping (--force redoes it)", flush=True)
@@ -72,14 +77,11 @@ def main(argv=None):
     ensure_data(args.data)
     if args.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, ["--out", ANALYSIS.parent], analyze.main, False)
-    generated = args.share in ("next", "auto") or args.share.startswith("next:")
-    if args.layers is None and args.share.startswith("next"):
-        args.layers = DEFAULT_LAYERS
-    # An explicit JSON map names its layers; auto searches train's default range unless told.
-    layers = ["--layers", args.layers] if generated and args.layers else []
+    # next / next:K default to the pipeline's range; auto searches train's unless told; a JSON map names its layers.
+    layers = args.layers or (DEFAULT_LAYERS if args.share.startswith("next") else None)
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, *layers, *(["--cut", args.cut] if args.cut is not None else []), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
+    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, *flag("--layers", layers), *flag("--cut", args.cut), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -96,8 +98,7 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    bits = [a for flag, v in (("--recovery-bits", args.recovery_bits), ("--embedding-bits", args.embedding_bits)) if v is not None for a in (flag, v)]
-    step("quantize", q4, ["--model", final, "--out", q4, *bits], quantize.main, args.force)
+    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", args.recovery_bits), *flag("--embedding-bits", args.embedding_bits)], quantize.main, args.force)
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
         generate.main(["--model", str(model)])

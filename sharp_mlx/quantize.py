@@ -36,7 +36,7 @@ from mlx_lm.utils import dequantize_model
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
 from .errors import ArgumentParser, SharpError, cli
-from .model import QuantizedRecovery, Recovery
+from .model import QuantizedRecovery
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
@@ -140,10 +140,14 @@ def quantize(
         raise SharpError("the model is already quantized: quantize the float model it came from")
     check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits)
     codes = dict(codes or {})
-    params, recovery = {}, {}
+    layers = model.model.layers
+    targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
+    recovery = {} if recovery_bits is None else {
+        f"model.layers.{i}.recovery": {"group_size": recovery_group_size(layers[i].recovery.gate_a.shape[1], group_size), "bits": recovery_bits, "mode": "affine"}
+        for i in targets
+    }
+    params = {}
     for path, module in model.named_modules():
-        if isinstance(module, Recovery) and recovery_bits is not None:
-            recovery[path] = {"group_size": recovery_group_size(module.gate_a.shape[1], group_size), "bits": recovery_bits, "mode": "affine"}
         if not hasattr(module, "to_quantized"):
             continue
         in_dims = module.weight.shape[-1]
@@ -156,14 +160,12 @@ def quantize(
         elif in_dims % group_size == 0:
             params[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     quantization = {**quantization_config(params), **recovery}
-    for i, layer in enumerate(model.model.layers):
-        if "recovery" not in layer:
-            continue
+    for i in targets:
         q = recovery.get(f"model.layers.{i}.recovery")
         if q:
-            layer.recovery = QuantizedRecovery.from_recovery(layer.recovery, q["group_size"], q["bits"], q["mode"])
+            layers[i].recovery = QuantizedRecovery.from_recovery(layers[i].recovery, **q)
         else:
-            layer.recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layer.recovery.parameters()))
+            layers[i].recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layers[i].recovery.parameters()))
     nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
     # Lazy: the codes replace the re-quantized weights before those are ever computed.
     model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
