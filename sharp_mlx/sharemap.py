@@ -175,6 +175,20 @@ def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span:
     )
 
 
+def allocate_ranks(weights: Dict[int, float], total: int, step: int = 16) -> Dict[int, int]:
+    """Split a total recovery rank over targets in proportion to ``weights`` (one per target, >= 0),
+    in multiples of ``step``, each target at least ``step``; largest remainders round up."""
+    units = total // step
+    if units < len(weights):
+        raise SharpError(f"a total rank of {total} cannot give each of {len(weights)} targets at least {step}: raise --rank")
+    spare, norm = units - len(weights), sum(weights.values())
+    exact = {t: spare * (w / norm if norm > 0 else 1 / len(weights)) for t, w in weights.items()}
+    alloc = {t: 1 + int(x) for t, x in exact.items()}
+    for t in sorted(exact, key=lambda t: int(exact[t]) - exact[t])[: units - sum(alloc.values())]:
+        alloc[t] += 1
+    return {t: k * step for t, k in sorted(alloc.items())}
+
+
 def _param_counts(config: dict) -> Tuple[ModelArgs, int, int]:
     """(args, parameters of one MLP, parameters of everything but the MLPs) of a Llama config."""
     args = ModelArgs.from_dict({**config, "sharp": None})

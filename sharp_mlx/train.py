@@ -20,6 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import distributed, sharemap
 from .capture import calibration_text, capture_mlp_inputs
@@ -96,22 +97,34 @@ def stage_slw(args) -> dict:
     n = config["num_hidden_layers"]
     generated = args.share.strip() in ("next", "auto") or args.share.strip().startswith("next:")
     layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
-    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=_similarity(args))
+    similarity = _similarity(args)
+    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent")
     if args.baseline in ("sharp", "lowrank"):
         check_rank(args.rank, config)
+    rank = args.rank
     original, tokenizer = load(args.model)
+    windows = None
+    if args.rank_allocation == "sensitivity" and args.baseline in ("sharp", "lowrank"):
+        windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
+        damage = sensitivity(original, config, share, windows[:SENSITIVITY_WINDOWS])
+        rank = sharemap.allocate_ranks(damage, args.rank * len(share), step=min(16, args.rank))  # the same total rank, spread by damage
+        say(distributed.group(), "loss increase without each target's MLP: " + ", ".join(f"{t}: {d:+.3f}" for t, d in damage.items()))
+        say(distributed.group(), "ranks by target: " + ", ".join(f"{t}: {k}" for t, k in rank.items()))
+        for k in rank.values():
+            check_rank(k, config)
     if args.baseline == "layer-prune":
         model, new_config = sharemap.prune_layers(original, config, sorted(share))
         report = {}
     else:
         if args.baseline in ("mlp-prune", "lowrank"):
             share = {t: None for t in share}
-        rank = 0 if args.baseline in ("direct", "mlp-prune") else args.rank
+        rank = 0 if args.baseline in ("direct", "mlp-prune") else rank
         model, new_config = sharemap.share_model(original, config, share, rank)
         report = {}
-        if rank > 0 and args.slw_steps >= 0 and not args.no_slw:
+        if rank and args.slw_steps >= 0 and not args.no_slw:
             # Only as many random records as the calibration needs are tokenized.
-            windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
+            if windows is None:
+                windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
             # Under mlx.launch each process captures and fits its own targets (same seeds).
             group = distributed.group()
             mine = distributed.shard(sorted(share), group)
@@ -121,8 +134,9 @@ def stage_slw(args) -> dict:
             captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
             cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
             report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
-    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else args.rank, args.baseline))
-    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": args.rank, "layers": {str(k): v for k, v in report.items()}}}
+    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline))
+    record_rank = rank if isinstance(rank, int) else {str(t): k for t, k in rank.items()}
+    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": record_rank, "layers": {str(k): v for k, v in report.items()}}}
 
 
 def check_rank(rank: int, config: dict) -> None:
@@ -130,6 +144,24 @@ def check_rank(rank: int, config: dict) -> None:
     top = min(config["hidden_size"], config["intermediate_size"])
     if not 1 <= rank <= top:
         raise SharpError(f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in that range (--baseline direct shares without recovery)")
+
+
+SENSITIVITY_WINDOWS = 4
+
+
+def sensitivity(original, config: dict, share: dict, windows) -> dict:
+    """{target: mean next-token loss on ``windows`` with that target's MLP removed, minus the
+    original's}: how much each target alone costs before any recovery."""
+    from .evaluate import window_losses
+
+    def loss(model) -> float:  # per token, 4 windows at a time
+        return sum(window_losses(model, windows[i : i + 4]).sum().item() for i in range(0, len(windows), 4)) / (windows.size - len(windows))
+
+    base = loss(original)
+    damage = {}
+    for t in tqdm(sorted(share), desc="sensitivity", unit="target"):
+        damage[t] = max(loss(sharemap.share_model(original, config, {t: None}, 0)[0]) - base, 0.0)
+    return damage
 
 
 def _similarity(args):
@@ -180,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--share", default="next", help="next | next:K | auto | JSON map or file (default: %(default)s)")
     g.add_argument("--layers", help=f"layer range A:B for next, next:K and auto (default: {DEFAULT_LAYERS})")
     g.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
-    g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto")
+    g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto (default: runs/analyze/analysis.json)")
+    g.add_argument("--references", choices=("adjacent", "any"), default="adjacent", help="--share auto: a reference is the layer right before its target, or any earlier layer the analysis measured (analyze --all-pairs) (default: %(default)s)")
     g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
+    g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform", help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
     g.add_argument("--baseline", choices=BASELINES, default="sharp", help="what to build at the targets (default: %(default)s)")
     g = p.add_argument_group("single layer warmup (slw)")
     g.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")

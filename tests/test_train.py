@@ -30,3 +30,39 @@ def test_existing_output_is_refused_without_force(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     assert train.main(["--stage", "sft", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_rank_allocation_keeps_the_total_and_follows_the_damage():
+    from sharp_mlx.sharemap import allocate_ranks
+
+    ranks = allocate_ranks({12: 0.05, 20: 0.15, 28: 0.6}, 3 * 64)
+    assert sum(ranks.values()) == 3 * 64 and all(k % 16 == 0 and k >= 16 for k in ranks.values())
+    assert ranks[12] < ranks[20] < ranks[28]
+    assert allocate_ranks({1: 0.0, 2: 0.0}, 64) == {1: 32, 2: 32}  # no damage anywhere: uniform
+
+
+def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
+    import json
+
+    from sharp_mlx import load
+    from sharp_mlx.model import SharpArgs
+    from tiny_folder import write_text_data, write_tiny_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = write_text_data(tmp_path / "train.jsonl")
+    common = ["--stage", "slw", "--model", str(orig), "--data", str(data), "--seq-len", "32", "--tokens", "256", "--slw-steps", "2"]
+    assert train.main(common + ["--share", "next", "--layers", "1:6", "--rank", "24", "--rank-allocation", "sensitivity", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "loss increase without each target's MLP" in out and "ranks by target" in out
+    sharp = SharpArgs.from_dict(json.loads((tmp_path / "s" / "config.json").read_text())["sharp"])
+    assert sorted(sharp.share) == [2, 4] and sorted(sharp.rank_of(t) for t in sharp.share) == [16, 32]
+    load(tmp_path / "s")  # the per-target ranks load back
+    # References anywhere earlier: the analysis says layer 0 predicts 2 and 3 best.
+    pairs = [{"reference": r, "target": t, "rel_error": e} for (r, t), e in {(0, 1): 0.9, (1, 2): 0.9, (2, 3): 0.9, (0, 2): 0.1, (0, 3): 0.2}.items()]
+    cfg = json.loads((orig / "config.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps({"config": cfg, "pairs": pairs}))
+    auto = common + ["--share", "auto", "--layers", "0:6", "--cut", "0.3", "--rank", "2", "--analysis", str(tmp_path / "a.json")]
+    assert train.main(auto + ["--references", "any", "--out", str(tmp_path / "any")]) == 0
+    assert json.loads((tmp_path / "any" / "config.json").read_text())["sharp"]["share"] == {"2": 0, "3": 0}
+    assert train.main(auto + ["--out", str(tmp_path / "adj")]) == 0
+    assert all(t - r == 1 for t, r in ((int(t), r) for t, r in json.loads((tmp_path / "adj" / "config.json").read_text())["sharp"]["share"].items()))
