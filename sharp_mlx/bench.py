@@ -255,13 +255,10 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
-    """The issue's rows, building the 4-bit folders that are missing: for every float SHARP model
-    found, its 4-bit checkpoint as the main job makes it (``recovery_bits``/``embedding_bits``)
-    and one with a 4-bit embedding like mlx-lm's (``-4bit-emb4``)."""
+def ensure_mlx_4bit() -> Path:
+    """mlx-lm's own 4-bit conversion of the embedded model (``mlx_lm.convert -q``, group 64), made once."""
     from .checkpoint import atomic_dir
     from .convert import ensure_default_model
-    from .quantize import quantize_model_folder
 
     ensure_default_model()
     if not MLX4.exists():
@@ -271,6 +268,16 @@ def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], fo
         with atomic_dir(MLX4) as tmp:
             tmp.rmdir()  # mlx_lm.convert refuses an existing folder
             mlx_convert(hf_path=str(ORIGINAL), mlx_path=str(tmp), quantize=True, q_group_size=64, q_bits=4)
+    return MLX4
+
+
+def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
+    """The issue's rows, building the 4-bit folders that are missing: for every float SHARP model
+    found, its 4-bit checkpoint as the main job makes it (``recovery_bits``/``embedding_bits``)
+    and one with a 4-bit embedding like mlx-lm's (``-4bit-emb4``)."""
+    from .quantize import quantize_model_folder
+
+    ensure_mlx_4bit()
 
     def built(src: Path, out: Path, **kw) -> Path:
         if force_build or not out.exists():
