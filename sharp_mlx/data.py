@@ -11,7 +11,7 @@ A .txt file is one text record. Records become one token stream (each ends with 
 import itertools
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -132,12 +132,18 @@ def tokenize_record(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[
     return tokenize_chat(tokenizer, record["messages"])
 
 
-def load_tokens(path, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """One dataset file as a token stream: (tokens int32, mask int32), records concatenated."""
+def load_tokens(path, tokenizer, max_tokens: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """One dataset file as a token stream: (tokens int32, mask int32), records concatenated;
+    with ``max_tokens``, its first max_tokens tokens (records past them are not tokenized)."""
     fmt, records = load_records(path)
-    pairs = [tokenize_record(tokenizer, r, fmt) for r in records]
-    return (np.array([t for tokens, _ in pairs for t in tokens], dtype=np.int32),
-            np.array([m for _, mask in pairs for m in mask], dtype=np.int32))
+    pairs, count = [], 0
+    for r in records:
+        if max_tokens is not None and count >= max_tokens:
+            break
+        pairs.append(tokenize_record(tokenizer, r, fmt))
+        count += len(pairs[-1][0])
+    return (np.array([t for tokens, _ in pairs for t in tokens], dtype=np.int32)[:max_tokens],
+            np.array([m for _, mask in pairs for m in mask], dtype=np.int32)[:max_tokens])
 
 
 def _window_rows(n_tokens: int, length: int) -> np.ndarray:

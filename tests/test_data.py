@@ -245,3 +245,16 @@ def test_batches_are_seeded_resumable_and_shifted():
 def test_batches_need_a_full_batch():
     with pytest.raises(DataError, match="fewer than a batch of 4"):
         next(batches(np.arange(40), np.ones(40), 4, 16))
+
+
+def test_load_tokens_stops_at_max_tokens(tmp_path):
+    from tiny_folder import write_char_tokenizer, write_text_data
+
+    write_char_tokenizer(tmp_path)
+    path = write_text_data(tmp_path / "t.jsonl", records=30)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    full, full_mask = load_tokens(path, tok)
+    head, head_mask = load_tokens(path, tok, max_tokens=100)
+    assert len(head) == 100 and (head == full[:100]).all() and (head_mask == full_mask[:100]).all()
