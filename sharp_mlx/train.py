@@ -64,11 +64,7 @@ def default_data(split: str) -> list:
 
 
 def token_streams(files, tokenizer, max_tokens_each=None):
-    streams = []
-    for f in files:
-        tokens, mask = load_tokens(f, tokenizer)
-        streams.append((tokens[:max_tokens_each], mask[:max_tokens_each]) if max_tokens_each else (tokens, mask))
-    return streams
+    return [load_tokens(f, tokenizer, max_tokens_each) for f in files]
 
 
 def say(group, line: str, every_rank: bool = False) -> None:
