@@ -37,6 +37,7 @@ from sharp_mlx.pipeline import ensure_data  # noqa: E402
 DOMAINS = train.DOMAINS
 DEFAULT = ["--share", "next", "--layers", "1:29", "--rank", "64"]  # 14 targets 2, 4, ..., 28
 AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 targets, one reference per three
+LATE = ["--share", "next", "--layers", "19:29"]  # 5 targets 20, 22, ..., 28: where the ablations vary one thing
 
 
 @dataclass
@@ -54,8 +55,8 @@ class Budget:
     bench_reps: int
 
 
-QUICK = Budget(slw_tokens=2048, slw_steps=10, sft_steps=10, sft_batch=2, sft_seq=128, sft_tokens=20000,
-               eval_windows=4, eval_seq=256, cloze_items=10, analyze_tokens=2048, bench_reps=2)
+QUICK = Budget(slw_tokens=2048, slw_steps=10, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
+               eval_windows=2, eval_seq=256, cloze_items=5, analyze_tokens=1024, bench_reps=2)
 FULL = Budget(slw_tokens=16384, slw_steps=50, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
               eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3)
 
@@ -171,32 +172,33 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     # Cross-domain: recover on chat only.
     chat = [str(ROOT / "data" / "chat" / "train.jsonl")]
     add("sharp-chat", s.sft("sharp-chat", sharp_slw, "--data", *chat), "cross", "SHARP, SLW (all domains) + SFT on chat only")
-    if not quick:
+    if not quick:  # --quick: time
         add("sharp-chat-only", s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat), "cross", "SHARP, SLW and SFT on chat only")
 
-    # Ablations, after SLW (no SFT), at rank 64 unless said.
+    # Ablations, after SLW (no SFT). The position ablation moves 5 targets along the stack; the
+    # others vary one thing on the late 5 (20, 22, ..., 28 <- the layer before, rank 64).
     for name, layers, label in (("early", "1:11", "targets 2, 4, ..., 10"), ("middle", "10:20", "targets 11, 13, ..., 19"), ("late", "19:29", "targets 20, 22, ..., 28")):
         add(f"pos-{name}", s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64), "position", f"{name}: {label}")
-    add("next", sharp_slw, "grouping", "next over 1:29 (14 targets)")
+    late = v["pos-late"]["path"]
+    add("next-late", late, "grouping", "next: every other layer of 20..28 borrows the one before")
     for k in (2, 3):
-        add(f"next{k}", s.slw(f"next{k}", "--share", f"next:{k}", "--layers", "1:29", "--rank", 64), "grouping", f"next:{k} over 1:29")
-    ranks = (16, 128) if quick else (16, 32, 128)  # --quick: fewer points, and the control at rank 64 only
-    for r in ranks:
-        add(f"rank{r}", s.slw(f"rank{r}", "--share", "next", "--layers", "1:29", "--rank", r), "rank", f"rank {r}")
-    add("rank64", sharp_slw, "rank", "rank 64")
-    for r in () if quick else ranks:
-        add(f"control-rank{r}", s.slw(f"control-rank{r}", "--share", "next", "--layers", "1:29", "--rank", r, "--baseline", "lowrank"), "rank", f"control, rank {r}")
-    add("control-rank64", control_slw, "rank", "control, rank 64")
+        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", "19:29", "--rank", 64), "grouping", f"next:{k} over 19:29: one reference for {k} layers")
+    for r in (16, 128) if quick else (16, 32, 128):
+        add(f"rank{r}", s.slw(f"rank{r}", *LATE, "--rank", r), "rank", f"rank {r}")
+        add(f"control-rank{r}", s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"), "rank", f"control, rank {r}")
+    add("rank64", late, "rank", "rank 64")
+    add("control-rank64", s.slw("control-rank64", *LATE, "--rank", 64, "--baseline", "lowrank"), "rank", "control, rank 64")
+    for f, tag in ((0.25, "quarter"), (4, "4x")):
+        tokens = int(s.b.slw_tokens * f)
+        add(f"data-{tag}", s.slw(f"data-{tag}", *LATE, "--rank", 64, tokens=tokens), "data", f"SLW on {tokens:,} tokens")
+    add("data-1x", late, "data", f"SLW on {s.b.slw_tokens:,} tokens")
+    # The parameterization, through both stages at the default targets.
     if "--scales" in train.build_parser().format_help():
         scaled_slw = s.slw("scales-slw", "--share", "next", "--layers", "1:29", "--rank", 63, "--scales")
         add("scales-slw", scaled_slw, "param", "rank 63 + row/column scales, SLW only")
         add("scales", s.sft("scales", scaled_slw), "param", "rank 63 + row/column scales, SLW + SFT")
     add("plain-slw", sharp_slw, "param", "rank 64, SLW only")
     add("plain", sharp, "param", "rank 64, SLW + SFT")
-    for f, tag in ((0.25, "quarter"), (4, "4x")):
-        tokens = int(s.b.slw_tokens * f)
-        add(f"data-{tag}", s.slw(f"data-{tag}", *DEFAULT, tokens=tokens), "data", f"SLW on {tokens:,} tokens")
-    add("data-1x", sharp_slw, "data", f"SLW on {s.b.slw_tokens:,} tokens")
 
     # A smaller model of SHARP's stored size: whole layers removed until the parameter count
     # matches, then fine-tuned with LoRA at SHARP's trainable budget on the same data.
@@ -219,6 +221,9 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     return v
 
 
+CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # the ablations are read by perplexity alone
+
+
 def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
     """Perplexity and the multiple-choice check of every variant, cached per model in runs/."""
     from sharp_mlx import cloze
@@ -233,12 +238,13 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
         if info["path"] in seen:
             info.update(seen[info["path"]])
             continue
-        if f.exists() and f.stat().st_mtime > (path / "config.json").stat().st_mtime:
-            info.update(json.loads(f.read_text()))
+        cached = json.loads(f.read_text()) if f.exists() and f.stat().st_mtime > (path / "config.json").stat().st_mtime else None
+        if cached and (cached["cloze"] or info["group"] not in CLOZE_GROUPS):
+            info.update(cached)
         else:
             log(f"[eval] {name}")
             ppl = evaluate.evaluate([path], tests, seq_len=b.eval_seq, max_windows=b.eval_windows, float_weights=True)[str(path)]
-            mc = cloze.evaluate([path], tests, n_items=b.cloze_items, float_weights=True)[str(path)]
+            mc = cloze.evaluate([path], tests, n_items=b.cloze_items, float_weights=True)[str(path)] if info["group"] in CLOZE_GROUPS else {}
             out = {"ppl": {Path(t).parent.name: r["ppl"] for t, r in ppl.items()},
                    "cloze": {Path(t).parent.name: r for t, r in mc.items()},
                    "params": header_params(path) if "quantization" not in read_config(path) else None,
@@ -259,8 +265,9 @@ def summarise(v: Dict[str, dict], original_config: dict) -> None:
     for info in v.values():
         r = [info["ppl"][d] / base[d] for d in DOMAINS]
         info["x_geo"], info["x_max"] = geo(r), max(r)
-        acc = [info["cloze"][d]["accuracy"] for d in DOMAINS]
-        info["cloze_all"] = sum(acc) / len(acc)
+        if info["cloze"]:
+            acc = [info["cloze"][d]["accuracy"] for d in DOMAINS]
+            info["cloze_all"] = sum(acc) / len(acc)
         cfg = read_config(info["path"])
         share = {int(t): r for t, r in ((cfg.get("sharp") or {}).get("share") or {}).items()}
         if share:
@@ -362,7 +369,7 @@ def table(v: Dict[str, dict], names: List[str], extra: Optional[Dict[str, str]] 
         params = f"{i['params'] / 1e6:.1f}M" if i.get("params") else f"{i['bytes'] / 1e6:.1f} MB"
         cells = [extra[k](n) for k in extra] if extra else []
         lines.append(f"| {n}: {i['label']} | " + "".join(f"{c} | " for c in cells) + f"{params} | {cut} | "
-                     + " | ".join(f"{i['ppl'][d]:,.2f}" for d in DOMAINS) + f" | {i['x_geo']:.2f} | {i['x_max']:.2f} | {i['cloze_all']:.1%} |")
+                     + " | ".join(f"{i['ppl'][d]:,.2f}" for d in DOMAINS) + f" | {i['x_geo']:.2f} | {i['x_max']:.2f} | " + (f"{i['cloze_all']:.1%}" if "cloze_all" in i else "-") + " |")
     return "\n".join(lines)
 
 
@@ -422,16 +429,17 @@ def write_report(res: dict, out: Path) -> None:
     s.append(table(v, ["sharp"] + names("cross")) + "\n")
 
     s.append("## 4. Ablations (after SLW, no SFT)\n")
-    s.append("Targets early, in the middle or late in the stack (5 targets each, rank 64):\n")
+    s.append("Targets early, in the middle or late in the stack (5 targets each, rank 64); the other ablations vary one thing "
+             "on the late five (`--share next --layers 19:29`):\n")
     s.append(table(v, names("position")) + "\n")
     s.append("One reference for 1, 2 or 3 following layers (rank 64):\n")
     s.append(table(v, names("grouping")) + "\n")
-    s.append(f"Recovery rank, SHARP against the control at the same rank (default targets):\n\n![rank]({rel['rank']})\n")
+    s.append(f"Recovery rank, SHARP against the control at the same rank:\n\n![rank]({rel['rank']})\n")
     s.append(table(v, names("rank")) + "\n")
-    s.append("Parameterization at a matched parameter count: plain rank 64 against rank 63 plus a row and a column scaling "
+    s.append("Parameterization at a matched parameter count, through both stages at the default targets: plain rank 64 against rank 63 plus a row and a column scaling "
              "vector per projection (576 + 1536 values per projection: exactly one rank unit):\n")
     s.append(table(v, names("param")) + "\n")
-    s.append("SLW calibration data:\n")
+    s.append("SLW calibration data (the init, the closed-form fit and the Adam steps all see it):\n")
     s.append(table(v, names("data")) + "\n")
 
     s.append("## 5. Against a smaller model of the same size\n")
@@ -458,7 +466,7 @@ def write_report(res: dict, out: Path) -> None:
     s.append("| variant | " + " | ".join(DOMAINS) + " | all |")
     s.append("|---" * (len(DOMAINS) + 2) + "|")
     for n, i in v.items():
-        if i["group"] in ("main", "aggressive", "smaller", "deploy", "cross"):
+        if "cloze_all" in i:
             s.append(f"| {n} | " + " | ".join(f"{i['cloze'][d]['accuracy']:.0%}" for d in DOMAINS) + f" | {i['cloze_all']:.1%} |")
     n_items = sum(v["original"]["cloze"][d]["n"] for d in DOMAINS)
     s.append(f"\n{n_items} items in all: one standard error is about {math.sqrt(0.25 / n_items):.0%} at 50% accuracy, so "
