@@ -3,7 +3,8 @@
     python -m sharp_mlx.fuse --model models/smollm2-135m-instruct-sharp --out models/smollm2-135m-instruct-fused
 
 Each target layer gets MLP weights of its own, its reference's with the recovery merged in:
-W_t = W_r + (a @ b)^T for gate, up and down (W_t = (a @ b)^T when it borrows no MLP). The
+W_t = W_r + (a @ b)^T for gate, up and down (W_t = (a @ b)^T when it borrows no MLP), or with
+scaling vectors W_t = diag(out) W_r diag(in) + (a @ b)^T. The
 result stores every MLP again, so it is as large as the original model: it is for tools that
 cannot run a shared model (stock ``mlx_lm.load``, transformers' ``LlamaForCausalLM``), not for
 saving bytes. A quantized input is dequantized first; the output is float.
@@ -36,6 +37,9 @@ def merged_mlp_weights(model: Model, layer: int) -> Dict[str, mx.array]:
     weights = {}
     for p in PROJ:
         w = mx.zeros(shapes[p]) if owner is None else model.model.layers[owner].mlp[f"{p}_proj"].weight.astype(mx.float32)
+        if "recovery" in block and block.recovery.scaled:
+            rec = block.recovery
+            w = rec[f"{p}_out"].astype(mx.float32)[:, None] * w * rec[f"{p}_in"].astype(mx.float32)[None, :]  # diag(out) W diag(in)
         if "recovery" in block:
             a, b = block.recovery[f"{p}_a"].astype(mx.float32), block.recovery[f"{p}_b"].astype(mx.float32)
             w = w + (a @ b).T  # (in, rank) @ (rank, out) -> (out, in)

@@ -10,9 +10,11 @@ Sharing is described by ``config["sharp"]``:
 
 ``share`` maps a target layer to the reference layer whose MLP it runs (``null``: no borrowed
 MLP, the recovery factors alone; with rank 0 that is a pruned MLP). ``rank`` is an int or a
-``{target: rank}`` map. Each MLP lives at exactly one path (``model.layers.{r}.mlp``); a target
-block owns no MLP and is handed its reference's at call time. Recovery factors are plain arrays,
-so ``nn.quantize`` leaves them in float.
+``{target: rank}`` map. ``"scales": true`` (absent when false) gives every projection of every
+target two more vectors, ``{p}_in`` and ``{p}_out``: W_t ~= diag(out) W_r diag(in) + B A. Each
+MLP lives at exactly one path (``model.layers.{r}.mlp``); a target block owns no MLP and is
+handed its reference's at call time. Recovery factors and vectors are plain arrays, so
+``nn.quantize`` leaves them in float.
 """
 
 from dataclasses import dataclass, field
@@ -27,10 +29,12 @@ from mlx_lm.models.base import create_attention_mask
 
 @dataclass
 class SharpArgs:
-    """The share map and recovery rank; an empty map is the original model."""
+    """The share map, recovery rank and whether targets scale their borrowed weights' rows and
+    columns; an empty map is the original model."""
 
     share: Dict[int, Optional[int]] = field(default_factory=dict)
     rank: Union[int, Dict[int, int]] = 0
+    scales: bool = False
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SharpArgs":
@@ -39,11 +43,12 @@ class SharpArgs:
         rank = d.get("rank", 0)
         if isinstance(rank, dict):
             rank = {int(t): int(k) for t, k in rank.items()}
-        return cls(share=share, rank=rank)
+        return cls(share=share, rank=rank, scales=bool(d.get("scales", False)))
 
     def to_dict(self) -> dict:
         rank = self.rank if isinstance(self.rank, int) else {str(t): k for t, k in self.rank.items()}
-        return {"share": {str(t): r for t, r in sorted(self.share.items())}, "rank": rank}
+        d = {"share": {str(t): r for t, r in sorted(self.share.items())}, "rank": rank}
+        return {**d, "scales": True} if self.scales else d  # old configs stay as they were
 
     def rank_of(self, layer: int) -> int:
         if layer not in self.share:
@@ -70,6 +75,12 @@ class SharpArgs:
                 raise ValueError(f"rank given for layer {t}, which is not a target of the share map")
             if not 0 <= k <= max_rank:
                 raise ValueError(f"recovery rank {k} for layer {t} must be between 0 and {max_rank}")
+        if self.scales:
+            for t, r in sorted(self.share.items()):
+                if r is None:
+                    raise ValueError(f"scales need borrowed weights to scale, but target {t} borrows none (reference null): give it a reference or drop scales")
+                if self.rank_of(t) == 0:
+                    raise ValueError(f"scales sit beside the low-rank factors, but target {t} has rank 0: give it a rank >= 1 or drop scales")
 
 
 @dataclass
@@ -92,41 +103,63 @@ PROJECTIONS = ("gate", "up", "down")
 FACTORS = tuple(f"{name}_{f}" for name in PROJECTIONS for f in ("a", "b"))
 
 
+def vectors(scales: bool) -> tuple:
+    """Names of the scaling vectors: ``{p}_in`` (in,) and ``{p}_out`` (out,) per projection."""
+    return tuple(f"{name}_{side}" for name in PROJECTIONS for side in ("in", "out")) if scales else ()
+
+
 class Recovery(nn.Module):
-    """Low-rank factors on gate, up and down of a borrowed MLP: W_t ~= W_r + B_t A_t.
+    """Low-rank factors on gate, up and down of a borrowed MLP: W_t ~= W_r + B_t A_t; with
+    ``scales`` also a column and a row scaling of each borrowed weight:
+    W_t ~= diag(out) W_r diag(in) + B_t A_t.
 
     Stored transposed, as mlx-lm's LoRA does: ``*_a`` is (in, rank), ``*_b`` is (rank, out).
-    ``*_b`` starts at zero, so a fresh target equals direct sharing.
+    ``*_b`` starts at zero and the vectors ``*_in`` (in,), ``*_out`` (out,) at one, so a fresh
+    target equals direct sharing.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, rank: int):
+    def __init__(self, dim: int, hidden_dim: int, rank: int, scales: bool = False):
         super().__init__()
         for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
             bound = n_in**-0.5
             setattr(self, f"{name}_a", mx.random.uniform(-bound, bound, (n_in, rank)))
             setattr(self, f"{name}_b", mx.zeros((rank, n_out)))
+            if scales:
+                setattr(self, f"{name}_in", mx.ones((n_in,)))
+                setattr(self, f"{name}_out", mx.ones((n_out,)))
+
+    @property
+    def scaled(self) -> bool:
+        return "gate_in" in self
 
     def delta(self, x: mx.array, name: str) -> mx.array:
         return lowrank(x, self[f"{name}_a"], self[f"{name}_b"])
+
+    def borrowed(self, x: mx.array, proj: nn.Module, name: str) -> mx.array:
+        """x (diag(out) W_r diag(in))^T = (x * in) W_r^T * out, or x W_r^T without scales."""
+        if not self.scaled:
+            return proj(x)
+        return proj(x * self[f"{name}_in"]) * self[f"{name}_out"]
 
     def __call__(self, x: mx.array, mlp: Optional[nn.Module]) -> mx.array:
         gate = self.delta(x, "gate")
         up = self.delta(x, "up")
         if mlp is not None:
-            gate = gate + mlp.gate_proj(x)
-            up = up + mlp.up_proj(x)
+            gate = gate + self.borrowed(x, mlp.gate_proj, "gate")
+            up = up + self.borrowed(x, mlp.up_proj, "up")
         h = swiglu(gate, up)
         out = self.delta(h, "down")
-        return out if mlp is None else out + mlp.down_proj(h)
+        return out if mlp is None else out + self.borrowed(h, mlp.down_proj, "down")
 
 
 class QuantizedRecovery(Recovery):
     """Recovery factors as affine codes. Each factor is stored transposed, (out, in) as a
     QuantizedLinear weight is, so its groups run along its input; ``*_scales`` and ``*_biases``
-    sit beside it. The rank must be a multiple of the group size. (``code_bits``, not ``bits``:
-    mlx-lm takes a module with ``bits`` for a QuantizedLinear.)"""
+    sit beside it. The rank must be a multiple of the group size. Scaling vectors, if any, stay
+    float (they are tiny). (``code_bits``, not ``bits``: mlx-lm takes a module with ``bits`` for
+    a QuantizedLinear.)"""
 
-    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine", scales: bool = False):
         nn.Module.__init__(self)
         if rank % group_size or dim % group_size or hidden_dim % group_size:
             raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
@@ -134,6 +167,8 @@ class QuantizedRecovery(Recovery):
         for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
             self._set(f"{name}_a", mx.zeros((rank, n_in)))
             self._set(f"{name}_b", mx.zeros((n_out, rank)))
+            if scales:
+                self[f"{name}_in"], self[f"{name}_out"] = mx.ones((n_in,)), mx.ones((n_out,))
         self.freeze()
 
     def _set(self, key: str, w_t: mx.array) -> None:
@@ -145,9 +180,11 @@ class QuantizedRecovery(Recovery):
     @classmethod
     def from_recovery(cls, rec: Recovery, group_size: int, bits: int, mode: str = "affine") -> "QuantizedRecovery":
         (dim, rank), hidden_dim = rec.gate_a.shape, rec.gate_b.shape[1]
-        q = cls(dim, hidden_dim, rank, group_size, bits, mode)  # lazy zero codes, replaced unevaluated
+        q = cls(dim, hidden_dim, rank, group_size, bits, mode, rec.scaled)  # lazy zero codes, replaced unevaluated
         for key in FACTORS:
             q._set(key, rec[key].T)
+        for key in vectors(rec.scaled):
+            q[key] = rec[key]
         return q
 
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine", **_) -> "QuantizedRecovery":
@@ -157,11 +194,13 @@ class QuantizedRecovery(Recovery):
         return self
 
     def dequantized(self) -> Recovery:
-        """The same factors as float arrays (the scales' dtype)."""
+        """The same factors as float arrays (the scales' dtype); the vectors as they are."""
         rec = Recovery.__new__(Recovery)  # no random init: the global RNG state stays as it was
         nn.Module.__init__(rec)
         for key in FACTORS:
             rec[key] = mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode).T
+        for key in vectors(self.scaled):
+            rec[key] = self[key]
         return rec
 
     def delta(self, x: mx.array, name: str) -> mx.array:
@@ -179,12 +218,12 @@ class Block(llama.TransformerBlock):
         super().__init__(args, use_sliding=args.layer_types[layer] == "sliding_attention")
         if layer in args.sharp_args.share:
             del self["mlp"]
-            rank = args.sharp_args.rank_of(layer)
+            rank, scales = args.sharp_args.rank_of(layer), args.sharp_args.scales
             q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
             if rank > 0 and q:
-                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"))
+                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"), scales)
             elif rank > 0:
-                self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank)
+                self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, scales)
 
     def __call__(self, x, mask=None, cache=None, mlp: Optional[nn.Module] = None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)

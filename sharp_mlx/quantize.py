@@ -6,7 +6,7 @@
 Every Linear and Embedding that the model stores is quantized once: a shared MLP lives at one
 path, so it is quantized and stored once whatever number of layers run it. Recovery factors are
 plain arrays and stay float (``--recovery-dtype``) unless ``--recovery-bits`` asks for affine
-codes (``QuantizedRecovery``). Norms keep the source's dtype and new
+codes (``QuantizedRecovery``); scaling vectors, if any, always stay float. Norms keep the source's dtype and new
 scales take it, as ``mlx_lm.convert`` does without ``--dtype``: a float32 model runs float32
 activations, which MLX's CPU backend needs (its float16 quantized matmul is ~35x slower there);
 import with ``python -m sharp_mlx.convert --dtype float16`` for a float16 model on a Mac. The
@@ -134,7 +134,8 @@ def quantize(
     Modules in ``codes`` take those codes; every other Linear/Embedding whose input size is a
     multiple of ``group_size`` is quantized to ``bits`` (the embedding to ``embedding_bits``
     when given, which overrides its codes). Recovery factors become ``recovery_dtype``, or
-    ``recovery_bits`` affine codes when given; other float tensors keep their dtype.
+    ``recovery_bits`` affine codes when given (scaling vectors then keep their dtype); other
+    float tensors keep their dtype.
     """
     if is_quantized(model, config):
         raise SharpError("the model is already quantized: quantize the float model it came from")

@@ -1,8 +1,10 @@
 """Supervised fine-tuning (SFT), the second stage of SHARP: train the recovery factors end to end.
 
-Only the recovery factors are trained (optionally LoRA on the other linear layers from the first
-target on, with mlx-lm's tuner). The loss is next-token cross-entropy (``ce``), distillation from
-the frozen original model with KL(teacher || student) at temperature T (``kd``), or
+Only the recovery parameters are trained: the factors and, in a model with ``scales``, the
+scaling vectors (optionally LoRA on the other linear layers from the first target on, with
+mlx-lm's tuner). Keep ``weight_decay`` at 0 for scaling vectors: AdamW decays them towards 0,
+not towards their neutral value 1. The loss is next-token cross-entropy (``ce``), distillation
+from the frozen original model with KL(teacher || student) at temperature T (``kd``), or
 ``kd_alpha * kd + (1 - kd_alpha) * ce`` (``mix``).
 
 Speed (a CPU step is mostly matmuls and exp over (B, L, vocab) logits):
@@ -95,12 +97,13 @@ class SFTConfig:
 
 
 def trainable_count(model: nn.Module) -> int:
-    """Number of trainable scalars (after ``prepare``: the recovery factors, and LoRA if asked)."""
+    """Number of trainable scalars (after ``prepare``: the recovery factors and any scaling vectors, and LoRA if asked)."""
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
 def prepare(model: nn.Module, config: SFTConfig) -> int:
-    """Freeze everything but the recovery factors (and LoRA, if asked); return the first trainable block."""
+    """Freeze everything but the recovery parameters (factors and any scaling vectors; and LoRA,
+    if asked); return the first trainable block."""
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
     if not targets and config.lora_rank <= 0:

@@ -105,19 +105,21 @@ def parse_share(
     rank: int = 0,
     adjacent_only: bool = True,
     keep_ends: bool = True,
+    scales: bool = False,
 ) -> ShareMap:
     """The share map of ``spec`` (see the module docstring) for a model of num_layers layers.
 
-    ``similarity``, ``cut``, ``rank``, ``adjacent_only`` and ``keep_ends`` only serve ``auto``:
-    the analysis (a dict or the path of analysis.json), the fraction of stored MLP parameters
-    to remove net of the rank-``rank`` recovery factors, whether a reference must be the layer
-    right before its target, and whether the first and last layers stay unshared.
+    ``similarity``, ``cut``, ``rank``, ``adjacent_only``, ``keep_ends`` and ``scales`` only serve
+    ``auto``: the analysis (a dict or the path of analysis.json), the fraction of stored MLP
+    parameters to remove net of the rank-``rank`` recovery factors (and scaling vectors, with
+    ``scales``), whether a reference must be the layer right before its target, and whether the
+    first and last layers stay unshared.
     """
     spec = spec.strip()
     if spec == "next" or spec.startswith("next:"):
         share = next_map(parse_layers(layers, num_layers), 1 if spec == "next" else _group_size(spec))
     elif spec == "auto":
-        share = auto_map(similarity, num_layers, cut, rank, parse_layers(layers, num_layers), adjacent_only, keep_ends)
+        share = auto_map(similarity, num_layers, cut, rank, parse_layers(layers, num_layers), adjacent_only, keep_ends, scales)
     elif spec.startswith("{") or spec.endswith(".json") or Path(spec).is_file():
         if layers is not None:
             raise SharpError(f"a layer range ({layers}) applies to next, next:K and auto, not to an explicit share map")
@@ -146,7 +148,7 @@ def read_analysis(similarity: Union[None, dict, str, Path]) -> dict:
     return similarity
 
 
-def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span: range, adjacent_only: bool, keep_ends: bool) -> ShareMap:
+def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span: range, adjacent_only: bool, keep_ends: bool, scales: bool = False) -> ShareMap:
     """Greedy: take (reference, target) pairs from the lowest relative MLP error up, skipping a
     target already taken or used as a reference and a reference that is a target, until the
     stored-MLP cut net of recovery reaches ``cut``."""
@@ -165,10 +167,10 @@ def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span:
         if t in share or t in share.values() or r in share:
             continue
         share[t] = r
-        reached = savings(config, share, rank)["mlp_cut"]
+        reached = savings(config, share, rank, scales)["mlp_cut"]
         if reached >= cut:
             return share
-    reached = savings(config, share, rank)["mlp_cut"] if share else 0.0
+    reached = savings(config, share, rank, scales)["mlp_cut"] if share else 0.0
     raise SharpError(
         f"auto reaches only a {reached:.1%} stored-MLP cut (at rank {rank}, {len(share)} targets, adjacent_only={adjacent_only}) short of the {cut:.1%} asked: "
         "ask for a smaller cut or rank, a wider layer range, or references anywhere earlier (analyze with --all-pairs, adjacent_only=False)"
@@ -204,16 +206,17 @@ def _param_counts(config: dict) -> Tuple[ModelArgs, int, int]:
     return args, mlp, rest
 
 
-def savings(config: dict, share: ShareMap, rank: Rank) -> dict:
-    """Exact parameter counts of sharing ``share`` at ``rank`` in the model of ``config``."""
+def savings(config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> dict:
+    """Exact parameter counts of sharing ``share`` at ``rank`` (with scaling vectors, if
+    ``scales``: in + out per projection, one rank's worth) in the model of ``config``."""
     args, mlp, rest = _param_counts(config)
-    sharp = SharpArgs(share=dict(share), rank=rank)
+    sharp = SharpArgs(share=dict(share), rank=rank, scales=scales)
     try:
         sharp.validate(args.num_hidden_layers, args.hidden_size, args.intermediate_size)
     except ValueError as e:
         raise SharpError(str(e))
     n_layers, n_targets = args.num_hidden_layers, len(share)
-    recovery = sum(3 * (args.hidden_size + args.intermediate_size) * sharp.rank_of(t) for t in share)
+    recovery = sum(3 * (args.hidden_size + args.intermediate_size) * (sharp.rank_of(t) + int(scales)) for t in share)
     mlp_before, unstored = n_layers * mlp, n_targets * mlp
     before = rest + mlp_before
     return {
@@ -230,9 +233,9 @@ def savings(config: dict, share: ShareMap, rank: Rank) -> dict:
     }
 
 
-def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp") -> str:
+def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp", scales: bool = False) -> str:
     """What building ``baseline`` (sharp, direct, lowrank, mlp-prune, layer-prune) at the targets of ``share`` saves."""
-    s = savings(config, share, rank)
+    s = savings(config, share, rank, scales)
     if baseline == "layer-prune":
         args = _param_counts(config)[0]
         head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
@@ -240,7 +243,7 @@ def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sha
         removed = s["targets"] * (attention + 2 * args.hidden_size) + s["mlp_params"] - s["mlp_params_stored"]
         return f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params -{removed / s['params_before']:.1%}"
     what = {"mlp-prune": "MLPs removed (no MLP at the targets)", "direct": "MLPs shared, no recovery",
-            "lowrank": "MLPs replaced by low-rank factors, nothing borrowed"}.get(baseline, "MLPs shared")
+            "lowrank": "MLPs replaced by low-rank factors, nothing borrowed"}.get(baseline, "MLPs shared with scaling vectors" if scales else "MLPs shared")
     return (f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
             f"all params -{s['total_cut']:.1%}")
 
@@ -255,11 +258,12 @@ def _require_plain(model, config: dict, what: str) -> Dict[str, mx.array]:
     return weights
 
 
-def share_model(original_model, original_config: dict, share: ShareMap, rank: Rank) -> Tuple[Model, dict]:
+def share_model(original_model, original_config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> Tuple[Model, dict]:
     """The shared model built from a loaded original: the same weights minus the targets' MLPs,
-    fresh recovery factors (b = 0, so it starts as direct sharing), config with a "sharp" section."""
+    fresh recovery factors (b = 0, and scaling vectors of one with ``scales``, so it starts as
+    direct sharing), config with a "sharp" section."""
     weights = _require_plain(original_model, original_config, "share_model")
-    config = {**original_config, "sharp": SharpArgs(share=dict(share), rank=rank).to_dict()}
+    config = {**original_config, "sharp": SharpArgs(share=dict(share), rank=rank, scales=scales).to_dict()}
     try:
         model = Model(ModelArgs.from_dict(config))
     except ValueError as e:

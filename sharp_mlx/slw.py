@@ -8,7 +8,12 @@ relative L2 error of the MLP output. Three stages, each optional and measured:
    rank is spent where the real inputs are: best rank-k fit of ||X (W_t - W_r)^T||).
 2. ``closed_form_down``: with gate/up fixed, the down factors are a reduced-rank regression of
    the remaining output error on the student's own hidden activations, solved exactly.
-3. ``steps`` of Adam on all six factors with warmup + cosine decay, minibatches of rows.
+3. ``steps`` of Adam on all six factors (and the six scaling vectors, with ``scales``) with
+   warmup + cosine decay, minibatches of rows.
+
+With ``scales`` each borrowed weight also gets a row and a column scaling, W_t ~= diag(out) W_r
+diag(in) + B A; the vectors start at one, where the two closed-form stages are exact, and
+only Adam moves them.
 
 Layers are independent: they run one after the other, or split across the processes of an
 ``mx.distributed`` group (see sharp_mlx.distributed), each fitting its own targets with the
@@ -30,7 +35,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import distributed
-from .model import Recovery
+from .model import Recovery, vectors
 
 PROJ = ("gate", "up", "down")
 
@@ -59,9 +64,15 @@ def weights_of(mlp) -> Dict[str, np.ndarray]:
 
 
 def mlp_apply(w: Dict[str, mx.array], x: mx.array, rec: Optional[Dict[str, mx.array]] = None, return_hidden: bool = False):
-    """An MLP from weight dicts (None weights: recovery only), with optional low-rank factors."""
+    """An MLP from weight dicts (None weights: recovery only), with optional low-rank factors
+    and, if ``rec`` holds them, scaling vectors ``{p}_in``, ``{p}_out`` of the weights."""
     def proj(p, inp):
-        y = inp @ w[p].T if w.get(p) is not None else 0.0
+        if w.get(p) is None:
+            y = 0.0
+        elif rec is not None and f"{p}_in" in rec:
+            y = ((inp * rec[f"{p}_in"]) @ w[p].T) * rec[f"{p}_out"]  # diag(out) W diag(in)
+        else:
+            y = inp @ w[p].T
         return y + (inp @ rec[f"{p}_a"]) @ rec[f"{p}_b"] if rec is not None else y
 
     h = swiglu(proj("gate", x), proj("up", x))
@@ -110,11 +121,12 @@ def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: fl
     return (m_ols @ v).astype(np.float32), v.T.astype(np.float32)
 
 
-def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig) -> Dict[str, np.ndarray]:
-    """Initial factors by cfg.init; x are fit rows (n, D) of the target's real inputs."""
+def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig, scales: bool = False) -> Dict[str, np.ndarray]:
+    """Initial factors by cfg.init (and scaling vectors of one, with ``scales``); x are fit
+    rows (n, D) of the target's real inputs."""
     if cfg.init == "zero":
         mx.random.seed(cfg.seed)
-        rec = Recovery(x.shape[1], target["gate"].shape[0], rank)
+        rec = Recovery(x.shape[1], target["gate"].shape[0], rank, scales)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
     rec = {}
     tw = {p: mx.array(v) for p, v in target.items()}
@@ -123,6 +135,9 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
     for p in PROJ:
         delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
         rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, inputs[p] if cfg.init == "asvd" else None, cfg.damping)
+    for key in vectors(scales):  # ones: the fits above hold exactly
+        p, side = key.split("_")
+        rec[key] = np.ones(target[p].shape[1 if side == "in" else 0], dtype=np.float32)
     return rec
 
 
@@ -138,7 +153,8 @@ def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int
 
 
 def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg: SLWConfig, progress: Optional[Callable] = None) -> Dict[str, np.ndarray]:
-    """cfg.steps of Adam on the relative L2 error over random minibatches of rows."""
+    """cfg.steps of Adam on the relative L2 error over random minibatches of rows; every entry
+    of ``rec`` (factors and any scaling vectors) is trained."""
     tw = {p: mx.array(v) for p, v in target.items()}
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
@@ -165,10 +181,12 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
     return {k: np.array(v) for k, v in params.items()}
 
 
-def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None) -> Dict[str, object]:
-    """Fit one target's factors on its captured inputs x (n, D); returns the factors and the
-    held-out relative error after each stage ({"none", "init", "closed_form_down", "adam"},
-    and "final" for the factors kept)."""
+def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None, scales: bool = False) -> Dict[str, object]:
+    """Fit one target's factors (and scaling vectors, with ``scales``) on its captured inputs
+    x (n, D); returns them and the held-out relative error after each stage ({"none", "init",
+    "closed_form_down", "adam"}, and "final" for the parameters kept)."""
+    if scales and ref_mlp is None:
+        raise ValueError("scaling vectors scale borrowed weights: a target without a reference has none")
     ref = weights_of(ref_mlp) if ref_mlp is not None else None
     target = weights_of(target_mlp)
     rows = np.random.default_rng(cfg.seed).permutation(len(x))
@@ -183,7 +201,7 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
 
     errors = {"none": err(None)}
     with threadpool_limits(limits=1, user_api="blas"):
-        rec = init_recovery(ref, target, x_fit, rank, cfg)
+        rec = init_recovery(ref, target, x_fit, rank, cfg, scales)
         errors["init"] = err(rec)
         if cfg.closed_form_down:
             rec = refit_down(ref, target, x_fit, rec, rank, cfg)
@@ -200,7 +218,8 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
 
 def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print, group=None) -> Dict[int, Dict[str, float]]:
     """Fit every target of ``model`` (a shared Model) against ``original``'s MLPs on captured
-    inputs {target: rows}; writes the factors into ``model`` and returns the per-layer errors.
+    inputs {target: rows}; writes the factors (and any scaling vectors) into ``model`` and
+    returns the per-layer errors.
 
     Under a ``group`` of several processes, each passes the inputs of its own targets
     (``distributed.shard`` of them all); every process ends with every target's factors and the
@@ -220,7 +239,7 @@ def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress)
+        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, scales=layer.recovery.scaled)
         bar.close()
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
         report[t] = out["errors"]

@@ -11,6 +11,9 @@ captures each target's real MLP inputs on calibration text and fits the recovery
 ``--baseline`` builds the comparison models at the same targets instead of SHARP:
 direct (borrow, no recovery), mlp-prune (no MLP at the targets), layer-prune (no target
 layers at all), lowrank (the control: recovery factors with no borrowed weights).
+``--scales`` gives each SHARP target a row and a column scaling vector per borrowed weight
+besides its factors (W_t ~= diag(out) W_r diag(in) + B A); one rank's worth of parameters, so
+``--rank 63 --scales`` stores as much as ``--rank 64``.
 """
 
 import argparse
@@ -94,9 +97,11 @@ def stage_slw(args) -> dict:
     generated = args.share.strip() in ("next", "auto") or args.share.strip().startswith("next:")
     layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
     similarity = _similarity(args)
-    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent")
+    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", scales=args.scales)
     if args.baseline in ("sharp", "lowrank"):
         check_rank(args.rank, config)
+    if args.scales:
+        check_scales(args.baseline, share, args.rank, config)
     rank = args.rank
     original, tokenizer = load(args.model)
     windows = None
@@ -115,7 +120,7 @@ def stage_slw(args) -> dict:
         if args.baseline in ("mlp-prune", "lowrank"):
             share = {t: None for t in share}
         rank = 0 if args.baseline in ("direct", "mlp-prune") else rank
-        model, new_config = sharemap.share_model(original, config, share, rank)
+        model, new_config = sharemap.share_model(original, config, share, rank, args.scales)
         report = {}
         if rank and args.slw_steps >= 0 and not args.no_slw:
             # Only as many random records as the calibration needs are tokenized.
@@ -130,9 +135,9 @@ def stage_slw(args) -> dict:
             captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
             cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
             report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
-    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline))
+    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline, args.scales))
     record_rank = rank if isinstance(rank, int) else {str(t): k for t, k in rank.items()}
-    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": record_rank, "layers": {str(k): v for k, v in report.items()}}}
+    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": record_rank, "scales": args.scales, "layers": {str(k): v for k, v in report.items()}}}
 
 
 def check_rank(rank: int, config: dict) -> None:
@@ -140,6 +145,17 @@ def check_rank(rank: int, config: dict) -> None:
     top = min(config["hidden_size"], config["intermediate_size"])
     if not 1 <= rank <= top:
         raise SharpError(f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in that range (--baseline direct shares without recovery)")
+
+
+def check_scales(baseline: str, share: dict, rank: int, config: dict) -> None:
+    """Scaling vectors scale borrowed weights: SHARP targets with a reference and a rank only."""
+    if baseline != "sharp":
+        why = "borrows no weights, so there is nothing to scale" if baseline in ("lowrank", "mlp-prune", "layer-prune") else "has no recovery parameters"
+        raise SharpError(f"--scales applies to --baseline sharp; --baseline {baseline} {why}: drop --scales")
+    try:
+        SharpArgs(share=share, rank=rank, scales=True).validate(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+    except ValueError as e:
+        raise SharpError(f"--scales: {e}")
 
 
 SENSITIVITY_WINDOWS = 4
@@ -172,6 +188,8 @@ def _similarity(args):
 def stage_sft(args) -> dict:
     from .sft import SFTConfig, merge_lora, train_sft
 
+    if args.scales:
+        raise SharpError("--scales applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --scales")
     config = read_config(args.model)
     sharp = SharpArgs.from_dict(config.get("sharp"))
     if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not (args.lora_rank or 0) > 0:
@@ -213,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
     g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform", help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
     g.add_argument("--baseline", choices=BASELINES, default="sharp", help="what to build at the targets (default: %(default)s)")
+    g.add_argument("--scales", action="store_true", help="also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A (one rank's worth of parameters: --rank 63 --scales matches --rank 64)")
     g = p.add_argument_group("single layer warmup (slw)")
     g.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")
     g.add_argument("--init", choices=("zero", "svd", "asvd"), default="asvd", help="factor initialisation (default: %(default)s)")

@@ -22,13 +22,14 @@ TINY = dict(
 )
 
 
-def tiny_model(share=None, rank=0, seed=0, **overrides):
+def tiny_model(share=None, rank=0, seed=0, scales=False, **overrides):
     """A small random Llama (our model class). Recovery factors draw random numbers too, so
-    layers after the first target differ between share maps: copy weights to compare models."""
+    layers after the first target differ between share maps: copy weights to compare models.
+    ``scales``: targets also get scaling vectors (ones, drawing nothing)."""
     from sharp_mlx.model import Model, ModelArgs
 
     mx.random.seed(seed)
-    config = {**TINY, **overrides, "sharp": {"share": share or {}, "rank": rank}}
+    config = {**TINY, **overrides, "sharp": {"share": share or {}, "rank": rank, **({"scales": True} if scales else {})}}
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     return model, config

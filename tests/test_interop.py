@@ -77,9 +77,19 @@ def test_mlx_lm_generate_cli_gives_sharp_mlx_text(sharp_dirs):
     assert text and text == sharp_text(path)[1]
 
 
-@pytest.mark.parametrize("share", [{3: 2, 4: 2, 5: None}, {}])
-def test_fused_model_equals_sharp_model(tmp_path, share):
-    model, config = tiny_model(share=share, rank=4)
+def test_mlx_lm_loads_a_model_with_scaling_vectors(tmp_path):
+    model, config = tiny_model(share={3: 2, 4: 2, 5: 2}, rank=4, scales=True)
+    randomize_recovery(model)
+    out = sharp_mlx.save(tmp_path / "sharp", model, config)
+    theirs, their_config = mlx_lm_load_model(out, trust_remote_code=True)
+    assert type(theirs).__module__ == "custom_model" and their_config["sharp"]["scales"] is True
+    assert "gate_in" in theirs.model.layers[3].recovery
+    assert mx.array_equal(theirs(TOKENS), model(TOKENS))
+
+
+@pytest.mark.parametrize("share, scales", [({3: 2, 4: 2, 5: None}, False), ({}, False), ({2: 1, 4: 3, 5: 3}, True)])
+def test_fused_model_equals_sharp_model(tmp_path, share, scales):
+    model, config = tiny_model(share=share, rank=4, scales=scales)
     randomize_recovery(model)
     src = sharp_mlx.save(tmp_path / "sharp", model, config)
     assert fuse.main(["--model", str(src), "--out", str(tmp_path / "fused"), "--dtype", "float32"]) == 0
@@ -104,9 +114,9 @@ def test_fused_model_loads_in_transformers(tmp_path):
     assert np.allclose(logits, np.array(model(TOKENS)), atol=1e-4)
 
 
-@pytest.mark.parametrize("recovery_bits", [None, 8])
-def test_fuse_dequantizes_a_quantized_input(tmp_path, recovery_bits):
-    model, config = tiny_model(share={3: 2}, rank=32)
+@pytest.mark.parametrize("recovery_bits, scales", [(None, False), (8, False), (None, True), (8, True)])
+def test_fuse_dequantizes_a_quantized_input(tmp_path, recovery_bits, scales):
+    model, config = tiny_model(share={3: 2}, rank=32, scales=scales)
     randomize_recovery(model)
     src = sharp_mlx.save(tmp_path / "sharp", model, config)
     q = quantize_model_folder(src, tmp_path / "q", group_size=32, from_gguf="none", recovery_bits=recovery_bits)["out"]

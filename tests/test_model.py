@@ -18,12 +18,14 @@ TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 
 
 def randomize_recovery(model, seed=1):
-    """Give every recovery factor non-zero values, so tests see the recovery path at work."""
+    """Give every recovery factor non-zero values and every scaling vector values around one,
+    so tests see the recovery path at work."""
     mx.random.seed(seed)
     for layer in model.model.layers:
         if "recovery" in layer:
             for k, v in layer.recovery.parameters().items():
-                layer.recovery[k] = 0.05 * mx.random.normal(v.shape)
+                scaling = k.endswith(("_in", "_out"))
+                layer.recovery[k] = (1.0 if scaling else 0.0) + (0.2 if scaling else 0.05) * mx.random.normal(v.shape)
     mx.eval(model.parameters())
 
 
@@ -78,6 +80,43 @@ def test_recovery_equals_merged_weights():
     assert np.allclose(np.array(rec(x, None)), np.array(merged(x)), atol=1e-4)
 
 
+def test_scaling_vectors_at_one_equal_the_plain_model():
+    """Fresh scaling vectors (ones) change nothing, whatever the factors."""
+    share = {3: 2, 4: 2, 5: 2}
+    plain, _ = tiny_model(share=share, rank=4)
+    randomize_recovery(plain)
+    scaled, config = tiny_model(share=share, rank=4, scales=True)
+    assert config["sharp"]["scales"] is True
+    names = {k for k, _ in tree_flatten(scaled.parameters())} - set(base_weights(plain))
+    assert names == {f"model.layers.{t}.recovery.{p}_{s}" for t in share for p in ("gate", "up", "down") for s in ("in", "out")}
+    assert all(mx.array_equal(v, mx.ones_like(v)) for k, v in tree_flatten(scaled.parameters()) if k in names)
+    scaled.load_weights(list(base_weights(plain).items()), strict=False)
+    assert mx.array_equal(scaled(TOKENS), plain(TOKENS))
+
+
+def test_scaled_recovery_equals_dense_weights():
+    """mlp.p_proj(x * p_in) * p_out + delta is the MLP with weights diag(out) W diag(in) + (B A)^T."""
+    dim, hidden, rank = 16, 24, 4
+    args = llama.ModelArgs.from_dict({**TINY, "hidden_size": dim, "intermediate_size": hidden})
+    mx.random.seed(0)
+    mlp = llama.MLP(args)
+    rec = Recovery(dim, hidden, rank, scales=True)
+    for k, v in rec.parameters().items():
+        rec[k] = (1.0 + 0.5 * mx.random.normal(v.shape)) if k.endswith(("_in", "_out")) else mx.random.normal(v.shape)
+    dense = llama.MLP(args)
+    for p in ("gate", "up", "down"):
+        w = np.array(getattr(mlp, f"{p}_proj").weight)  # (out, in)
+        scaled = np.diag(np.array(rec[f"{p}_out"])) @ w @ np.diag(np.array(rec[f"{p}_in"]))
+        getattr(dense, f"{p}_proj").weight = mx.array(scaled + (np.array(rec[f"{p}_a"]) @ np.array(rec[f"{p}_b"])).T)
+    x = mx.random.normal((2, 5, dim))
+    got = np.array(rec(x, mlp))
+    assert np.allclose(got, np.array(dense(x)), atol=1e-4)
+    # ... and the vectors matter: with them back at one the output is another one.
+    plain = Recovery(dim, hidden, rank)
+    plain.update({k: v for k, v in rec.parameters().items() if not k.endswith(("_in", "_out"))})
+    assert not np.allclose(got, np.array(plain(x, mlp)), atol=1e-2)
+
+
 @pytest.mark.parametrize("share", [{}, {3: 2, 5: 4}, {2: 1, 3: 1, 4: 1}])
 def test_kv_cache_decode_equals_full_forward(share):
     model, _ = tiny_model(share=share, rank=4)
@@ -105,9 +144,10 @@ def test_shared_weight_stored_once(tmp_path):
     assert len(recovery) == 6 * len(share)
 
 
-@pytest.mark.parametrize("sharp", [{"share": {}, "rank": 0}, {"share": {3: 2, 5: 4}, "rank": 4}, {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}}])
+@pytest.mark.parametrize("sharp", [{"share": {}, "rank": 0}, {"share": {3: 2, 5: 4}, "rank": 4}, {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}},
+                                   {"share": {3: 2, 4: 2, 5: 2}, "rank": {3: 2, 4: 3, 5: 1}, "scales": True}])
 def test_save_load_round_trip_is_exact(tmp_path, sharp):
-    model, config = tiny_model(share=sharp["share"], rank=sharp["rank"])
+    model, config = tiny_model(share=sharp["share"], rank=sharp["rank"], scales=sharp.get("scales", False))
     randomize_recovery(model)
     sharp_mlx.save(tmp_path / "m", model, config)
     loaded, saved_config = sharp_mlx.checkpoint.load_model(tmp_path / "m")
@@ -119,6 +159,7 @@ def test_save_load_round_trip_is_exact(tmp_path, sharp):
     if sharp["share"]:
         assert SharpArgs.from_dict(on_disk["sharp"]) == SharpArgs.from_dict(sharp)
         assert on_disk["model_file"] == "sharp_model.py"
+        assert ("scales" in on_disk["sharp"]) == ("scales" in sharp)  # old configs stay as they were
     else:
         assert "sharp" not in on_disk and "model_file" not in on_disk
 
@@ -154,8 +195,19 @@ def test_share_map_validation(share, rank, message):
         ModelArgs.from_dict({**TINY, "sharp": {"share": share, "rank": rank}})
 
 
-def test_quantize_keeps_sharing_and_float_recovery():
-    model, _ = tiny_model(share={3: 2, 4: 2}, rank=4)
+def test_scales_need_a_reference_and_a_rank():
+    ok = ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 5: 4}, "rank": 4, "scales": True}})
+    assert ok.sharp_args.scales and ok.sharp_args.to_dict()["scales"] is True
+    assert "scales" not in SharpArgs(share={3: 2}, rank=4).to_dict()
+    with pytest.raises(ValueError, match="target 4 borrows none"):
+        ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 4: None}, "rank": 4, "scales": True}})
+    with pytest.raises(ValueError, match="target 3 has rank 0"):
+        ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 4: 2}, "rank": {3: 0, 4: 2}, "scales": True}})
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_quantize_keeps_sharing_and_float_recovery(scales):
+    model, _ = tiny_model(share={3: 2, 4: 2}, rank=4, scales=scales)
     nn.quantize(model, group_size=32, bits=4)
     flat = dict(tree_flatten(model.parameters()))
     assert "model.layers.2.mlp.gate_proj.scales" in flat

@@ -51,18 +51,19 @@ def test_quantized_folder_stores_shared_mlp_once_and_recovery_in_float16(shared_
     assert r["bytes_after"] < 0.5 * r["bytes_before"]
 
 
-@pytest.mark.parametrize("share", [{}, SHARE])
-def test_quantized_round_trip_is_exact_and_close_to_float(tmp_path, share):
-    model, config = tiny_model(share=share, rank=4)
+@pytest.mark.parametrize("share, scales", [({}, False), (SHARE, False), (SHARE, True)])
+def test_quantized_round_trip_is_exact_and_close_to_float(tmp_path, share, scales):
+    model, config = tiny_model(share=share, rank=4, scales=scales)
     randomize_recovery(model)
     reference = model(TOKENS)
     errors = {}
     for bits in (8, 4):
-        model, _ = tiny_model(share=share, rank=4)
+        model, _ = tiny_model(share=share, rank=4, scales=scales)
         randomize_recovery(model)
         q, q_config = quantize(model, config, bits=bits, group_size=32)
         out = sharp_mlx.save(tmp_path / f"q{bits}", q, q_config)
-        loaded, _ = load_model(out)
+        loaded, loaded_config = load_model(out)
+        assert loaded_config["sharp"].get("scales", False) == scales if share else "sharp" not in loaded_config
         assert mx.array_equal(loaded(TOKENS), q(TOKENS))
         errors[bits] = mx.abs(q(TOKENS) - reference).mean().item() / mx.abs(reference).mean().item()
     assert 0 < errors[8] < 0.03 and errors[8] < errors[4] < 0.5, errors
@@ -111,22 +112,28 @@ def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_di
     assert np.abs(np.array(dequantized(q, "model.layers.28.mlp.up_proj")) - np.array(original.model.layers[28].mlp.up_proj.weight)).max() < 1e-3
 
 
-def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path):
+@pytest.mark.parametrize("scales", [False, True])
+def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    from sharp_mlx.model import QuantizedRecovery
+    from sharp_mlx.model import QuantizedRecovery, vectors
     from sharp_mlx.quantize import dequantized as float_copy
 
-    model, config = tiny_model(share=SHARE, rank=32)
+    model, config = tiny_model(share=SHARE, rank=32, scales=scales)
     randomize_recovery(model)
     reference = model(TOKENS)
+    before = {k: model.model.layers[3].recovery[k] for k in vectors(scales)}
     q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4)
     assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": 32, "bits": 8, "mode": "affine"}
     assert q_config["quantization"]["model.embed_tokens"]["bits"] == 4
     assert isinstance(q.model.layers[3].recovery, QuantizedRecovery) and not q.model.layers[3].recovery.trainable_parameters()
     out = sharp_mlx.save(tmp_path / "q", q, q_config)
     saved = mx.load(str(out / "model.safetensors"))
-    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == {f"{p}_{f}{s}" for p in ("gate", "up", "down") for f in "ab" for s in ("", "_scales", "_biases")}
+    codes = {f"{p}_{f}{s}" for p in ("gate", "up", "down") for f in "ab" for s in ("", "_scales", "_biases")}
+    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == codes | set(vectors(scales))
+    for k in vectors(scales):  # the vectors stay float, as they were
+        assert saved[f"model.layers.3.recovery.{k}"].dtype == mx.float32
+        assert mx.array_equal(saved[f"model.layers.3.recovery.{k}"], before[k])
     logits = q(TOKENS)
     ours, _ = load_model(out)
     theirs, _ = mlx_lm_load_model(out, trust_remote_code=True)

@@ -19,11 +19,11 @@ SHARE = {3: 2, 5: 4}
 RANK = 4
 
 
-def shared(original, share=SHARE, rank=RANK, seed=1):
+def shared(original, share=SHARE, rank=RANK, seed=1, scales=False):
     """A shared model holding the original's weights (fresh zero-B recovery on the targets)."""
     original, original_config = original
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict({**original_config, "sharp": {"share": share, "rank": rank}}))
+    model = Model(ModelArgs.from_dict({**original_config, "sharp": {"share": share, "rank": rank, "scales": scales}}))
     weights = [(k, v) for k, v in tree_flatten(original.parameters())
                if not any(k.startswith(f"model.layers.{t}.mlp.") for t in share)]
     model.load_weights(weights, strict=False)
@@ -62,16 +62,21 @@ def grads(model, cfg, start, teacher=None, seed=0):
     return loss, dict(tree_flatten(g))
 
 
-def test_trains_only_recovery(original, tokens, tmp_path):
-    model = shared(original)
+@pytest.mark.parametrize("scales", [False, True])
+def test_trains_only_recovery(original, tokens, tmp_path, scales):
+    model = shared(original, scales=scales)
     assert sft.prepare(model, config()) == 3
-    per_target = 3 * (64 + 96) * RANK  # gate, up: (64, r) + (r, 96); down: (96, r) + (r, 64)
+    # gate, up: (64, r) + (r, 96); down: (96, r) + (r, 64); scaling vectors: in + out, one rank's worth
+    per_target = 3 * (64 + 96) * (RANK + scales)
     assert sft.trainable_count(model) == per_target * len(SHARE)
+    assert sum(k.endswith(("_in", "_out")) for k, _ in tree_flatten(model.trainable_parameters())) == (6 * len(SHARE) if scales else 0)
+    model, messages = shared(original, scales=scales), []
     before = flat(model)
-    summary = train_sft(model, *tokens, config(), tmp_path, log=lambda s: None)
+    summary = train_sft(model, *tokens, config(), tmp_path, log=messages.append)
+    assert messages[0] == f"trainable parameters: {per_target * len(SHARE):,} (blocks 3..5)"
     after = flat(model)
     for name, value in before.items():
-        if ".recovery." in name:  # A moves too, once B is no longer zero
+        if ".recovery." in name:  # A moves too, once B is no longer zero; so do the vectors
             assert not mx.array_equal(value, after[name]).item(), name
         else:
             assert mx.array_equal(value, after[name]), name

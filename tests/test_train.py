@@ -66,3 +66,27 @@ def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
     assert json.loads((tmp_path / "any" / "config.json").read_text())["sharp"]["share"] == {"2": 0, "3": 0}
     assert train.main(auto + ["--out", str(tmp_path / "adj")]) == 0
     assert all(t - r == 1 for t, r in ((int(t), r) for t, r in json.loads((tmp_path / "adj" / "config.json").read_text())["sharp"]["share"].items()))
+
+
+def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tmp_path, capsys):
+    import json
+
+    from sharp_mlx import load
+    from tiny_folder import write_text_data, write_tiny_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = write_text_data(tmp_path / "train.jsonl")
+    common = ["--stage", "slw", "--model", str(orig), "--data", str(data), "--seq-len", "32", "--tokens", "256", "--slw-steps", "2", "--rank", "4", "--scales"]
+    assert train.main(common + ["--share", '{"3": 2, "5": 4}', "--out", str(tmp_path / "s")]) == 0
+    assert "2 of 6 MLPs shared with scaling vectors" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {"share": {"3": 2, "5": 4}, "rank": 4, "scales": True}
+    record = json.loads((tmp_path / "s" / "training.json").read_text())[-1]
+    assert record["scales"] is True and set(record["layers"]) == {"3", "5"}
+    assert "gate_in" in load(tmp_path / "s")[0].model.layers[5].recovery
+    for extra, needle in ((["--share", '{"3": 2, "5": null}'], "target 5 borrows none"), (["--share", '{"3": 2}', "--baseline", "lowrank"], "--baseline lowrank borrows no weights")):
+        assert train.main(common + extra + ["--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--scales" in err[0] and needle in err[0], err
+    assert not (tmp_path / "bad").exists()
+    assert train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
+    assert "--scales applies to --stage slw" in capsys.readouterr().err
