@@ -52,22 +52,35 @@ train models/exp-50-sharp "${sft[@]}" --model models/exp-50-sharp-slw --teacher 
 # 6. More SFT tokens: the pipeline's SFT from its SLW checkpoint, 80 steps (40k tokens, 2x) instead of 40.
 train models/exp-sharp-sft80 "${sft[@]}" --steps 80 --model models/smollm2-135m-instruct-sharp-slw --teacher "$orig" --run-dir runs/exp-sharp-sft80
 
-# Not run yet (out of time in the session that measured the rest; each is 20-35 min on 2 busy cores):
-# the control at the ~50% targets, the ~65% setting (next:3 over 1:29 at rank 32: references 1, 5, ..., 25
-# each serve the three layers after them, 21 targets, layer 29 kept: stored MLP -64.7% recovery
-# included, all params -38.3%; next:2 cannot reach 65% at rank 64 without sharing layer 29, 0:29 gives
-# -53.7%), and 3x the SFT tokens (120 steps). Uncomment to run them.
+# 7. The ~65% setting: next:3 over 1:29 at rank 32: references 1, 5, ..., 25 each serve the three
+#    layers after them, 21 targets, layer 29 kept: stored MLP -64.7% recovery included, all params
+#    -38.3% (next:2 cannot reach 65% at rank 64 without sharing layer 29; 0:29 gives -53.7%).
+train models/exp-65-sharp-slw "${slw[@]}" --share next:3 --layers 1:29 --rank 32
+train models/exp-65-sharp "${sft[@]}" --model models/exp-65-sharp-slw --teacher "$orig" --run-dir runs/exp-65-sharp
+
+# 8. Rank allocation: the default targets and total rank (9 x 64), split by how much the loss on
+#    calibration text rises when each target's MLP alone is removed.
+train models/exp-rankalloc-slw "${slw[@]}" --share next --layers 11:29 --rank 64 --rank-allocation sensitivity
+train models/exp-rankalloc "${sft[@]}" --model models/exp-rankalloc-slw --teacher "$orig" --run-dir runs/exp-rankalloc
+
+# 9. Reference choice: `auto` at the default cut (25%) over every layer, references anywhere earlier
+#    (the all-pairs analysis: python -m sharp_mlx.analyze --all-pairs --tokens 1280 --out runs/analyze-all).
+[ -f runs/analyze-all/analysis.json ] || python -m sharp_mlx.analyze --all-pairs --tokens 1280 --seq-len 256 --out runs/analyze-all
+train models/exp-auto-any-slw "${slw[@]}" --share auto --cut 0.25 --layers 0:30 --references any --analysis runs/analyze-all/analysis.json --rank 64
+train models/exp-auto-any "${sft[@]}" --model models/exp-auto-any-slw --teacher "$orig" --run-dir runs/exp-auto-any
+
+# Not run (time; each is 20-35 min on 2 busy cores): the control at the ~50% targets and 3x the SFT
+# tokens (120 steps). Uncomment to run them.
 # train models/exp-50-lowrank-slw "${slw[@]}" --share next:2 --layers 2:29 --rank 64 --baseline lowrank
 # train models/exp-50-lowrank "${sft[@]}" --model models/exp-50-lowrank-slw --teacher "$orig" --run-dir runs/exp-50-lowrank
-# train models/exp-65-sharp-slw "${slw[@]}" --share next:3 --layers 1:29 --rank 32
-# train models/exp-65-sharp "${sft[@]}" --model models/exp-65-sharp-slw --teacher "$orig" --run-dir runs/exp-65-sharp
 # train models/exp-sharp-sft120 "${sft[@]}" --steps 120 --model models/smollm2-135m-instruct-sharp-slw --teacher "$orig" --run-dir runs/exp-sharp-sft120
 
 # Evaluate everything that exists (a step above may have failed), as everywhere: 8 windows of 256.
 models=("$orig" models/smollm2-135m-instruct-sharp-slw models/smollm2-135m-instruct-sharp models/exp-sharp-sft-ce
     models/exp-sftonly-init models/exp-sftonly models/baseline-lowrank-sft models/baseline-mlp-prune models/exp-mlp-prune-lora-sft
     models/exp-layer-prune models/exp-layer-prune-lora-sft models/exp-50-sharp-slw models/exp-50-sharp models/exp-sharp-sft80 models/exp-50-lowrank-slw
-    models/exp-50-lowrank models/exp-65-sharp-slw models/exp-65-sharp models/exp-sharp-sft120)
+    models/exp-50-lowrank models/exp-65-sharp-slw models/exp-65-sharp models/exp-sharp-sft120
+    models/exp-rankalloc-slw models/exp-rankalloc models/exp-auto-any-slw models/exp-auto-any)
 present=(); for m in "${models[@]}"; do [ -d "$m" ] && present+=("$m"); done
 mkdir -p runs/exp-recovery-levers
 python -m sharp_mlx.evaluate --model "${present[@]}" --data data/*/test.jsonl --seq-len 256 --max-windows 8 --json \
