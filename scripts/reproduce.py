@@ -387,7 +387,7 @@ def write_report(res: dict, out: Path) -> None:
     s = []
     s.append("# SHARP on SmolLM2-135M: results\n")
     s.append(f"Made by `{res['command']}` on {res['date']} in {res['wall_s'] / 60:.0f} min on {res['machine']}. "
-             f"Every number below comes from that run; `runs/{res['tag']}/results.json` holds them all.\n")
+             f"Every number below comes from that run; `{out.with_suffix('.json').name}` beside this file holds them all.\n")
     s.append("Budgets of this run: " + ", ".join(f"{k} {v_}" for k, v_ in b.items()) + ". "
              "SLW = Single Layer Warmup (`--slw-steps` Adam steps per layer after the activation-aware SVD init and the "
              "closed-form down-projection fit); SFT = end-to-end fine-tuning of the recovery factors, distilled from the "
@@ -598,6 +598,8 @@ def main(argv=None) -> int:
     res["verdict"] = verdict(v, timing, names)
     res["wall_s"] = time.perf_counter() - tic
     (runs / "results.json").write_text(json.dumps(res, indent=1))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.with_suffix(".json").write_text(json.dumps(res, indent=1))
     plots(v, fig_paths(report), analysis_dir / "similarity.png")
     write_report(res, report)
     log(f"wrote {report} in {res['wall_s'] / 60:.1f} min")
