@@ -1,7 +1,8 @@
 """Reproduce SHARP's tables and ablations on the embedded SmolLM2-135M, from scratch, in one run.
 
-    python scripts/reproduce.py --quick    # small budgets, about 30 minutes on 2 CPU cores
-    python scripts/reproduce.py            # the main job's budgets for every variant (hours)
+    python scripts/reproduce.py --quick    # small budgets: 89 min on 2 CPU cores shared with other jobs
+    python scripts/reproduce.py            # the main job's budgets for every variant: an estimated
+                                           # 10-12 hours on 2 CPU cores (not run yet)
 
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
@@ -507,7 +508,7 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small budgets (about 30 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small budgets (89 min on 2 busy CPU cores)")
     p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md)")
     p.add_argument("--force", action="store_true", help="redo every step")
     return p
