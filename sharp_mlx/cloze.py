@@ -40,10 +40,9 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
-from .checkpoint import load, load_model
 from .data import DataError, load_records
 from .errors import ArgumentParser, SharpError, cli
-from .quantize import dequantized
+from .evaluate import over_models
 
 MIN_WORDS, MAX_WORDS = 4, 40
 # End of a sentence: . ! ? (and closing quotes/brackets) before whitespace, or a newline.
@@ -197,19 +196,10 @@ def pooled(per_file: Dict[str, Dict[str, float]]) -> Dict[str, float]:
 
 def evaluate(models: List[Path], files: List[Path], n_items: int = 10, choices: int = 4, context_tokens: int = 64, seed: int = 0, float_weights: bool = False, batch_items: int = 1) -> Results:
     """{model: {file: {"accuracy", "n", "stderr"}}}; items are built once, with the first
-    model's tokenizer. ``float_weights``: see ``sharp_mlx.evaluate.evaluate``."""
-    results, items = {}, None
-    for path in models:
-        if items is None:
-            model, tokenizer = load(path)
-            items = {f: build_items(f, tokenizer, n_items, choices, context_tokens, seed) for f in files}
-        else:
-            model = load_model(path)[0]
-        if float_weights:
-            dequantized(model)
-        results[str(path)] = {str(f): score(model, items[f], batch_items, desc=f"{f} on {path.name}") for f in files}
-        del model
-    return results
+    model's tokenizer. ``float_weights``: see ``sharp_mlx.evaluate.over_models``."""
+    prepare = lambda tok: {f: build_items(f, tok, n_items, choices, context_tokens, seed) for f in files}  # noqa: E731
+    return {str(path): {str(f): score(model, items[f], batch_items, desc=f"{f} on {path.name}") for f in files}
+            for path, model, items in over_models(models, prepare, float_weights)}
 
 
 def _labels(files: Sequence[str]) -> List[str]:

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,23 +45,27 @@ def perplexity(model, tokens: Sequence[int], seq_len: int = 512, batch_size: int
     return {"ppl": math.exp(total / scored), "tokens": scored}
 
 
-def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None, float_weights: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{model: {file: {"ppl", "tokens"}}}; files are tokenized once, with the first model's tokenizer.
-
-    ``float_weights``: score quantized models with their weights' float values
-    (``quantize.dequantized``: the same function; MLX's CPU quantized matmul is ~25x slower)."""
-    results, streams = {}, None
+def over_models(models: List[Path], prepare: Callable, float_weights: bool = False) -> Iterator[Tuple[Path, object, object]]:
+    """(path, model, inputs) for each model folder in turn; ``inputs = prepare(tokenizer)`` runs
+    once, with the first model's tokenizer. ``float_weights``: quantized models run with their
+    weights' float values (``quantize.dequantized``: the same function; MLX's CPU quantized
+    matmul is ~25x slower for many-token batches)."""
+    inputs = None
     for path in models:
-        if streams is None:
+        if inputs is None:
             model, tokenizer = load(path)
-            streams = {f: load_tokens(f, tokenizer)[0] for f in files}
+            inputs = prepare(tokenizer)
         else:
             model = load_model(path)[0]
         if float_weights:
             dequantized(model)
-        results[str(path)] = {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}") for f in files}
-        del model
-    return results
+        yield Path(path), model, inputs
+
+
+def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None, float_weights: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{model: {file: {"ppl", "tokens"}}}; files are tokenized once (see ``over_models``)."""
+    return {str(path): {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}") for f in files}
+            for path, model, streams in over_models(models, lambda tok: {f: load_tokens(f, tok)[0] for f in files}, float_weights)}
 
 
 def markdown_table(results: Dict[str, Dict[str, Dict[str, float]]], seq_len: int) -> str:
