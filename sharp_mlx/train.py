@@ -98,15 +98,18 @@ def stage_slw(args) -> dict:
     layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
     similarity = _similarity(args)
     share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", scales=args.scales)
-    if args.baseline in ("sharp", "lowrank"):
+    recovered = args.baseline in ("sharp", "lowrank")  # builds recovery factors
+    if recovered:
         check_rank(args.rank, config)
     if args.scales:
         check_scales(args.baseline, share, args.rank, config)
     rank = args.rank
     original, tokenizer = load(args.model)
     windows = None
-    if args.rank_allocation == "sensitivity" and args.baseline in ("sharp", "lowrank"):
+    if recovered and (args.rank_allocation == "sensitivity" or (args.slw_steps >= 0 and not args.no_slw)):
+        # Only as many random records as the calibration needs are tokenized.
         windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
+    if recovered and args.rank_allocation == "sensitivity":
         damage = sensitivity(original, config, share, windows[:SENSITIVITY_WINDOWS])
         rank = sharemap.allocate_ranks(damage, args.rank * len(share), step=min(16, args.rank))  # the same total rank, spread by damage
         say(distributed.group(), "loss increase without each target's MLP: " + ", ".join(f"{t}: {d:+.3f}" for t, d in damage.items()))
@@ -122,10 +125,7 @@ def stage_slw(args) -> dict:
         rank = 0 if args.baseline in ("direct", "mlp-prune") else rank
         model, new_config = sharemap.share_model(original, config, share, rank, args.scales)
         report = {}
-        if rank and args.slw_steps >= 0 and not args.no_slw:
-            # Only as many random records as the calibration needs are tokenized.
-            if windows is None:
-                windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
+        if recovered and args.slw_steps >= 0 and not args.no_slw:
             # Under mlx.launch each process captures and fits its own targets (same seeds).
             group = distributed.group()
             mine = distributed.shard(sorted(share), group)
@@ -136,8 +136,7 @@ def stage_slw(args) -> dict:
             cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
             report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
     say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline, args.scales))
-    record_rank = rank if isinstance(rank, int) else {str(t): k for t, k in rank.items()}
-    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": record_rank, "scales": args.scales, "layers": {str(k): v for k, v in report.items()}}}
+    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": SharpArgs(rank=rank).to_dict()["rank"], "scales": args.scales, "layers": {str(k): v for k, v in report.items()}}}
 
 
 def check_rank(rank: int, config: dict) -> None:
