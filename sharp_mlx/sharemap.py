@@ -191,8 +191,8 @@ def allocate_ranks(weights: Dict[int, float], total: int, step: int = 16) -> Dic
     return {t: k * step for t, k in sorted(alloc.items())}
 
 
-def _param_counts(config: dict) -> Tuple[ModelArgs, int, int]:
-    """(args, parameters of one MLP, parameters of everything but the MLPs) of a Llama config."""
+def _param_counts(config: dict) -> Tuple[ModelArgs, int, int, int]:
+    """(args, parameters of one MLP, of everything but the MLPs, of one layer but its MLP) of a Llama config."""
     args = ModelArgs.from_dict({**config, "sharp": None})
     h, m, n_layers = args.hidden_size, args.intermediate_size, args.num_hidden_layers
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
@@ -202,14 +202,14 @@ def _param_counts(config: dict) -> Tuple[ModelArgs, int, int]:
     if args.attention_bias:
         attention += (heads + 2 * kv_heads) * head_dim + h
     embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    rest = embeddings + h + n_layers * (attention + 2 * h)  # + final norm, two norms a layer
-    return args, mlp, rest
+    layer = attention + 2 * h  # two norms a layer
+    return args, mlp, embeddings + h + n_layers * layer, layer  # + final norm
 
 
 def savings(config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> dict:
     """Exact parameter counts of sharing ``share`` at ``rank`` (with scaling vectors, if
     ``scales``: in + out per projection, one rank's worth) in the model of ``config``."""
-    args, mlp, rest = _param_counts(config)
+    args, mlp, rest, _ = _param_counts(config)
     sharp = SharpArgs(share=dict(share), rank=rank, scales=scales)
     try:
         sharp.validate(args.num_hidden_layers, args.hidden_size, args.intermediate_size)
@@ -237,10 +237,7 @@ def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sha
     """What building ``baseline`` (sharp, direct, lowrank, mlp-prune, layer-prune) at the targets of ``share`` saves."""
     s = savings(config, share, rank, scales)
     if baseline == "layer-prune":
-        args = _param_counts(config)[0]
-        head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        attention = 2 * args.hidden_size * args.num_attention_heads * head_dim + 2 * args.hidden_size * args.num_key_value_heads * head_dim
-        removed = s["targets"] * (attention + 2 * args.hidden_size) + s["mlp_params"] - s["mlp_params_stored"]
+        removed = s["targets"] * _param_counts(config)[3] + s["mlp_params"] - s["mlp_params_stored"]
         return f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params -{removed / s['params_before']:.1%}"
     what = {"mlp-prune": "MLPs removed (no MLP at the targets)", "direct": "MLPs shared, no recovery",
             "lowrank": "MLPs replaced by low-rank factors, nothing borrowed"}.get(baseline, "MLPs shared with scaling vectors" if scales else "MLPs shared")
