@@ -33,6 +33,7 @@ from sharp_mlx import analyze, bench, evaluate, quantize, sharemap, train  # noq
 from sharp_mlx.checkpoint import read_config  # noqa: E402
 from sharp_mlx.convert import ensure_default_model  # noqa: E402
 from sharp_mlx.errors import ArgumentParser, SharpError, cli  # noqa: E402
+from sharp_mlx.model import SharpArgs  # noqa: E402
 from sharp_mlx.pipeline import ensure_data  # noqa: E402
 
 DOMAINS = train.DOMAINS
@@ -117,10 +118,6 @@ class Steps:
 
     def quantize(self, name: str, src: Path, *argv) -> Path:
         return self._run(name, quantize.main, ["--model", src, *argv])
-
-    def history(self, path: Path) -> List[dict]:
-        f = path / "training.json"
-        return json.loads(f.read_text()) if f.exists() else []
 
 
 def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
@@ -226,35 +223,49 @@ CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # 
 
 
 def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
-    """Perplexity and the multiple-choice check of every variant, cached per model in runs/."""
+    """Perplexity and the multiple-choice check of every model folder once (a folder several
+    variants share is measured once), cached per folder in runs/; the test text is tokenized and
+    the items are built once for the whole run."""
     from sharp_mlx import cloze
+    from sharp_mlx.data import load_tokens
 
     tests = [ROOT / "data" / d / "test.jsonl" for d in DOMAINS]
     cache = runs / "eval"
     cache.mkdir(parents=True, exist_ok=True)
-    seen: Dict[str, dict] = {}
+    names: Dict[str, List[str]] = {}  # folder -> the variants that are it
     for name, info in v.items():
-        path = Path(info["path"])
-        f = cache / f"{name}.json"
-        if info["path"] in seen:
-            info.update(seen[info["path"]])
-            continue
-        cached = json.loads(f.read_text()) if f.exists() and f.stat().st_mtime > (path / "config.json").stat().st_mtime else None
-        if cached and (cached["cloze"] or info["group"] not in CLOZE_GROUPS):
-            info.update(cached)
+        names.setdefault(info["path"], []).append(name)
+    wants_cloze = {path: any(v[n]["group"] in CLOZE_GROUPS for n in ns) for path, ns in names.items()}
+
+    def record(path: str, out: dict) -> None:
+        for n in names[path]:
+            v[n].update(out)
+
+    todo = []
+    for path, ns in names.items():
+        f = cache / f"{ns[0]}.json"
+        fresh = f.exists() and f.stat().st_mtime > (Path(path) / "config.json").stat().st_mtime
+        out = json.loads(f.read_text()) if fresh else None
+        if out is None or (wants_cloze[path] and not out["cloze"]):
+            todo.append(Path(path))
         else:
-            log(f"[eval] {name}")
-            ppl = evaluate.evaluate([path], tests, seq_len=b.eval_seq, max_windows=b.eval_windows, float_weights=True)[str(path)]
-            mc = cloze.evaluate([path], tests, n_items=b.cloze_items, float_weights=True)[str(path)] if info["group"] in CLOZE_GROUPS else {}
-            out = {"ppl": {Path(t).parent.name: r["ppl"] for t, r in ppl.items()},
-                   "cloze": {Path(t).parent.name: r for t, r in mc.items()},
-                   "params": header_params(path) if "quantization" not in read_config(path) else None,
-                   "bytes": quantize.folder_bytes(path)}
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out))
-            tmp.replace(f)
-            info.update(out)
-        seen[info["path"]] = {k: info[k] for k in ("ppl", "cloze", "params", "bytes")}
+            record(path, out)
+
+    def prepare(tokenizer):
+        return {f: load_tokens(f, tokenizer)[0] for f in tests}, {f: cloze.build_items(f, tokenizer, b.cloze_items) for f in tests}
+
+    for path, model, (streams, items) in evaluate.over_models(todo, prepare, float_weights=True):
+        key = str(path)
+        log(f"[eval] {names[key][0]}")
+        out = {"ppl": {f.parent.name: evaluate.perplexity(model, streams[f], b.eval_seq, max_windows=b.eval_windows, desc=f"{f} on {path.name}")["ppl"] for f in tests},
+               "cloze": {f.parent.name: cloze.score(model, items[f], desc=f"{f} on {path.name}") for f in tests} if wants_cloze[key] else {},
+               "params": header_params(path) if "quantization" not in read_config(path) else None,
+               "bytes": quantize.folder_bytes(path)}
+        f = cache / f"{names[key][0]}.json"
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(f)
+        record(key, out)
 
 
 def geo(ratios: List[float]) -> float:
@@ -270,14 +281,10 @@ def summarise(v: Dict[str, dict], original_config: dict) -> None:
             acc = [info["cloze"][d]["accuracy"] for d in DOMAINS]
             info["cloze_all"] = sum(acc) / len(acc)
         cfg = read_config(info["path"])
-        share = {int(t): r for t, r in ((cfg.get("sharp") or {}).get("share") or {}).items()}
-        if share:
-            rank = cfg["sharp"].get("rank", 0)
-            rank = {int(t): k for t, k in rank.items()} if isinstance(rank, dict) else rank
-            sv = sharemap.savings(original_config, share, rank)
-            info["targets"], info["mlp_cut"] = len(share), sv["mlp_cut"]
-            if all(r is None for r in share.values()) and not rank:
-                info["mlp_cut"] = sv["mlp_unstored"]  # pruned MLPs: nothing stored for them
+        sharp = SharpArgs.from_dict(cfg.get("sharp"))
+        if sharp.share:
+            info["targets"] = len(sharp.share)
+            info["mlp_cut"] = sharemap.savings(original_config, sharp.share, sharp.rank, sharp.scales)["mlp_cut"]
         elif cfg.get("num_hidden_layers") != original_config["num_hidden_layers"]:
             info["targets"] = original_config["num_hidden_layers"] - cfg["num_hidden_layers"]
 
