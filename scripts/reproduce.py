@@ -39,7 +39,6 @@ from sharp_mlx.pipeline import ensure_data  # noqa: E402
 DOMAINS = train.DOMAINS
 DEFAULT = ["--share", "next", "--layers", "1:29", "--rank", "64"]  # 14 targets 2, 4, ..., 28
 AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 targets, one reference per three
-LATE = ["--share", "next", "--layers", "19:29"]  # 5 targets 20, 22, ..., 28: where the ablations vary one thing
 
 
 @dataclass
@@ -55,12 +54,31 @@ class Budget:
     cloze_items: int  # per domain
     analyze_tokens: int
     bench_reps: int
+    sft_valid_windows: int  # SFT's own validation windows (its loss curve), not the report's test
+    ablation_targets: int  # targets each ablation moves or varies (every other layer)
+    scales_full: bool  # the parameterization ablation on the default targets through SLW + SFT (else: the ablation targets, SLW only)
+    cloze: Optional[List[str]] = None  # the variants given the next-sentence check (None: every one in CLOZE_GROUPS)
 
 
-QUICK = Budget(slw_tokens=2048, slw_steps=10, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
-               eval_windows=2, eval_seq=256, cloze_items=5, analyze_tokens=1024, bench_reps=2)
+QUICK = Budget(slw_tokens=1024, slw_steps=10, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
+               eval_windows=1, eval_seq=256, cloze_items=4, analyze_tokens=1024, bench_reps=2,
+               sft_valid_windows=1, ablation_targets=3, scales_full=False,
+               cloze=["original", "direct", "sharp", "control", "mlp-prune-ft", "layer-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"])
 FULL = Budget(slw_tokens=16384, slw_steps=50, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
-              eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3)
+              eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3,
+              sft_valid_windows=4, ablation_targets=5, scales_full=True)
+
+
+def span(k: int, where: str) -> str:
+    """--layers of ``k`` targets (every other layer, each borrowing the one before) early, in the
+    middle or late in the 30-layer stack."""
+    start = {"early": 1, "middle": 15 - k, "late": 29 - 2 * k}[where]
+    return f"{start}:{start + 2 * k}"
+
+
+def span_targets(layers: str) -> List[int]:
+    a, b = map(int, layers.split(":"))
+    return list(range(a + 1, b, 2))
 
 
 def header_params(folder: Path) -> int:
@@ -113,7 +131,7 @@ class Steps:
         b = self.b
         return self._run(name, train.main, ["--stage", "sft", "--model", src, "--teacher", self.original, "--steps", b.sft_steps,
                                             "--batch-size", b.sft_batch, "--seq-len", b.sft_seq, "--eval-every", b.sft_steps,
-                                            "--save-every", b.sft_steps, "--eval-windows", 4, "--max-train-tokens", b.sft_tokens,
+                                            "--save-every", b.sft_steps, "--eval-windows", b.sft_valid_windows, "--max-train-tokens", b.sft_tokens,
                                             "--run-dir", self.runs / "sft" / name, *argv])
 
     def quantize(self, name: str, src: Path, *argv) -> Path:
@@ -173,14 +191,20 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     if not quick:  # --quick: time
         add("sharp-chat-only", s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat), "cross", "SHARP, SLW and SFT on chat only")
 
-    # Ablations, after SLW (no SFT). The position ablation moves 5 targets along the stack; the
-    # others vary one thing on the late 5 (20, 22, ..., 28 <- the layer before, rank 64).
-    for name, layers, label in (("early", "1:11", "targets 2, 4, ..., 10"), ("middle", "10:20", "targets 11, 13, ..., 19"), ("late", "19:29", "targets 20, 22, ..., 28")):
-        add(f"pos-{name}", s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64), "position", f"{name}: {label}")
+    # Ablations, after SLW (no SFT). The position ablation moves the ablation targets along the
+    # stack; the others vary one thing on the late ones (each <- the layer before, rank 64).
+    k_ab = s.b.ablation_targets
+    for name in ("early", "middle", "late"):
+        layers = span(k_ab, name)
+        add(f"pos-{name}", s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64), "position",
+            f"{name}: targets {', '.join(map(str, span_targets(layers)))}")
     late = v["pos-late"]["path"]
-    add("next-late", late, "grouping", "next: every other layer of 20..28 borrows the one before")
+    LATE = ["--share", "next", "--layers", span(k_ab, "late")]
+    first_late = span_targets(span(k_ab, "late"))[0] - 1
+    add("next-late", late, "grouping", f"next: every other layer of {first_late + 1}..28 borrows the one before")
     for k in (2, 3):
-        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", "19:29", "--rank", 64), "grouping", f"next:{k} over 19:29: one reference for {k} layers")
+        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", span(k_ab, "late"), "--rank", 64), "grouping",
+            f"next:{k} over {span(k_ab, 'late')}: one reference for {k} layers")
     for r in (16, 128) if quick else (16, 32, 128):
         add(f"rank{r}", s.slw(f"rank{r}", *LATE, "--rank", r), "rank", f"rank {r}")
         add(f"control-rank{r}", s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"), "rank", f"control, rank {r}")
@@ -190,13 +214,17 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
         tokens = int(s.b.slw_tokens * f)
         add(f"data-{tag}", s.slw(f"data-{tag}", *LATE, "--rank", 64, tokens=tokens), "data", f"SLW on {tokens:,} tokens")
     add("data-1x", late, "data", f"SLW on {s.b.slw_tokens:,} tokens")
-    # The parameterization, through both stages at the default targets.
-    if "--scales" in train.build_parser().format_help():
+    # The parameterization at a matched count: through both stages at the default targets (full),
+    # or SLW on the ablation targets (--quick).
+    if s.b.scales_full:
         scaled_slw = s.slw("scales-slw", "--share", "next", "--layers", "1:29", "--rank", 63, "--scales")
         add("scales-slw", scaled_slw, "param", "rank 63 + row/column scales, SLW only")
         add("scales", s.sft("scales", scaled_slw), "param", "rank 63 + row/column scales, SLW + SFT")
-    add("plain-slw", sharp_slw, "param", "rank 64, SLW only")
-    add("plain", sharp, "param", "rank 64, SLW + SFT")
+        add("plain-slw", sharp_slw, "param", "rank 64, SLW only")
+        add("plain", sharp, "param", "rank 64, SLW + SFT")
+    else:
+        add("scales-slw", s.slw("scales-slw", *LATE, "--rank", 63, "--scales"), "param", "rank 63 + row/column scales, SLW only")
+        add("plain-slw", late, "param", "rank 64, SLW only")
 
     # A smaller model of SHARP's stored size: whole layers removed until the parameter count
     # matches, then fine-tuned with LoRA at SHARP's trainable budget on the same data.
@@ -235,7 +263,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
     names: Dict[str, List[str]] = {}  # folder -> the variants that are it
     for name, info in v.items():
         names.setdefault(info["path"], []).append(name)
-    wants_cloze = {path: any(v[n]["group"] in CLOZE_GROUPS for n in ns) for path, ns in names.items()}
+    wants_cloze = {path: any((n in b.cloze) if b.cloze is not None else (v[n]["group"] in CLOZE_GROUPS) for n in ns) for path, ns in names.items()}
 
     def record(path: str, out: dict) -> None:
         for n in names[path]:
@@ -352,7 +380,7 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     fig.savefig(figs["pareto"], dpi=120)
     plt.close(fig)
 
-    rows = [n for n, i in v.items() if i["group"] in ("main", "aggressive", "smaller", "deploy")]
+    rows = [n for n, i in v.items() if "cloze_all" in i and i["group"] in ("main", "aggressive", "smaller", "deploy")]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
     acc = [v[n]["cloze_all"] for n in rows]
     err = [math.sqrt(a * (1 - a) / sum(v[n]["cloze"][d]["n"] for d in DOMAINS)) for n, a in zip(rows, acc)]
@@ -437,14 +465,16 @@ def write_report(res: dict, out: Path) -> None:
     s.append(table(v, ["sharp"] + names("cross")) + "\n")
 
     s.append("## 4. Ablations (after SLW, no SFT)\n")
-    s.append("Targets early, in the middle or late in the stack (5 targets each, rank 64); the other ablations vary one thing "
-             "on the late five (`--share next --layers 19:29`):\n")
+    k_ab = b["ablation_targets"]
+    s.append(f"Targets early, in the middle or late in the stack ({k_ab} targets each, rank 64); the other ablations vary one thing "
+             f"on the late {k_ab} (`--share next --layers {span(k_ab, 'late')}`):\n")
     s.append(table(v, names("position")) + "\n")
     s.append("One reference for 1, 2 or 3 following layers (rank 64):\n")
     s.append(table(v, names("grouping")) + "\n")
     s.append(f"Recovery rank, SHARP against the control at the same rank:\n\n![rank]({rel['rank']})\n")
     s.append(table(v, names("rank")) + "\n")
-    s.append("Parameterization at a matched parameter count, through both stages at the default targets: plain rank 64 against rank 63 plus a row and a column scaling "
+    where = "through both stages at the default targets" if b["scales_full"] else f"after SLW on the late {k_ab} targets"
+    s.append(f"Parameterization at a matched parameter count, {where}: plain rank 64 against rank 63 plus a row and a column scaling "
              "vector per projection (576 + 1536 values per projection: exactly one rank unit):\n")
     s.append(table(v, names("param")) + "\n")
     s.append("SLW calibration data (the init, the closed-form fit and the Adam steps all see it):\n")
@@ -500,6 +530,8 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
     out.append(f"Aggressive setting ({v['sharp65']['mlp_cut']:.1%}): {wins(v, 'sharp65', 'control65')}.")
     if "scales" in v:
         out.append(f"Scaling vectors at a matched count: {wins(v, 'scales', 'plain')}.")
+    elif "scales-slw" in v:
+        out.append(f"Scaling vectors at a matched count (after SLW): {wins(v, 'scales-slw', 'plain-slw')}.")
     out.append(f"Borrowed weights at every rank after SLW: " + "; ".join(
         wins(v, f"rank{r}", f"control-rank{r}") for r in (16, 32, 64, 128) if f"rank{r}" in v and f"control-rank{r}" in v) + ".")
     ref = bn[bench.REFERENCE]

@@ -76,6 +76,8 @@ def output_gram(w: mx.array, proj: str, inputs: TargetInputs) -> mx.array:
 
 def energy_beyond(w: mx.array, proj: str, inputs: TargetInputs, rank: int) -> float:
     """||Z w^T||^2 left after the best rank-``rank`` approximation of w under Z's covariance."""
+    if rank == 0:  # all of it: the trace, no eigenvalues needed
+        return mx.trace(output_gram(w, proj, inputs)).item()
     vals = mx.maximum(mx.linalg.eigvalsh(output_gram(w, proj, inputs), stream=mx.cpu), 0)  # ascending
     return vals[: vals.shape[0] - rank].sum().item()
 

@@ -158,7 +158,8 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
     tw = {p: mx.array(v) for p, v in target.items()}
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
-    schedule = optim.join_schedules([optim.linear_schedule(0.0, cfg.lr, cfg.warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - cfg.warmup, 1))], [cfg.warmup])
+    warmup = min(cfg.warmup, cfg.steps // 2)  # a short run still reaches the peak rate
+    schedule = optim.join_schedules([optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup])
     opt = optim.Adam(learning_rate=schedule)
     rng = np.random.default_rng(cfg.seed)
 

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,11 @@ def test_lora_rank_matches_what_sft_trains(reproduce, tmp_path, capsys):
     assert reproduce.lora_rank_for(config, per_rank * 7 + per_rank // 3, 5) == 7
 
 
-def fake_results(reproduce) -> dict:
+def fake_results(reproduce, quick: bool) -> dict:
     """A results record shaped as main() makes it, with made-up numbers, for every variant name
-    build_variants can produce."""
+    build_variants can produce at the budget of ``quick``."""
     rng = random.Random(0)
+    b = reproduce.QUICK if quick else reproduce.FULL
     groups = {
         "main": ["original", "direct", "mlp-prune", "layer-prune", "sharp-slw", "sharp-sftonly", "sharp", "control-slw", "control", "mlp-prune-ft", "layer-prune-ft"],
         "aggressive": ["direct65", "mlp-prune65", "sharp65-slw", "sharp65", "control65-slw", "control65"],
@@ -58,7 +60,7 @@ def fake_results(reproduce) -> dict:
         "grouping": ["next-late", "next2-late", "next3-late"],
         "rank": ["rank16", "control-rank16", "rank128", "control-rank128", "rank64", "control-rank64"],
         "data": ["data-quarter", "data-4x", "data-1x"],
-        "param": ["scales-slw", "scales", "plain-slw", "plain"],
+        "param": ["scales-slw", "scales", "plain-slw", "plain"] if b.scales_full else ["scales-slw", "plain-slw"],
         "smaller": ["smaller", "smaller-ft"],
         "deploy": ["original-4bit", "mlx-4bit", "sharp-4bit", "sharp65-4bit"],
     }
@@ -68,7 +70,7 @@ def fake_results(reproduce) -> dict:
             ppl = {d: rng.uniform(5, 100) for d in reproduce.DOMAINS}
             info = {"path": f"models/x/{n}", "group": group, "label": n, "ppl": ppl, "params": rng.randint(80, 135) * 10**6,
                     "bytes": rng.randint(60, 540) * 10**6, "cloze": {}}
-            if group in reproduce.CLOZE_GROUPS:
+            if (n in b.cloze) if b.cloze is not None else (group in reproduce.CLOZE_GROUPS):
                 info["cloze"] = {d: {"accuracy": rng.random(), "n": 5, "stderr": 0.2} for d in reproduce.DOMAINS}
             if n not in ("original", "mlx-4bit", "original-4bit"):
                 info["mlp_cut"], info["targets"] = rng.random(), 14
@@ -82,14 +84,15 @@ def fake_results(reproduce) -> dict:
     timing = {name: {"bytes": rng.randint(60, 100) * 10**6, "load_s": {"median": 0.2}, "decode_tps": {"median": rng.uniform(4, 6)},
                      "peak_memory_gb": {"median": 0.1}} for name in ("original-4bit mlx-lm", "original-4bit", "sharp-4bit", "sharp65-4bit")}
     names = {"original-4bit mlx-lm": "mlx-4bit", "original-4bit": "original-4bit", "sharp-4bit": "sharp-4bit", "sharp65-4bit": "sharp65-4bit"}
-    return {"command": "python scripts/reproduce.py --quick", "tag": "repro-quick", "quick": True, "date": "2026-01-01", "machine": "test",
-            "budget": {"slw_tokens": 1, "cloze_items": 5, "analyze_tokens": 1, "bench_reps": 1}, "budget_params": 123,
+    return {"command": "python scripts/reproduce.py" + " --quick" * quick, "tag": "repro-quick", "quick": quick, "date": "2026-01-01", "machine": "test",
+            "budget": asdict(b), "budget_params": 123,
             "analysis": {"table": "t r ...", "auto": {0.25: "{2: 1}"}}, "variants": v, "bench": timing, "bench_names": names,
             "steps": {"sharp": 1.0}, "wall_s": 60.0, "verdict": reproduce.verdict(v, timing, names)}
 
 
-def test_report_has_every_section_and_figure(reproduce, tmp_path):
-    res = fake_results(reproduce)
+@pytest.mark.parametrize("quick", [True, False])
+def test_report_has_every_section_and_figure(reproduce, tmp_path, quick):
+    res = fake_results(reproduce, quick)
     out = tmp_path / "docs" / "RESULTS.md"
     out.parent.mkdir()
     (tmp_path / "sim.png").write_bytes(b"png")
@@ -107,3 +110,13 @@ def test_report_has_every_section_and_figure(reproduce, tmp_path):
         assert f"| {n}: " in text or f"| {n} |" in text, n
     assert f"{v['sharp']['x_geo']:.2f}" in text
     assert any(line.startswith("- SHARP against control") for line in text.splitlines())
+
+
+def test_ablation_spans(reproduce):
+    """The full run's spans are the ones its report names; every span holds k targets inside the stack."""
+    assert [reproduce.span(5, w) for w in ("early", "middle", "late")] == ["1:11", "10:20", "19:29"]
+    assert reproduce.span_targets("19:29") == [20, 22, 24, 26, 28]
+    for k in (3, 5):
+        for where in ("early", "middle", "late"):
+            targets = reproduce.span_targets(reproduce.span(k, where))
+            assert len(targets) == k and min(targets) >= 2 and max(targets) <= 28
