@@ -243,6 +243,8 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     add("original-4bit", s.quantize("original-4bit", s.original), "deploy", "original, 4-bit (GGUF codes)")
     add("mlx-4bit", bench.ensure_mlx_4bit(), "deploy", "original, mlx_lm.convert -q (group 64)")
     add("sharp-4bit", s.quantize("sharp-4bit", sharp, "--recovery-bits", 8), "deploy", "SHARP default, 4-bit (GGUF codes, 8-bit recovery)")
+    add("sharp-4bit-emb6", s.quantize("sharp-4bit-emb6", sharp, "--recovery-bits", 8, "--embedding-bits", 6), "deploy",
+        "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)")
     add("sharp65-4bit", s.quantize("sharp65-4bit", v["sharp65"]["path"]), "deploy", "SHARP ~65%, 4-bit (GGUF codes, float16 recovery)")
     return v
 
@@ -606,7 +608,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = [bench.Row(bench.REFERENCE, Path(v["mlx-4bit"]["path"]), "mlx_lm")]
     names = {bench.REFERENCE: "mlx-4bit"}
-    for n in ("original-4bit", "sharp-4bit", "sharp65-4bit"):
+    for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit"):
         rows.append(bench.Row(n, Path(v[n]["path"])))
         names[n] = n
     bench_file = runs / "bench.json"

@@ -62,7 +62,7 @@ def fake_results(reproduce, quick: bool) -> dict:
         "data": ["data-quarter", "data-4x", "data-1x"],
         "param": ["scales-slw", "scales", "plain-slw", "plain"] if b.scales_full else ["scales-slw", "plain-slw"],
         "smaller": ["smaller", "smaller-ft"],
-        "deploy": ["original-4bit", "mlx-4bit", "sharp-4bit", "sharp65-4bit"],
+        "deploy": ["original-4bit", "mlx-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit"],
     }
     v = {}
     for group, names in groups.items():
@@ -82,8 +82,8 @@ def fake_results(reproduce, quick: bool) -> dict:
         if info["cloze"]:
             info["cloze_all"] = sum(c["accuracy"] for c in info["cloze"].values()) / len(info["cloze"])
     timing = {name: {"bytes": rng.randint(60, 100) * 10**6, "load_s": {"median": 0.2}, "decode_tps": {"median": rng.uniform(4, 6)},
-                     "peak_memory_gb": {"median": 0.1}} for name in ("original-4bit mlx-lm", "original-4bit", "sharp-4bit", "sharp65-4bit")}
-    names = {"original-4bit mlx-lm": "mlx-4bit", "original-4bit": "original-4bit", "sharp-4bit": "sharp-4bit", "sharp65-4bit": "sharp65-4bit"}
+                     "peak_memory_gb": {"median": 0.1}} for name in ("original-4bit mlx-lm", "original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")}
+    names = {"original-4bit mlx-lm": "mlx-4bit", **{n: n for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")}}
     return {"command": "python scripts/reproduce.py" + " --quick" * quick, "tag": "repro-quick", "quick": quick, "date": "2026-01-01", "machine": "test",
             "budget": asdict(b), "budget_params": 123,
             "analysis": {"table": "t r ...", "auto": {0.25: "{2: 1}"}}, "variants": v, "bench": timing, "bench_names": names,
