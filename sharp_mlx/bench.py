@@ -274,7 +274,8 @@ def ensure_mlx_4bit() -> Path:
 def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
     """The issue's rows, building the 4-bit folders that are missing: for every float SHARP model
     found, its 4-bit checkpoint as the main job makes it (``recovery_bits``/``embedding_bits``)
-    and one with a 4-bit embedding like mlx-lm's (``-4bit-emb4``)."""
+    and ones with the embedding re-quantized to 6 bits (``-4bit-emb6``) and to 4 bits like
+    mlx-lm's (``-4bit-emb4``)."""
     from .quantize import quantize_model_folder
 
     ensure_mlx_4bit()
@@ -297,7 +298,8 @@ def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], fo
             continue
         rows.append(Row(f"{name} float", src, note=note + ", float32"))
         rows.append(Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=note + ", GGUF codes"))
-        rows.append(Row(f"{name}-4bit-emb4", built(src, Path(f"{src}-4bit-emb4"), embedding_bits=4), note=note + ", GGUF codes, embedding re-quantized to 4 bits"))
+        for bits in (6, 4):  # 6: within 2% of float; 4: as small as mlx-lm's embedding
+            rows.append(Row(f"{name}-4bit-emb{bits}", built(src, Path(f"{src}-4bit-emb{bits}"), embedding_bits=bits), note=note + f", GGUF codes, embedding re-quantized to {bits} bits"))
     return rows
 
 

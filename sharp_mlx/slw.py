@@ -5,7 +5,8 @@ relative L2 error of the MLP output. Three stages, each optional and measured:
 
 1. init: ``zero`` (b = 0: direct sharing, the paper's start), ``svd`` (truncated SVD of
    W_t - W_r per projection) or ``asvd`` (the same, weighted by the input covariance, so the
-   rank is spent where the real inputs are: best rank-k fit of ||X (W_t - W_r)^T||).
+   rank is spent where the real inputs are: best rank-k fit of ||X (W_t - W_r)^T||). Down is
+   left at zero when stage 2 follows, which replaces it.
 2. ``closed_form_down``: with gate/up fixed, the down factors are a reduced-rank regression of
    the remaining output error on the student's own hidden activations, solved exactly.
 3. ``steps`` of Adam on all six factors (and the six scaling vectors, with ``scales``) with
@@ -97,14 +98,15 @@ def _sqrt_cov(x: np.ndarray, damping: float):
     return (q * np.sqrt(lam)) @ q.T, (q / np.sqrt(lam)) @ q.T
 
 
-def lowrank_fit(delta_t: np.ndarray, rank: int, x: Optional[np.ndarray], damping: float):
+def lowrank_fit(delta_t: np.ndarray, rank: int, x: Optional[np.ndarray], damping: float, roots=None):
     """Factors (a (in, k), b (k, out)) with a @ b the best rank-k fit of delta_t (in, out),
-    in the plain Frobenius norm or, given inputs x (n, in), in ||x (delta_t - a b)||."""
+    in the plain Frobenius norm or, given inputs x (n, in), in ||x (delta_t - a b)||
+    (``roots``: ``_sqrt_cov(x, damping)`` if already computed)."""
     if x is None:
         u, s, vt = np.linalg.svd(delta_t.astype(np.float64), full_matrices=False)
         a, b = u[:, :rank] * np.sqrt(s[:rank]), np.sqrt(s[:rank])[:, None] * vt[:rank]
     else:
-        root, inv_root = _sqrt_cov(x, damping)
+        root, inv_root = roots or _sqrt_cov(x, damping)
         u, s, vt = np.linalg.svd(root @ delta_t, full_matrices=False)
         a, b = inv_root @ (u[:, :rank] * np.sqrt(s[:rank])), np.sqrt(s[:rank])[:, None] * vt[:rank]
     return a.astype(np.float32), b.astype(np.float32)
@@ -129,12 +131,19 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
         rec = Recovery(x.shape[1], target["gate"].shape[0], rank, scales)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
     rec = {}
-    tw = {p: mx.array(v) for p, v in target.items()}
-    _, h_target = mlp_apply(tw, mx.array(x), return_hidden=True)
-    inputs = {"gate": x, "up": x, "down": np.array(h_target)}
-    for p in PROJ:
+    inputs = {"gate": x, "up": x}
+    if cfg.closed_form_down:  # refit_down solves down exactly from what gate and up do: start it at zero
+        n_hidden = target["down"].shape[1]
+        rec["down_a"], rec["down_b"] = np.zeros((n_hidden, rank), np.float32), np.zeros((rank, x.shape[1]), np.float32)
+    else:
+        _, h_target = mlp_apply({p: mx.array(v) for p, v in target.items()}, mx.array(x), return_hidden=True)
+        inputs["down"] = np.array(h_target)
+    x_roots = _sqrt_cov(x, cfg.damping) if cfg.init == "asvd" else None  # gate and up share their inputs
+    for p in inputs:
         delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
-        rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, inputs[p] if cfg.init == "asvd" else None, cfg.damping)
+        asvd = cfg.init == "asvd"
+        rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, inputs[p] if asvd else None, cfg.damping, x_roots if asvd and p != "down" else None)
+    rec = {f"{p}_{f}": rec[f"{p}_{f}"] for p in PROJ for f in "ab"}
     for key in vectors(scales):  # ones: the fits above hold exactly
         p, side = key.split("_")
         rec[key] = np.ones(target[p].shape[1 if side == "in" else 0], dtype=np.float32)
@@ -185,7 +194,8 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
 def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None, scales: bool = False) -> Dict[str, object]:
     """Fit one target's factors (and scaling vectors, with ``scales``) on its captured inputs
     x (n, D); returns them and the held-out relative error after each stage ({"none", "init",
-    "closed_form_down", "adam"}, and "final" for the parameters kept)."""
+    "closed_form_down", "adam"}, and "final" for the parameters kept). With closed_form_down,
+    "init" has gate and up fitted and down still borrowed as it is."""
     if scales and ref_mlp is None:
         raise ValueError("scaling vectors scale borrowed weights: a target without a reference has none")
     ref = weights_of(ref_mlp) if ref_mlp is not None else None
