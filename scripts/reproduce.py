@@ -512,6 +512,14 @@ def write_report(res: dict, out: Path) -> None:
     s.append(f"\n{n_items} items in all: one standard error is about {math.sqrt(0.25 / n_items):.0%} at 50% accuracy, so "
              "differences smaller than ~2 standard errors are noise.\n")
 
+    c = res.get("compare")
+    if c:
+        s.append("## Reproducibility\n")
+        s.append(f"Against an earlier run from scratch (`{c['command']}`, {c['date']}, {c['wall_s'] / 60:.0f} min): of {c['variants']} variants "
+                 f"both have, {c['ppl_identical']} have every perplexity identical; the largest difference is "
+                 + (f"{c['ppl_max_rel']:.2%} ({c['ppl_worst']})" if c["ppl_worst"] else "none")
+                 + f". Next-sentence accuracies: {c['cloze_compared'] - len(c['cloze_differ'])} of {c['cloze_compared']} variants identical"
+                 + (f"; differing: {', '.join(c['cloze_differ'])}" if c["cloze_differ"] else "") + ".\n")
     s.append("## Steps and wall time\n")
     s.append("| step | wall s |\n|---|---|")
     s.extend(f"| {k} | {w:.0f} |" for k, w in res["steps"].items())
@@ -519,6 +527,21 @@ def write_report(res: dict, out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(s))
     tmp.replace(out)
+
+
+def compare(res: dict, other: dict) -> dict:
+    """How far this run's perplexities and next-sentence accuracies are from an earlier run's
+    (``other``, a results record), over the variants both have."""
+    a, b = res["variants"], other["variants"]
+    common = [n for n in a if n in b and a[n].get("ppl") and b[n].get("ppl")]
+    rel = {n: max(abs(a[n]["ppl"][d] - b[n]["ppl"][d]) / b[n]["ppl"][d] for d in DOMAINS) for n in common}
+    worst = max(rel, key=rel.get) if rel else None
+    cloze = [n for n in common if a[n].get("cloze") and b[n].get("cloze")]
+    return {"command": other["command"], "date": other["date"], "wall_s": other["wall_s"], "variants": len(common),
+            "ppl_max_rel": rel[worst] if worst else None, "ppl_worst": worst,
+            "ppl_identical": sum(r == 0 for r in rel.values()),
+            "cloze_compared": len(cloze),
+            "cloze_differ": [n for n in cloze if any(a[n]["cloze"][d]["accuracy"] != b[n]["cloze"][d]["accuracy"] for d in DOMAINS)]}
 
 
 def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
@@ -552,12 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small budgets (89 min on 2 busy CPU cores)")
     p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md)")
     p.add_argument("--force", action="store_true", help="redo every step")
+    p.add_argument("--compare", type=Path, help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report")
     return p
 
 
 @cli("reproduce")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    earlier = None
+    if args.compare:  # read now: a run takes long, and it may be the report this run replaces
+        try:
+            earlier = json.loads(args.compare.read_text())
+            earlier["variants"], earlier["command"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SharpError(f"--compare {args.compare}: not a results record of this script ({e}); pass an earlier run's RESULTS.json")
     import os
     import shutil
 
@@ -638,6 +669,8 @@ def main(argv=None) -> int:
         "steps": {k: round(w, 1) for k, w in steps.wall.items()},
     }
     res["verdict"] = verdict(v, timing, names)
+    if earlier:
+        res["compare"] = compare(res, earlier)
     res["wall_s"] = time.perf_counter() - tic
     (runs / "results.json").write_text(json.dumps(res, indent=1))
     report.parent.mkdir(parents=True, exist_ok=True)

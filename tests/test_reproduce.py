@@ -120,3 +120,19 @@ def test_ablation_spans(reproduce):
         for where in ("early", "middle", "late"):
             targets = reproduce.span_targets(reproduce.span(k, where))
             assert len(targets) == k and min(targets) >= 2 and max(targets) <= 28
+
+
+def test_compare_names_the_largest_difference(reproduce, tmp_path, capsys):
+    res = fake_results(reproduce, True)
+    other = json.loads(json.dumps(res))
+    other["variants"]["sharp"]["ppl"]["chat"] *= 1.1
+    other["variants"]["control"]["cloze"]["chat"]["accuracy"] += 0.25
+    c = reproduce.compare(res, other)
+    assert c["ppl_worst"] == "sharp" and c["ppl_max_rel"] == pytest.approx(1 / 1.1 * 0.1)
+    assert c["ppl_identical"] == c["variants"] - 1 and c["cloze_differ"] == ["control"]
+    res["compare"] = c
+    out = tmp_path / "RESULTS.md"
+    reproduce.write_report(res, out)
+    assert "## Reproducibility" in out.read_text() and "(sharp)" in out.read_text()
+    assert reproduce.main(["--quick", "--compare", str(tmp_path / "missing.json")]) == 2  # at once, before any work
+    assert "--compare" in capsys.readouterr().err
