@@ -45,6 +45,7 @@ AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 tar
 class Budget:
     slw_tokens: int
     slw_steps: int
+    slw_batch_rows: int
     sft_steps: int
     sft_batch: int
     sft_seq: int
@@ -60,11 +61,11 @@ class Budget:
     cloze: Optional[List[str]] = None  # the variants given the next-sentence check (None: every one in CLOZE_GROUPS)
 
 
-QUICK = Budget(slw_tokens=1024, slw_steps=10, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
+QUICK = Budget(slw_tokens=1024, slw_steps=10, slw_batch_rows=512, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
                eval_windows=1, eval_seq=256, cloze_items=4, analyze_tokens=1024, bench_reps=2,
                sft_valid_windows=1, ablation_targets=3, scales_full=False,
-               cloze=["original", "direct", "sharp", "control", "mlp-prune-ft", "layer-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"])
-FULL = Budget(slw_tokens=16384, slw_steps=50, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
+               cloze=["original", "sharp", "control", "mlp-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"])
+FULL = Budget(slw_tokens=16384, slw_steps=50, slw_batch_rows=1024, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
               eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3,
               sft_valid_windows=4, ablation_targets=5, scales_full=True)
 
@@ -125,7 +126,7 @@ class Steps:
     def slw(self, name: str, *argv, tokens: Optional[int] = None) -> Path:
         b = self.b
         return self._run(name, train.main, ["--stage", "slw", "--model", self.original, "--tokens", tokens or b.slw_tokens,
-                                            "--slw-steps", b.slw_steps, *argv])
+                                            "--slw-steps", b.slw_steps, "--slw-batch-rows", b.slw_batch_rows, *argv])
 
     def sft(self, name: str, src: Path, *argv) -> Path:
         b = self.b

@@ -93,6 +93,8 @@ def stage_slw(args) -> dict:
     config = read_config(args.model)
     if config.get("sharp", {}).get("share"):
         raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
+    if args.slw_batch_rows < 1:
+        raise SharpError(f"--slw-batch-rows must be at least 1, got {args.slw_batch_rows}")
     n = config["num_hidden_layers"]
     generated = args.share.strip() in ("next", "auto") or args.share.strip().startswith("next:")
     layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
@@ -133,7 +135,7 @@ def stage_slw(args) -> dict:
             say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
             cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
             captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
-            cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, seed=args.seed)
+            cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, batch_rows=args.slw_batch_rows, seed=args.seed)
             report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
     say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline, args.scales))
     return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": SharpArgs(rank=rank).to_dict()["rank"], "scales": args.scales, "layers": {str(k): v for k, v in report.items()}}}
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-closed-form", action="store_true", help="skip the exact down-projection fit")
     g.add_argument("--slw-steps", type=int, default=100, help="Adam steps per layer after the closed-form fits (default: %(default)s)")
     g.add_argument("--slw-lr", type=float, default=1e-3, help="SLW Adam learning rate (default: %(default)s)")
+    g.add_argument("--slw-batch-rows", type=int, default=SLWConfig.batch_rows, help="token rows per SLW Adam step (default: %(default)s)")
     g.add_argument("--no-slw", action="store_true", help="build the shared model with fresh factors only (the SFT-only baseline)")
     g.add_argument("--cache-dir", type=Path, help="where captured inputs go (default: in memory)")
     g = p.add_argument_group("supervised fine-tuning (sft)")
