@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="window length in scored tokens (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows per file (default: all)")
+    p.add_argument("--float-weights", action="store_true", help="run quantized models with their weights' float values: the same function, much faster where quantized matmuls are slow (MLX's CPU backend)")
     p.add_argument("--json", action="store_true", help="print JSON: {file: {ppl, tokens}} for one model, {model: {...}} for several")
     p.add_argument("--plot", type=Path, help="also write a bar chart (PNG) of the table")
     return p
@@ -117,7 +118,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.seq_len < 1 or args.batch_size < 1:
         raise SharpError(f"--seq-len and --batch-size must be at least 1, got {args.seq_len} and {args.batch_size}")
-    results = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.max_windows)
+    results = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.max_windows, args.float_weights)
     if args.plot:
         plot(results, args.plot)
     if args.json:

@@ -148,3 +148,20 @@ def test_recovery_bits_need_a_rank_that_groups_divide(shared_dir, tmp_path):
     with pytest.raises(SharpError, match="multiple of 32"):
         quantize_model_folder(shared_dir, tmp_path / "q", group_size=32, from_gguf="none", recovery_bits=8)
     assert not (tmp_path / "q").exists()
+
+
+def test_evaluate_float_weights_is_the_same_function(shared_dir, tmp_path, capsys):
+    """evaluate --float-weights runs a 4-bit folder with its weights' float values: the same perplexity."""
+    from sharp_mlx import evaluate
+    from tiny_folder import write_char_tokenizer
+
+    write_char_tokenizer(shared_dir)
+    out = tmp_path / "q"
+    quantize_model_folder(shared_dir, out, group_size=32, from_gguf="none")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    ppl = {}
+    for flag in ([], ["--float-weights"]):
+        assert evaluate.main(["--model", str(out), "--data", str(text), "--seq-len", "32", "--max-windows", "4", "--json", *flag]) == 0
+        ppl[bool(flag)] = json.loads(capsys.readouterr().out)[str(text)]["ppl"]
+    assert ppl[True] == pytest.approx(ppl[False], rel=1e-3)
