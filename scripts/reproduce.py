@@ -1,8 +1,14 @@
 """Reproduce SHARP's tables and ablations on the embedded SmolLM2-135M, from scratch, in one run.
 
-    python scripts/reproduce.py --quick    # small budgets: 89 min on 2 CPU cores shared with other jobs
-    python scripts/reproduce.py            # the main job's budgets for every variant: an estimated
-                                           # 10-12 hours on 2 CPU cores (not run yet)
+    python scripts/reproduce.py --quick    # small budgets: 28 min on 2 quiet CPU cores
+    python scripts/reproduce.py            # the main job's budgets for every variant: about 5-6 hours
+                                           # on 2 CPU cores, estimated from the quick run (not run yet)
+    python scripts/reproduce.py --quick --force --compare docs/RESULTS.json   # again from scratch, against the last run
+
+Where the full run's time goes (estimated from --quick's step times, scaled by its budgets):
+about 172 per-layer SLW fits at ~20 s and 19 captures of 16k tokens (~1.5 h), 12 SFT runs of
+40 x 512 tokens (~1.2 h), 8 test windows for ~45 folders (~0.9 h) and 200 next-sentence items
+for ~28 variants (~1.4 h).
 
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
@@ -573,7 +579,7 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small budgets (89 min on 2 busy CPU cores)")
+    p.add_argument("--quick", action="store_true", help="small budgets (28 min on 2 quiet CPU cores)")
     p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md)")
     p.add_argument("--force", action="store_true", help="redo every step")
     p.add_argument("--compare", type=Path, help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report")
