@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
@@ -125,6 +126,7 @@ def stage_slw(args) -> dict:
         if args.baseline in ("mlp-prune", "lowrank"):
             share = {t: None for t in share}
         rank = 0 if args.baseline in ("direct", "mlp-prune") else rank
+        mx.random.seed(args.seed)  # fresh factors (what --no-slw keeps) are drawn: the same every run
         model, new_config = sharemap.share_model(original, config, share, rank, args.scales)
         report = {}
         if recovered and args.slw_steps >= 0 and not args.no_slw:

@@ -90,3 +90,19 @@ def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tm
     assert not (tmp_path / "bad").exists()
     assert train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
     assert "--scales applies to --stage slw" in capsys.readouterr().err
+
+
+def test_fresh_factors_are_the_same_every_run(tmp_path):
+    """--no-slw keeps the drawn factors (the SFT-only start): seeded, so a run repeats exactly; another seed differs."""
+    import mlx.core as mx
+
+    from tiny_folder import write_tiny_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    common = ["--stage", "slw", "--model", str(orig), "--share", "next", "--layers", "1:6", "--rank", "4", "--no-slw"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        mx.random.seed(100 + len(name) * ord(name))  # whatever state the process is in
+        assert train.main(common + ["--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+    a, b, c = (mx.load(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    key = "model.layers.2.recovery.gate_a"
+    assert mx.array_equal(a[key], b[key]) and not mx.array_equal(a[key], c[key])
