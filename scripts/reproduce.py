@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,16 +64,23 @@ class Budget:
     sft_valid_windows: int  # SFT's own validation windows (its loss curve), not the report's test
     ablation_targets: int  # targets each ablation moves or varies (every other layer)
     scales_full: bool  # the parameterization ablation on the default targets through SLW + SFT (else: the ablation targets, SLW only)
+    ranks: Tuple[int, ...]  # the rank sweep's points besides 64
+    chat_only: bool  # also SLW and SFT on chat alone, in the cross-domain table
     cloze: Optional[List[str]] = None  # the variants given the next-sentence check (None: every one in CLOZE_GROUPS)
+
+    def checks_cloze(self, name: str, group: str) -> bool:
+        """Whether variant ``name`` of ``group`` gets the next-sentence check."""
+        return name in self.cloze if self.cloze is not None else group in CLOZE_GROUPS
 
 
 QUICK = Budget(slw_tokens=1024, slw_steps=10, slw_batch_rows=512, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
                eval_windows=1, eval_seq=256, cloze_items=4, analyze_tokens=1024, bench_reps=2,
-               sft_valid_windows=1, ablation_targets=3, scales_full=False,
+               sft_valid_windows=1, ablation_targets=3, scales_full=False, ranks=(16, 128), chat_only=False,
                cloze=["original", "sharp", "control", "mlp-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"])
 FULL = Budget(slw_tokens=16384, slw_steps=50, slw_batch_rows=1024, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
               eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3,
-              sft_valid_windows=4, ablation_targets=5, scales_full=True)
+              sft_valid_windows=4, ablation_targets=5, scales_full=True, ranks=(16, 32, 128), chat_only=True)
+CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # the ablations are read by perplexity alone
 
 
 def span(k: int, where: str) -> str:
@@ -145,7 +152,7 @@ class Steps:
         return self._run(name, quantize.main, ["--model", src, *argv])
 
 
-def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
+def build_variants(s: Steps) -> Dict[str, dict]:
     """Train every variant; {name: {"path", "group", "label"}} in report order."""
     v: Dict[str, dict] = {}
 
@@ -195,7 +202,7 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     # Cross-domain: recover on chat only.
     chat = [str(ROOT / "data" / "chat" / "train.jsonl")]
     add("sharp-chat", s.sft("sharp-chat", sharp_slw, "--data", *chat), "cross", "SHARP, SLW (all domains) + SFT on chat only")
-    if not quick:  # --quick: time
+    if s.b.chat_only:
         add("sharp-chat-only", s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat), "cross", "SHARP, SLW and SFT on chat only")
 
     # Ablations, after SLW (no SFT). The position ablation moves the ablation targets along the
@@ -205,14 +212,13 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
         layers = span(k_ab, name)
         add(f"pos-{name}", s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64), "position",
             f"{name}: targets {', '.join(map(str, span_targets(layers)))}")
-    late = v["pos-late"]["path"]
-    LATE = ["--share", "next", "--layers", span(k_ab, "late")]
-    first_late = span_targets(span(k_ab, "late"))[0] - 1
-    add("next-late", late, "grouping", f"next: every other layer of {first_late + 1}..28 borrows the one before")
+    late, late_span = v["pos-late"]["path"], span(k_ab, "late")
+    LATE = ["--share", "next", "--layers", late_span]
+    add("next-late", late, "grouping", f"next: every other layer of {span_targets(late_span)[0]}..28 borrows the one before")
     for k in (2, 3):
-        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", span(k_ab, "late"), "--rank", 64), "grouping",
-            f"next:{k} over {span(k_ab, 'late')}: one reference for {k} layers")
-    for r in (16, 128) if quick else (16, 32, 128):
+        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", late_span, "--rank", 64), "grouping",
+            f"next:{k} over {late_span}: one reference for {k} layers")
+    for r in s.b.ranks:
         add(f"rank{r}", s.slw(f"rank{r}", *LATE, "--rank", r), "rank", f"rank {r}")
         add(f"control-rank{r}", s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"), "rank", f"control, rank {r}")
     add("rank64", late, "rank", "rank 64")
@@ -256,8 +262,6 @@ def build_variants(s: Steps, quick: bool) -> Dict[str, dict]:
     return v
 
 
-CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # the ablations are read by perplexity alone
-
 
 def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
     """Perplexity and the multiple-choice check of every model folder once (a folder several
@@ -272,7 +276,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
     names: Dict[str, List[str]] = {}  # folder -> the variants that are it
     for name, info in v.items():
         names.setdefault(info["path"], []).append(name)
-    wants_cloze = {path: any((n in b.cloze) if b.cloze is not None else (v[n]["group"] in CLOZE_GROUPS) for n in ns) for path, ns in names.items()}
+    wants_cloze = {path: any(b.checks_cloze(n, v[n]["group"]) for n in ns) for path, ns in names.items()}
 
     def record(path: str, out: dict) -> None:
         for n in names[path]:
@@ -593,9 +597,11 @@ def main(argv=None) -> int:
     if args.compare:  # read now: a run takes long, and it may be the report this run replaces
         try:
             earlier = json.loads(args.compare.read_text())
-            earlier["variants"], earlier["command"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SharpError(f"--compare {args.compare}: not a results record of this script ({e}); pass an earlier run's RESULTS.json")
+            missing = {"variants", "command", "date", "wall_s"} - set(earlier)  # what compare() reads
+        except (OSError, ValueError, TypeError) as e:
+            missing = str(e)
+        if missing:
+            raise SharpError(f"--compare {args.compare}: not a results record of this script ({missing}); pass an earlier run's RESULTS.json")
     import os
     import shutil
 
@@ -638,7 +644,7 @@ def main(argv=None) -> int:
         except SharpError as e:
             auto[cut] = str(e)
 
-    v = build_variants(steps, args.quick)
+    v = build_variants(steps)
     t0 = time.perf_counter()
     measure(v, b, runs, log)
     steps.wall["evaluate"] = time.perf_counter() - t0
@@ -679,9 +685,10 @@ def main(argv=None) -> int:
     if earlier:
         res["compare"] = compare(res, earlier)
     res["wall_s"] = time.perf_counter() - tic
-    (runs / "results.json").write_text(json.dumps(res, indent=1))
+    record = json.dumps(res, indent=1)
+    (runs / "results.json").write_text(record)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    report.with_suffix(".json").write_text(record)
     plots(v, fig_paths(report), analysis_dir / "similarity.png")
     write_report(res, report)
     log(f"wrote {report} in {res['wall_s'] / 60:.1f} min")

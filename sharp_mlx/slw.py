@@ -131,19 +131,20 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
         rec = Recovery(x.shape[1], target["gate"].shape[0], rank, scales)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
     rec = {}
-    inputs = {"gate": x, "up": x}
-    if cfg.closed_form_down:  # refit_down solves down exactly from what gate and up do: start it at zero
-        n_hidden = target["down"].shape[1]
-        rec["down_a"], rec["down_b"] = np.zeros((n_hidden, rank), np.float32), np.zeros((rank, x.shape[1]), np.float32)
-    else:
-        _, h_target = mlp_apply({p: mx.array(v) for p, v in target.items()}, mx.array(x), return_hidden=True)
-        inputs["down"] = np.array(h_target)
-    x_roots = _sqrt_cov(x, cfg.damping) if cfg.init == "asvd" else None  # gate and up share their inputs
-    for p in inputs:
+    asvd = cfg.init == "asvd"
+    x_roots = _sqrt_cov(x, cfg.damping) if asvd else None  # gate and up share their inputs
+    for p in PROJ:
+        if p == "down" and cfg.closed_form_down:  # refit_down solves down exactly from what gate and up do: start it at zero
+            rec["down_a"], rec["down_b"] = np.zeros((target["down"].shape[1], rank), np.float32), np.zeros((rank, x.shape[1]), np.float32)
+            continue
         delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
-        asvd = cfg.init == "asvd"
-        rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, inputs[p] if asvd else None, cfg.damping, x_roots if asvd and p != "down" else None)
-    rec = {f"{p}_{f}": rec[f"{p}_{f}"] for p in PROJ for f in "ab"}
+        if not asvd:
+            rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, None, cfg.damping)
+        elif p == "down":  # its inputs are the target's hidden activations
+            _, h = mlp_apply({q: mx.array(v) for q, v in target.items()}, mx.array(x), return_hidden=True)
+            rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, np.array(h), cfg.damping)
+        else:
+            rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, x, cfg.damping, x_roots)
     for key in vectors(scales):  # ones: the fits above hold exactly
         p, side = key.split("_")
         rec[key] = np.ones(target[p].shape[1 if side == "in" else 0], dtype=np.float32)

@@ -102,6 +102,7 @@ def stage_slw(args) -> dict:
     similarity = _similarity(args)
     share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", scales=args.scales)
     recovered = args.baseline in ("sharp", "lowrank")  # builds recovery factors
+    fits = recovered and args.slw_steps >= 0 and not args.no_slw  # and fits them here
     if recovered:
         check_rank(args.rank, config)
     if args.scales:
@@ -109,7 +110,7 @@ def stage_slw(args) -> dict:
     rank = args.rank
     original, tokenizer = load(args.model)
     windows = None
-    if recovered and (args.rank_allocation == "sensitivity" or (args.slw_steps >= 0 and not args.no_slw)):
+    if fits or (recovered and args.rank_allocation == "sensitivity"):
         # Only as many random records as the calibration needs are tokenized.
         windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
     if recovered and args.rank_allocation == "sensitivity":
@@ -129,7 +130,7 @@ def stage_slw(args) -> dict:
         mx.random.seed(args.seed)  # fresh factors (what --no-slw keeps) are drawn: the same every run
         model, new_config = sharemap.share_model(original, config, share, rank, args.scales)
         report = {}
-        if recovered and args.slw_steps >= 0 and not args.no_slw:
+        if fits:
             # Under mlx.launch each process captures and fits its own targets (same seeds).
             group = distributed.group()
             mine = distributed.shard(sorted(share), group)

@@ -70,7 +70,7 @@ def fake_results(reproduce, quick: bool) -> dict:
             ppl = {d: rng.uniform(5, 100) for d in reproduce.DOMAINS}
             info = {"path": f"models/x/{n}", "group": group, "label": n, "ppl": ppl, "params": rng.randint(80, 135) * 10**6,
                     "bytes": rng.randint(60, 540) * 10**6, "cloze": {}}
-            if (n in b.cloze) if b.cloze is not None else (group in reproduce.CLOZE_GROUPS):
+            if b.checks_cloze(n, group):
                 info["cloze"] = {d: {"accuracy": rng.random(), "n": 5, "stderr": 0.2} for d in reproduce.DOMAINS}
             if n not in ("original", "mlx-4bit", "original-4bit"):
                 info["mlp_cut"], info["targets"] = rng.random(), 14
