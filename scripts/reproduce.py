@@ -123,7 +123,16 @@ class Steps:
 
     def __init__(self, b: Budget, models: Path, runs: Path, original: Path, log):
         self.b, self.models, self.runs, self.original, self.log = b, models, runs, original, log
-        self.wall: Dict[str, float] = {}
+        # Seconds per step, kept in runs/ so that a run resumed across invocations reports them all.
+        self._walls = runs / "walls.json"
+        self.wall: Dict[str, float] = json.loads(self._walls.read_text()) if self._walls.exists() else {}
+        self.earlier = set(self.wall)  # steps an earlier invocation of this run did
+
+    def record(self, name: str, seconds: float) -> None:
+        self.wall[name] = seconds
+        tmp = self._walls.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.wall, indent=1))
+        tmp.replace(self._walls)
 
     def _run(self, name: str, main, argv: List[str]) -> Path:
         out = self.models / name
@@ -133,7 +142,7 @@ class Steps:
             tic = time.perf_counter()
             if main(argv) != 0:
                 raise SharpError(f"step {name} failed (see the error above); fix it and run again to continue")
-            self.wall[name] = time.perf_counter() - tic
+            self.record(name, time.perf_counter() - tic)
         return out
 
     def slw(self, name: str, *argv, tokens: Optional[int] = None) -> Path:
@@ -263,10 +272,11 @@ def build_variants(s: Steps) -> Dict[str, dict]:
 
 
 
-def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
+def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, float]:
     """Perplexity and the multiple-choice check of every model folder once (a folder several
     variants share is measured once), cached per folder in runs/; the test text is tokenized and
-    the items are built once for the whole run."""
+    the items are built once for the whole run. Returns the seconds all folders' measurements
+    took, and those of the folders an earlier invocation measured."""
     from sharp_mlx import cloze
     from sharp_mlx.data import load_tokens
 
@@ -295,6 +305,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
     def prepare(tokenizer):
         return {f: load_tokens(f, tokenizer)[0] for f in tests}, {f: cloze.build_items(f, tokenizer, b.cloze_items) for f in tests}
 
+    tic = time.perf_counter()
     for path, model, (streams, items) in evaluate.over_models(todo, prepare, float_weights=True):
         key = str(path)
         log(f"[eval] {names[key][0]}")
@@ -302,11 +313,14 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> None:
                "cloze": {f.parent.name: cloze.score(model, items[f], desc=f"{f} on {path.name}") for f in tests} if wants_cloze[key] else {},
                "params": header_params(path) if "quantization" not in read_config(path) else None,
                "bytes": quantize.folder_bytes(path)}
+        out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
         f = cache / f"{names[key][0]}.json"
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))
         tmp.replace(f)
         record(key, out)
+    total = sum(v[ns[0]].get("wall_s", 0.0) for ns in names.values())
+    return total, total - sum(v[names[str(p)][0]]["wall_s"] for p in todo)
 
 
 def geo(ratios: List[float]) -> float:
@@ -534,7 +548,11 @@ def write_report(res: dict, out: Path) -> None:
     s.append("## Steps and wall time\n")
     s.append("| step | wall s |\n|---|---|")
     s.extend(f"| {k} | {w:.0f} |" for k, w in res["steps"].items())
-    s.append(f"\nTotal {res['wall_s'] / 60:.1f} min (steps done in an earlier, interrupted invocation are not listed).\n")
+    resumed = res.get("resumed")
+    s.append(f"\nTotal {res['wall_s'] / 60:.1f} min" + (
+        f": the run was resumed, so this is the last invocation's time plus the recorded times of the {len(resumed)} steps "
+        "earlier invocations did (kept in `walls.json` beside the run's log); evaluation is cached per model folder and "
+        "its row sums every folder's time, whichever invocation measured it.\n" if resumed else ", in one invocation.\n"))
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(s))
     tmp.replace(out)
@@ -635,7 +653,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if analyze.main(["--model", str(original), "--tokens", str(b.analyze_tokens), "--out", str(analysis_dir)]) != 0:
             raise SharpError("the layer analysis failed (see above)")
-        steps.wall["analyze"] = time.perf_counter() - t0
+        steps.record("analyze", time.perf_counter() - t0)
     analysis = json.loads((analysis_dir / "analysis.json").read_text())
     auto = {}
     for cut in (0.25, 0.38):
@@ -645,9 +663,8 @@ def main(argv=None) -> int:
             auto[cut] = str(e)
 
     v = build_variants(steps)
-    t0 = time.perf_counter()
-    measure(v, b, runs, log)
-    steps.wall["evaluate"] = time.perf_counter() - t0
+    eval_s, eval_earlier_s = measure(v, b, runs, log)
+    steps.record("evaluate", eval_s)
 
     t0 = time.perf_counter()
     rows = [bench.Row(bench.REFERENCE, Path(v["mlx-4bit"]["path"]), "mlx_lm")]
@@ -662,7 +679,7 @@ def main(argv=None) -> int:
         log("[bench]")
         timing = bench.time_rows(rows, bench.BenchConfig(reps=b.bench_reps, max_tokens=16, prompts=list(bench.PROMPTS[:1]), ppl_windows=0))
         bench_file.write_text(json.dumps(timing, indent=1))
-        steps.wall["bench"] = time.perf_counter() - t0
+        steps.record("bench", time.perf_counter() - t0)
 
     summarise(v, read_config(original))
     cfg = read_config(v["sharp-slw"]["path"])
@@ -684,7 +701,11 @@ def main(argv=None) -> int:
     res["verdict"] = verdict(v, timing, names)
     if earlier:
         res["compare"] = compare(res, earlier)
-    res["wall_s"] = time.perf_counter() - tic
+    # A resumed run's wall time: every step's own time (kept across invocations) plus this
+    # invocation's time outside the steps it ran.
+    now = time.perf_counter() - tic
+    res["resumed"] = sorted(steps.earlier - {"evaluate"})
+    res["wall_s"] = now + eval_earlier_s + sum(w for k, w in steps.wall.items() if k in steps.earlier and k != "evaluate")
     record = json.dumps(res, indent=1)
     (runs / "results.json").write_text(record)
     report.parent.mkdir(parents=True, exist_ok=True)

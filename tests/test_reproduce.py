@@ -136,3 +136,25 @@ def test_compare_names_the_largest_difference(reproduce, tmp_path, capsys):
     assert "## Reproducibility" in out.read_text() and "(sharp)" in out.read_text()
     assert reproduce.main(["--quick", "--compare", str(tmp_path / "missing.json")]) == 2  # at once, before any work
     assert "--compare" in capsys.readouterr().err
+
+
+def test_resumed_run_keeps_every_step_time(reproduce, tmp_path):
+    """A step's time outlives the invocation that ran it, so a run resumed later reports the whole run's time."""
+    calls = []
+
+    def step(argv):
+        calls.append(argv)
+        Path(argv[-1]).mkdir(parents=True)
+        return 0
+
+    first = reproduce.Steps(reproduce.QUICK, tmp_path / "models", tmp_path, tmp_path / "orig", lambda line: None)
+    first._run("a", step, [])
+    second = reproduce.Steps(reproduce.QUICK, tmp_path / "models", tmp_path, tmp_path / "orig", lambda line: None)
+    second._run("a", step, [])  # done: skipped
+    second._run("b", step, [])
+    assert len(calls) == 2 and set(second.wall) == {"a", "b"} and second.earlier == {"a"}
+    assert json.loads((tmp_path / "walls.json").read_text()).keys() == {"a", "b"}
+    res = fake_results(reproduce, True)
+    res["resumed"] = ["a"]
+    reproduce.write_report(res, tmp_path / "RESULTS.md")
+    assert "the run was resumed" in (tmp_path / "RESULTS.md").read_text()
