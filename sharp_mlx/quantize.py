@@ -6,9 +6,11 @@
 Every Linear and Embedding that the model stores is quantized once: a shared MLP lives at one
 path, so it is quantized and stored once whatever number of layers run it. Recovery factors are
 plain arrays and stay float (``--recovery-dtype``) unless ``--recovery-bits`` asks for affine
-codes (``QuantizedRecovery``); scaling vectors, if any, always stay float. Norms keep the source's dtype and new
-scales take it, as ``mlx_lm.convert`` does without ``--dtype``: a float32 model runs float32
-activations, which MLX's CPU backend needs (its float16 quantized matmul is ~35x slower there);
+codes (``QuantizedRecovery``); scaling vectors, if any, always stay float. Norms keep the source's dtype,
+so a float32 model runs float32 activations, which MLX's CPU backend needs (its float16 quantized
+matmul is ~35x slower there). The scales and biases of new codes are stored as float16
+(``--scales-dtype``), as the GGUF's are: float32 ones add half a bit per weight at group size 64
+and buy nothing measurable (docs/quantization.md);
 import with ``python -m sharp_mlx.convert --dtype float16`` for a float16 model on a Mac. The
 result is recorded in config.json as mlx-lm records it (``"quantization": {"group_size",
 "bits", "mode", <path>: {...}}``), so ``sharp_mlx.load`` and ``mlx_lm.load`` restore it.
@@ -40,6 +42,7 @@ from .model import QuantizedRecovery
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
+SCALES_DTYPES = RECOVERY_DTYPES
 BITS = (2, 3, 4, 5, 6, 8)
 # What the main job's 4-bit checkpoint uses (see docs/bench.md for what each choice costs).
 DEFAULT_RECOVERY_BITS: Optional[int] = 8
@@ -101,7 +104,8 @@ def code_params(weight: mx.array, scales: mx.array, in_dims: int) -> dict:
     return {"group_size": in_dims // scales.shape[-1], "bits": weight.shape[-1] * 32 // in_dims, "mode": "affine"}
 
 
-def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits: Optional[int] = None, embedding_bits: Optional[int] = None) -> None:
+def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits: Optional[int] = None, embedding_bits: Optional[int] = None,
+                  scales_dtype: str = "float16") -> None:
     for flag, b in (("--bits", bits), ("--recovery-bits", recovery_bits), ("--embedding-bits", embedding_bits)):
         if b is not None and b not in BITS:
             raise SharpError(f"{flag} {b} is not supported: use {', '.join(map(str, BITS))}")
@@ -109,6 +113,8 @@ def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits
         raise SharpError(f"--group-size {group_size} is not supported: use 32, 64 or 128")
     if recovery_dtype not in RECOVERY_DTYPES:
         raise SharpError(f"recovery dtype {recovery_dtype!r} is not supported: use {', '.join(RECOVERY_DTYPES)}")
+    if scales_dtype not in SCALES_DTYPES:
+        raise SharpError(f"scales dtype {scales_dtype!r} is not supported: use {', '.join(SCALES_DTYPES)}")
 
 
 def recovery_group_size(rank: int, group_size: int) -> int:
@@ -128,6 +134,7 @@ def quantize(
     codes: Optional[Codes] = None,
     recovery_bits: Optional[int] = None,
     embedding_bits: Optional[int] = None,
+    scales_dtype: str = "float16",
 ) -> Tuple[nn.Module, dict]:
     """Quantize ``model`` in place; returns it and its config with a "quantization" section.
 
@@ -135,11 +142,11 @@ def quantize(
     multiple of ``group_size`` is quantized to ``bits`` (the embedding to ``embedding_bits``
     when given, which overrides its codes). Recovery factors become ``recovery_dtype``, or
     ``recovery_bits`` affine codes when given (scaling vectors then keep their dtype); other
-    float tensors keep their dtype.
+    float tensors keep their dtype. New codes' scales and biases are ``scales_dtype``.
     """
     if is_quantized(model, config):
         raise SharpError("the model is already quantized: quantize the float model it came from")
-    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits)
+    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype)
     codes = dict(codes or {})
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
@@ -170,6 +177,10 @@ def quantize(
     nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
     # Lazy: the codes replace the re-quantized weights before those are ever computed.
     model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
+    dt = SCALES_DTYPES[scales_dtype]
+    for path, module in model.named_modules():
+        if path in params and path not in codes or isinstance(module, QuantizedRecovery):
+            module.update({k: v.astype(dt) for k, v in module.parameters().items() if k.endswith(("scales", "biases"))})
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization}
 
@@ -219,10 +230,11 @@ def quantize_model_folder(
     force: bool = False,
     recovery_bits: Optional[int] = None,
     embedding_bits: Optional[int] = None,
+    scales_dtype: str = "float16",
 ) -> dict:
     """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on disk."""
     model_dir, out = Path(model_dir), Path(out)
-    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits)
+    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
@@ -235,7 +247,7 @@ def quantize_model_folder(
     codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
     if gguf is not None and from_gguf != "auto" and not codes:
         raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
-    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits)
+    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits, scales_dtype)
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(model_dir, tmp)
@@ -261,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of float recovery factors (default: %(default)s)")
     p.add_argument("--recovery-bits", type=int, help="quantize the recovery factors too, to this many bits (default: keep them float)")
     p.add_argument("--embedding-bits", type=int, help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)")
+    p.add_argument("--scales-dtype", choices=sorted(SCALES_DTYPES), default="float16", help="dtype of the scales and biases of codes made here (default: %(default)s)")
     p.add_argument("--from-gguf", default="auto", metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -271,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits)
+    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits, args.scales_dtype)
     if args.json:
         print(json.dumps(r))
         return

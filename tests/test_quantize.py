@@ -11,7 +11,7 @@ import sharp_mlx
 from sharp_mlx.checkpoint import load_model
 from sharp_mlx.convert import embedded_gguf
 from sharp_mlx.errors import SharpError
-from sharp_mlx.quantize import gguf_codes, main, quantize, quantize_model_folder
+from sharp_mlx.quantize import folder_bytes, gguf_codes, main, quantize, quantize_model_folder
 from sharp_mlx.sharemap import share_model
 from conftest import TINY, tiny_model
 from test_model import TOKENS, randomize_recovery
@@ -123,7 +123,8 @@ def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales
     randomize_recovery(model)
     reference = model(TOKENS)
     before = {k: model.model.layers[3].recovery[k] for k in vectors(scales)}
-    q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4)
+    # float32 scales, so that the float copy below is exactly the same function (float16 ones: see the next test)
+    q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4, scales_dtype="float32")
     assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": 32, "bits": 8, "mode": "affine"}
     assert q_config["quantization"]["model.embed_tokens"]["bits"] == 4
     assert isinstance(q.model.layers[3].recovery, QuantizedRecovery) and not q.model.layers[3].recovery.trainable_parameters()
@@ -142,6 +143,22 @@ def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales
     assert mx.abs(logits - reference).mean().item() < 0.2 * mx.abs(reference).mean().item()
     assert mx.allclose(float_copy(ours)(TOKENS), logits, atol=1e-4)
     assert not any(k.endswith("scales") for k, _ in tree_flatten(ours.parameters()))
+
+
+def test_new_codes_keep_float16_scales(tmp_path):
+    """By default the scales and biases of codes made here are float16: half a bit per weight
+    less at group size 64 than float32 ones, for a rounding far below the codes' own."""
+    outs = {}
+    for dtype in ("float16", "float32"):
+        model, config = tiny_model(share=SHARE, rank=32)
+        randomize_recovery(model)
+        q, q_config = quantize(model, config, bits=4, group_size=32, recovery_bits=8, scales_dtype=dtype)
+        flat = dict(tree_flatten(q.parameters()))
+        assert {flat[k].dtype for k in flat if k.endswith(("scales", "biases"))} == {getattr(mx, dtype)}
+        outs[dtype] = (q(TOKENS), folder_bytes(sharp_mlx.save(tmp_path / dtype, q, q_config)))
+    (half, half_bytes), (full, full_bytes) = outs["float16"], outs["float32"]
+    assert half_bytes < full_bytes
+    assert mx.abs(half - full).max().item() < 1e-2 * mx.abs(full).max().item()
 
 
 def test_recovery_bits_need_a_rank_that_groups_divide(shared_dir, tmp_path):
