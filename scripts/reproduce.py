@@ -1,8 +1,8 @@
 """Reproduce SHARP's tables and ablations on the embedded SmolLM2-135M, from scratch, in one run.
 
     python scripts/reproduce.py --quick    # small budgets: 28 min on 2 quiet CPU cores
-    python scripts/reproduce.py            # the main job's budgets for every variant: about 5-6 hours
-                                           # on 2 CPU cores, estimated from the quick run (not run yet)
+    python scripts/reproduce.py            # the main job's budgets for every variant, into docs/RESULTS-full.md:
+                                           # about 5-6 hours on 2 CPU cores, estimated from the quick run
     python scripts/reproduce.py --quick --force --compare docs/RESULTS.json   # again from scratch, against the last run
 
 Where the full run's time goes (estimated from --quick's step times, scaled by its budgets):
@@ -13,12 +13,12 @@ for ~28 variants (~1.4 h).
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
 next-sentence multiple-choice check), quantizes and benchmarks the deployable ones, and writes
-``docs/RESULTS.md`` (or ``--report``) and
+``docs/RESULTS.md`` (``--quick``; the full run: ``docs/RESULTS-full.md``; or ``--report``) and
 its figures. Every number in the report comes from the run that wrote it.
 
 Models go to models/repro[-quick]/, logs and per-model results to runs/repro[-quick]/. Each step is
-skipped when its output exists, so an interrupted run continues where it stopped; ``--force``
-redoes everything.
+skipped when its output exists, so an interrupted run continues where it stopped (each step's
+time is kept, and the report's total counts every invocation's steps); ``--force`` redoes everything.
 """
 
 import argparse
@@ -602,7 +602,7 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets (28 min on 2 quiet CPU cores)")
-    p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md)")
+    p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md with --quick, else docs/RESULTS-full.md)")
     p.add_argument("--force", action="store_true", help="redo every step")
     p.add_argument("--compare", type=Path, help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report")
     return p
@@ -630,7 +630,7 @@ def main(argv=None) -> int:
     b = QUICK if args.quick else FULL
     tag = "repro-quick" if args.quick else "repro"
     models, runs = ROOT / "models" / tag, ROOT / "runs" / tag
-    report = args.report or ROOT / "docs" / "RESULTS.md"
+    report = args.report or ROOT / "docs" / ("RESULTS.md" if args.quick else "RESULTS-full.md")
     if args.force:
         shutil.rmtree(models, ignore_errors=True)
         shutil.rmtree(runs, ignore_errors=True)
