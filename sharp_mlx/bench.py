@@ -108,6 +108,7 @@ class BenchConfig:
     prompts: List[str] = field(default_factory=lambda: list(PROMPTS))
     ppl_windows: int = 8
     seq_len: int = 256
+    cold: bool = False  # drop the weights from the page cache before each run (a first load, read from disk)
     data: List[Path] = field(default_factory=lambda: sorted(Path("data").glob("*/test.jsonl")))
 
 
@@ -123,8 +124,21 @@ def memory_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
     return a.nbytes / statistics.median(times) / 1e9
 
 
+def evict(folder: Path) -> None:
+    """Drop ``folder``'s weight files from the page cache, so the next load reads them from disk
+    (Linux; the pages of a file nobody has open go at once)."""
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_worker(row: Row, cfg: BenchConfig) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    if cfg.cold:
+        evict(row.path)
     cmd = [sys.executable, "-c", WORKER, repr(time.time()), row.loader, str(row.path), str(cfg.max_tokens), json.dumps(cfg.prompts)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
@@ -190,7 +204,9 @@ def markdown(report: dict) -> str:
         f"Machine: {m['machine']}; one core's measured read bandwidth {m['bandwidth_gbs']:.1f} GB/s. "
         f"{report['config']['reps']} repetitions per row, each a fresh process, alternating order; "
         f"{len(report['config']['prompts'])} chat prompts, greedy, up to {report['config']['max_tokens']} new tokens. "
-        f"Load: weights only (the tokenizer, {statistics.median(r['tokenizer_s']['median'] for r in report['rows'].values()):.2f} s in every row, is loaded after). "
+        f"Load: weights only (the tokenizer, {statistics.median(r['tokenizer_s']['median'] for r in report['rows'].values()):.2f} s in every row, is loaded after)"
+        + ("; cold: the weight files were dropped from the page cache before each run, so they are read from disk. " if report["config"].get("cold")
+           else "; warm: the weight files are in the page cache. ") +
         f"Medians, [min-max]; ratios against `{REFERENCE}` (`mlx_lm.convert -q` of the original, loaded and run by mlx-lm).",
         "",
         "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode tok/s | x | peak GB | GB/s |",
@@ -326,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
     p.add_argument("--recovery-bits", type=int, default=DEFAULT_RECOVERY_BITS, help="recovery codes for the SHARP 4-bit rows built here (default: %(default)s, as the main job)")
     p.add_argument("--embedding-bits", type=int, default=DEFAULT_EMBEDDING_BITS, help="embedding bits for the 4-bit rows built here (default: %(default)s: its GGUF codes, as the main job)")
+    p.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each run: load times of a first load, from disk (Linux)")
     p.add_argument("--rebuild", action="store_true", help="rebuild our 4-bit folders even if they exist")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")
     return p
@@ -339,7 +356,10 @@ def main(argv=None):
     rows = args.row or default_rows(args.recovery_bits, args.embedding_bits, args.rebuild)
     if REFERENCE not in {r.name for r in rows}:
         raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original)")
-    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len)
+    if args.cold and not hasattr(os, "posix_fadvise"):
+        raise SharpError("--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo purge` before a warm run instead")
+    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len,
+                      cold=args.cold)
     if args.data:
         missing = [str(f) for f in args.data if not f.is_file()]
         if missing:

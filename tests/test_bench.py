@@ -46,3 +46,14 @@ def test_rows_need_the_mlx_lm_reference(tmp_path, capsys):
     assert bench.main(["--row", f"mine={plain}", "--out", str(tmp_path / "b")]) == 2
     assert "mlx_lm" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_cold_runs_read_the_weights_from_disk(tmp_path):
+    """--cold drops the weight files from the page cache before each run, and the report says so."""
+    plain = write_tiny_model(tmp_path / "plain")
+    q = quantize_model_folder(plain, tmp_path / "plain-8bit", bits=8, group_size=32, from_gguf="none")["out"]
+    out = tmp_path / "bench"
+    argv = ["--row", f"{bench.REFERENCE}@mlx_lm={q}", "--reps", "1", "--prompts", "1", "--max-tokens", "2", "--ppl-windows", "0", "--cold", "--out", str(out)]
+    assert bench.main(argv) in (None, 0)
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["cold"] is True
+    assert "cold: the weight files were dropped" in out.with_suffix(".md").read_text()
