@@ -47,23 +47,20 @@ def main():
         codes, _ = gguf_codes(resolve_gguf("auto"), model, config)
         models[name] = quantize(model, config, codes=codes, **kw)[0]
 
-    def run(model, gaps):
-        """Decode exactly --max-tokens tokens (no stop at end-of-sequence, so every variant times
-        the same number at the same cache lengths); returns tokens/s after the first."""
-        last = first = None
-        for _ in generate_step(ids, model, max_tokens=args.max_tokens, sampler=make_sampler(temp=0.0)):
-            now = time.perf_counter()
-            if last is not None:  # the first token is the prompt's
-                gaps.append(now - last)
-            last, first = now, first or now
-        return (args.max_tokens - 1) / (last - first)
+    def run(model):
+        """Seconds between consecutive tokens of exactly --max-tokens (no stop at end-of-sequence,
+        so every variant times the same number at the same cache lengths; the first token is the prompt's)."""
+        times = [time.perf_counter() for _ in generate_step(ids, model, max_tokens=args.max_tokens, sampler=make_sampler(temp=0.0))]
+        return [b - a for a, b in zip(times, times[1:])]
 
     for m in models.values():  # warm-up
-        run(m, [])
+        run(m)
     tps, gaps = {k: [] for k in models}, {k: [] for k in models}
     for i in range(args.rounds):
         for k in list(models) if i % 2 == 0 else list(models)[::-1]:
-            tps[k].append(run(models[k], gaps[k]))
+            g = run(models[k])
+            gaps[k] += g
+            tps[k].append(len(g) / sum(g))
     ref, ref_gap = statistics.median(tps["mlx_lm.convert -q"]), statistics.median(gaps["mlx_lm.convert -q"])
     for k in models:
         gap = statistics.median(gaps[k])

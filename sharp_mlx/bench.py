@@ -353,11 +353,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if min(args.reps, args.max_tokens, args.prompts) < 1:
         raise SharpError("--reps, --max-tokens and --prompts must be at least 1")
+    if args.cold and not hasattr(os, "posix_fadvise"):  # before any folder is built
+        raise SharpError("--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo purge` before a warm run instead")
     rows = args.row or default_rows(args.recovery_bits, args.embedding_bits, args.rebuild)
     if REFERENCE not in {r.name for r in rows}:
         raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original)")
-    if args.cold and not hasattr(os, "posix_fadvise"):
-        raise SharpError("--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo purge` before a warm run instead")
     cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len,
                       cold=args.cold)
     if args.data:

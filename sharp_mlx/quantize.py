@@ -178,8 +178,8 @@ def quantize(
     # Lazy: the codes replace the re-quantized weights before those are ever computed.
     model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
     dt = SCALES_DTYPES[scales_dtype]
-    for path, module in model.named_modules():
-        if path in params and path not in codes or isinstance(module, QuantizedRecovery):
+    for path, module in model.named_modules():  # the codes made here (the GGUF's keep their own)
+        if path not in codes:
             module.update({k: v.astype(dt) for k, v in module.parameters().items() if k.endswith(("scales", "biases"))})
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization}
