@@ -80,6 +80,7 @@ QUICK = Budget(slw_tokens=1024, slw_steps=10, slw_batch_rows=512, sft_steps=8, s
 FULL = Budget(slw_tokens=16384, slw_steps=50, slw_batch_rows=1024, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
               eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3,
               sft_valid_windows=4, ablation_targets=5, scales_full=True, ranks=(16, 32, 128), chat_only=True)
+CLOZE_BATCH = 8  # next-sentence items per forward pass: 1.5x faster than one at a time, the same picks
 CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # the ablations are read by perplexity alone
 
 
@@ -310,7 +311,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
         key = str(path)
         log(f"[eval] {names[key][0]}")
         out = {"ppl": {f.parent.name: evaluate.perplexity(model, streams[f], b.eval_seq, max_windows=b.eval_windows, desc=f"{f} on {path.name}")["ppl"] for f in tests},
-               "cloze": {f.parent.name: cloze.score(model, items[f], desc=f"{f} on {path.name}") for f in tests} if wants_cloze[key] else {},
+               "cloze": {f.parent.name: cloze.score(model, items[f], CLOZE_BATCH, desc=f"{f} on {path.name}") for f in tests} if wants_cloze[key] else {},
                "params": header_params(path) if "quantization" not in read_config(path) else None,
                "bytes": quantize.folder_bytes(path)}
         out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
