@@ -29,7 +29,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,7 +46,7 @@ SCALES_DTYPES = RECOVERY_DTYPES
 BITS = (2, 3, 4, 5, 6, 8)
 # What the main job's 4-bit checkpoint uses (see docs/bench.md for what each choice costs).
 DEFAULT_RECOVERY_BITS: Optional[int] = 8
-DEFAULT_EMBEDDING_BITS: Optional[int] = None
+DEFAULT_EMBEDDING_BITS: Optional[int] = 5  # fitted by GPTQ on the training splits (the main job passes --calibration)
 # A GGUF code matches a float weight when it dequantizes to it within this fraction of the
 # weight's largest magnitude (0 for an fp32 import of the GGUF; fp16 rounding stays below 1e-3).
 MATCH_TOL = 1e-3
@@ -117,11 +117,13 @@ def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits
         raise SharpError(f"scales dtype {scales_dtype!r} is not supported: use {', '.join(SCALES_DTYPES)}")
 
 
-def recovery_group_size(rank: int, group_size: int) -> int:
-    """The largest supported group size <= ``group_size`` that divides the rank."""
+def recovery_group(rank: int, group_size: int, exact: bool = False) -> int:
+    """The largest supported group size <= ``group_size`` that divides the rank (``exact``: ``group_size`` itself)."""
     for g in (128, 64, 32):
-        if g <= group_size and rank % g == 0:
+        if (g == group_size if exact else g <= group_size) and rank % g == 0:
             return g
+    if exact:
+        raise SharpError(f"--recovery-group-size {group_size} does not divide the recovery rank {rank}: use 32, 64 or 128 dividing it")
     raise SharpError(f"recovery rank {rank} is not a multiple of 32, so its factors cannot be quantized: keep them float (drop --recovery-bits)")
 
 
@@ -135,13 +137,15 @@ def quantize(
     recovery_bits: Optional[int] = None,
     embedding_bits: Optional[int] = None,
     scales_dtype: str = "float16",
+    recovery_group_size: Optional[int] = None,
 ) -> Tuple[nn.Module, dict]:
     """Quantize ``model`` in place; returns it and its config with a "quantization" section.
 
     Modules in ``codes`` take those codes; every other Linear/Embedding whose input size is a
     multiple of ``group_size`` is quantized to ``bits`` (the embedding to ``embedding_bits``
     when given, which overrides its codes). Recovery factors become ``recovery_dtype``, or
-    ``recovery_bits`` affine codes when given (scaling vectors then keep their dtype); other
+    ``recovery_bits`` affine codes when given, in groups of ``recovery_group_size`` (default: the
+    largest of 128/64/32 up to ``group_size`` that divides the rank; scaling vectors keep their dtype); other
     float tensors keep their dtype. New codes' scales and biases are ``scales_dtype``.
     """
     if is_quantized(model, config):
@@ -151,7 +155,7 @@ def quantize(
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
     recovery = {} if recovery_bits is None else {
-        f"model.layers.{i}.recovery": {"group_size": recovery_group_size(layers[i].recovery.gate_a.shape[1], group_size), "bits": recovery_bits, "mode": "affine"}
+        f"model.layers.{i}.recovery": {"group_size": recovery_group(layers[i].recovery.gate_a.shape[1], recovery_group_size or group_size, recovery_group_size is not None), "bits": recovery_bits, "mode": "affine"}
         for i in targets
     }
     params = {}
@@ -220,6 +224,17 @@ def resolve_gguf(from_gguf: str) -> Optional[Path]:
     return path
 
 
+def options_record(bits: int = 4, group_size: int = 64, recovery_dtype: str = "float16", recovery_bits: Optional[int] = None,
+                   embedding_bits: Optional[int] = None, scales_dtype: str = "float16", calibration: Optional[Sequence] = None,
+                   calibration_windows: int = 8, recovery_group_size: Optional[int] = None) -> dict:
+    """What ``quantize_model_folder`` records in config.json ("sharp_quantize") about how it was
+    asked to quantize, so a folder can be told apart from one made with other options."""
+    return {"bits": bits, "group_size": group_size, "recovery": recovery_bits or recovery_dtype, "recovery_group_size": recovery_group_size,
+            "embedding_bits": embedding_bits, "embedding_fit": ("gptq" if calibration else "round") if embedding_bits else None,
+            "calibration": [str(f) for f in calibration] if calibration else None, "calibration_windows": calibration_windows if calibration else None,
+            "scales_dtype": scales_dtype}
+
+
 def quantize_model_folder(
     model_dir: Union[str, Path],
     out: Union[str, Path],
@@ -231,10 +246,23 @@ def quantize_model_folder(
     recovery_bits: Optional[int] = None,
     embedding_bits: Optional[int] = None,
     scales_dtype: str = "float16",
+    calibration: Optional[Sequence[Union[str, Path]]] = None,
+    calibration_windows: int = 8,
+    recovery_group_size: Optional[int] = None,
 ) -> dict:
-    """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on disk."""
+    """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on
+    disk. ``calibration``: text files on which the tied embedding's ``embedding_bits`` codes are
+    fitted by GPTQ (``sharp_mlx.gptq``, ``calibration_windows`` windows of 256 tokens per file)
+    instead of rounded to nearest."""
     model_dir, out = Path(model_dir), Path(out)
     check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype)
+    if calibration and embedding_bits is None:
+        raise SharpError("--calibration fits the embedding's re-quantized codes: pass --embedding-bits too (5 is within 2% on SmolLM2)")
+    if calibration and calibration_windows < 1:
+        raise SharpError(f"--calibration-windows must be at least 1, got {calibration_windows}")
+    for f in calibration or ():
+        if not Path(f).is_file():
+            raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python scripts/fetch_data.py makes them)")
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
@@ -247,16 +275,34 @@ def quantize_model_folder(
     codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
     if gguf is not None and from_gguf != "auto" and not codes:
         raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
-    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits, scales_dtype)
+    n_gguf = len(codes) - (embedding_bits is not None and "model.embed_tokens" in codes)  # a re-quantized embedding drops its code
+    fitted = None
+    if calibration:
+        from mlx_lm.utils import load_tokenizer
+
+        from .gptq import gptq_codes, output_hessian
+
+        if not config.get("tie_word_embeddings", True):
+            raise SharpError(f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied embedding only; drop it")
+        tic = time.perf_counter()
+        hessian = output_hessian(model, load_tokenizer(model_dir), [Path(f) for f in calibration], calibration_windows)
+        codes["model.embed_tokens"] = gptq_codes(model.model.embed_tokens.weight, hessian, embedding_bits, group_size, SCALES_DTYPES[scales_dtype])
+        fitted = {"method": "gptq", "bits": embedding_bits, "group_size": group_size, "files": [str(f) for f in calibration],
+                  "windows": calibration_windows, "seconds": round(time.perf_counter() - tic, 1)}
+        embedding_bits = None  # the embedding now has codes, like a GGUF's
+    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits, scales_dtype, recovery_group_size)
+    config["sharp_quantize"] = options_record(bits, group_size, recovery_dtype, recovery_bits, fitted["bits"] if fitted else embedding_bits, scales_dtype,
+                                              calibration, calibration_windows, recovery_group_size)
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(model_dir, tmp)
     return {
         "model": str(model_dir),
         "out": str(out),
-        "gguf": str(gguf) if codes else None,
-        "gguf_codes": len(codes),
-        "gguf_mismatched": mismatched if codes else 0,
+        "gguf": str(gguf) if n_gguf else None,
+        "gguf_codes": n_gguf,
+        "embedding_fit": fitted,
+        "gguf_mismatched": mismatched if n_gguf else 0,
         "quantized": sum(1 for k, _ in tree_flatten(model.parameters()) if k.endswith("scales")),
         "quantization": config["quantization"],
         "bytes_before": folder_bytes(model_dir),
@@ -272,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
     p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of float recovery factors (default: %(default)s)")
     p.add_argument("--recovery-bits", type=int, help="quantize the recovery factors too, to this many bits (default: keep them float)")
+    p.add_argument("--recovery-group-size", type=int, choices=(32, 64, 128), help="group size of the recovery codes (default: the largest up to --group-size that divides the rank)")
     p.add_argument("--embedding-bits", type=int, help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)")
     p.add_argument("--scales-dtype", choices=sorted(SCALES_DTYPES), default="float16", help="dtype of the scales and biases of codes made here (default: %(default)s)")
+    p.add_argument("--calibration", type=Path, nargs="+", metavar="FILE", help="with --embedding-bits: fit the tied embedding's codes by GPTQ on these files' text (e.g. data/*/train.jsonl) instead of rounding to nearest")
+    p.add_argument("--calibration-windows", type=int, default=8, help="windows of 256 tokens per calibration file (default: %(default)s)")
     p.add_argument("--from-gguf", default="auto", metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -284,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits, args.scales_dtype)
+    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits, args.scales_dtype,
+                              args.calibration, args.calibration_windows, args.recovery_group_size)
     if args.json:
         print(json.dumps(r))
         return
     source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
     print(f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}; {time.perf_counter() - tic:.1f} s)")
+    if r["embedding_fit"]:
+        f = r["embedding_fit"]
+        print(f"embedding: {f['bits']}-bit codes fitted by GPTQ on {f['windows']} windows of each of {len(f['files'])} files ({f['seconds']} s)")
     print(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
 
 

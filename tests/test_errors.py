@@ -100,6 +100,7 @@ CASES = [
          subprocess=True),
     Case("quantize-already-quantized", "quantize", ["--model", "quantized", "--out", "requantized", "--from-gguf", "none"]),
     Case("quantize-output-exists", "quantize", ["--model", "orig", "--out", "existing", "--from-gguf", "none"]),
+    Case("quantize-calibration-without-bits", "quantize", ["--model", "orig", "--out", "q", "--from-gguf", "none", "--calibration", "train.jsonl"]),
 ]
 
 

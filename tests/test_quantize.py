@@ -182,3 +182,13 @@ def test_evaluate_float_weights_is_the_same_function(shared_dir, tmp_path, capsy
         assert evaluate.main(["--model", str(out), "--data", str(text), "--seq-len", "32", "--max-windows", "4", "--json", *flag]) == 0
         ppl[bool(flag)] = json.loads(capsys.readouterr().out)[str(text)]["ppl"]
     assert ppl[True] == pytest.approx(ppl[False], rel=1e-3)
+
+
+def test_recovery_group_size_is_chosen_or_refused():
+    for asked, want in ((None, 64), (32, 32)):
+        model, config = tiny_model(share=SHARE, rank=64, intermediate_size=128)
+        _, q_config = quantize(model, config, bits=4, group_size=64, recovery_bits=6, recovery_group_size=asked)
+        assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": want, "bits": 6, "mode": "affine"}
+    model, config = tiny_model(share=SHARE, rank=32)
+    with pytest.raises(SharpError, match="does not divide the recovery rank 32"):
+        quantize(model, config, bits=4, group_size=64, recovery_bits=6, recovery_group_size=64)
