@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ArgumentParser, SharpError, cli
+from .errors import ArgumentParser, SharpError, bits_or_none, cli
 from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS, folder_bytes
 
 PROMPTS = (
@@ -288,24 +288,33 @@ def ensure_mlx_4bit() -> Path:
 
 
 def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
-    """The issue's rows, building the 4-bit folders that are missing: for every float SHARP model
-    found, its 4-bit checkpoint as the main job makes it (``recovery_bits``/``embedding_bits``)
-    and ones with the embedding re-quantized to 6 bits (``-4bit-emb6``) and to 4 bits like
-    mlx-lm's (``-4bit-emb4``)."""
-    from .quantize import quantize_model_folder
+    """The issue's rows, building the 4-bit folders that are missing or were made with other
+    options: for every float SHARP model found, its 4-bit checkpoint as the main job makes it
+    (``recovery_bits``; an ``embedding_bits`` embedding fitted by GPTQ on data/*/train.jsonl),
+    the one that keeps every GGUF code (``-4bit-lossless``) and the smallest within 2% of float
+    (``-4bit-small``: the main job's, with 6-bit recovery codes in groups of 32)."""
+    from .quantize import options_record, quantize_model_folder
 
     ensure_mlx_4bit()
+    calibration = sorted(Path("data").glob("*/train.jsonl"))
 
     def built(src: Path, out: Path, **kw) -> Path:
-        if force_build or not out.exists():
-            quantize_model_folder(src, out, recovery_bits=recovery_bits, force=force_build, **kw)
+        kw = {"recovery_bits": recovery_bits, **kw}
+        if kw.get("embedding_bits"):
+            if not calibration:
+                raise SharpError("the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python scripts/fetch_data.py`, or pass --embedding-bits none")
+            kw["calibration"] = calibration
+        stale = out.exists() and json.loads((out / "config.json").read_text()).get("sharp_quantize") != options_record(**kw)
+        if force_build or stale or not out.exists():
+            quantize_model_folder(src, out, force=True, **kw)
         return out
 
+    mine = f"embedding {embedding_bits}-bit by GPTQ" if embedding_bits else "every GGUF code kept"
     rows = [
         Row("original", ORIGINAL, note="float32"),
         Row(REFERENCE, MLX4, "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm"),
         Row("original-4bit mlx-lm, via sharp_mlx", MLX4, note="the same folder, loaded by sharp_mlx"),
-        Row("original-4bit", built(ORIGINAL, Path(f"{ORIGINAL}-4bit"), embedding_bits=embedding_bits), note="GGUF codes"),
+        Row("original-4bit", built(ORIGINAL, Path(f"{ORIGINAL}-4bit"), embedding_bits=embedding_bits), note=f"GGUF codes, {mine}"),
     ]
     for name, note in (("sharp", "default setting"), ("sharp50", "~50% setting"), ("sharp65", "~65% setting")):
         src = Path(f"models/smollm2-135m-instruct-{name}")
@@ -313,9 +322,11 @@ def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], fo
             print(f"skipping {name}: {src} is missing (see README: python -m sharp_mlx.pipeline --name {src.name} ...)", file=sys.stderr)
             continue
         rows.append(Row(f"{name} float", src, note=note + ", float32"))
-        rows.append(Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=note + ", GGUF codes"))
-        for bits in (6, 4):  # 6: within 2% of float; 4: as small as mlx-lm's embedding
-            rows.append(Row(f"{name}-4bit-emb{bits}", built(src, Path(f"{src}-4bit-emb{bits}"), embedding_bits=bits), note=note + f", GGUF codes, embedding re-quantized to {bits} bits"))
+        rows.append(Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=f"{note}, as the main job makes it: GGUF codes, {mine}"))
+        rows.append(Row(f"{name}-4bit-lossless", built(src, Path(f"{src}-4bit-lossless"), embedding_bits=None), note=note + ", every GGUF code kept (8-bit embedding)"))
+        if embedding_bits and recovery_bits:
+            rows.append(Row(f"{name}-4bit-small", built(src, Path(f"{src}-4bit-small"), embedding_bits=embedding_bits, recovery_bits=6, recovery_group_size=32),
+                            note=f"{note}, GGUF codes, {mine}, 6-bit recovery in groups of 32"))
     return rows
 
 
@@ -341,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
     p.add_argument("--recovery-bits", type=int, default=DEFAULT_RECOVERY_BITS, help="recovery codes for the SHARP 4-bit rows built here (default: %(default)s, as the main job)")
-    p.add_argument("--embedding-bits", type=int, default=DEFAULT_EMBEDDING_BITS, help="embedding bits for the 4-bit rows built here (default: %(default)s: its GGUF codes, as the main job)")
+    p.add_argument("--embedding-bits", type=bits_or_none, default=DEFAULT_EMBEDDING_BITS,
+                   help="embedding bits of the 4-bit rows built here, fitted by GPTQ (default: %(default)s, as the main job; none keeps the GGUF codes)")
     p.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each run: load times of a first load, from disk (Linux)")
     p.add_argument("--rebuild", action="store_true", help="rebuild our 4-bit folders even if they exist")
     p.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")

@@ -18,6 +18,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SharpError(f"{message} (see {self.prog} --help)")
 
 
+def bits_or_none(text: str) -> Optional[int]:
+    """argparse type of a bit width that may be "none" (keep what the source has)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits or 'none'")
+
+
 def cli(prog: str) -> Callable:
     """Wrap a CLI ``main(argv)`` so a SharpError prints one line and returns 2, not a traceback."""
 

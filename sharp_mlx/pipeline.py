@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import analyze, evaluate, generate, quantize, train
 from .convert import ensure_default_model
-from .errors import ArgumentParser, SharpError, cli
+from .errors import ArgumentParser, SharpError, bits_or_none, cli
 
 DOMAINS = train.DOMAINS
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-steps", type=int, default=40, help="SFT optimizer steps of 2 x 256 tokens (default: %(default)s)")
     p.add_argument("--eval-windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
     p.add_argument("--recovery-bits", type=int, default=quantize.DEFAULT_RECOVERY_BITS, help="bits of the recovery factors in the 4-bit checkpoint (default: %(default)s; none keeps float16)")
-    p.add_argument("--embedding-bits", type=int, default=quantize.DEFAULT_EMBEDDING_BITS, help="bits of the embedding in the 4-bit checkpoint (default: %(default)s; none keeps its GGUF codes)")
+    p.add_argument("--embedding-bits", type=bits_or_none, default=quantize.DEFAULT_EMBEDDING_BITS,
+                   help="bits of the embedding in the 4-bit checkpoint, fitted by GPTQ on the training splits (default: %(default)s; none keeps its GGUF codes, 8-bit)")
     p.add_argument("--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)")
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -98,7 +99,8 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", args.recovery_bits), *flag("--embedding-bits", args.embedding_bits)], quantize.main, args.force)
+    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", args.recovery_bits), *flag("--embedding-bits", args.embedding_bits),
+                                   *(["--calibration", *[args.data / d / "train.jsonl" for d in DOMAINS]] if args.embedding_bits else [])], quantize.main, args.force)
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
         generate.main(["--model", str(model)])
