@@ -44,7 +44,7 @@ Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
 SCALES_DTYPES = RECOVERY_DTYPES
 BITS = (2, 3, 4, 5, 6, 8)
-# What the main job's 4-bit checkpoint uses (see docs/bench.md for what each choice costs).
+# What the main job's 4-bit checkpoint uses (docs/quantization.md: what each choice costs).
 DEFAULT_RECOVERY_BITS: Optional[int] = 8
 DEFAULT_EMBEDDING_BITS: Optional[int] = 5  # fitted by GPTQ on the training splits (the main job passes --calibration)
 # A GGUF code matches a float weight when it dequantizes to it within this fraction of the
