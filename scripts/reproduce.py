@@ -2,13 +2,14 @@
 
     python scripts/reproduce.py --quick    # small budgets: 28 min on 2 quiet CPU cores
     python scripts/reproduce.py            # the main job's budgets for every variant, into docs/RESULTS-full.md:
-                                           # about 5-6 hours on 2 CPU cores, estimated from the quick run
+                                           # about 7 hours on 2 CPU cores (34 of ~45 training steps measured)
     python scripts/reproduce.py --quick --force --compare docs/RESULTS.json   # again from scratch, against the last run
 
-Where the full run's time goes (estimated from --quick's step times, scaled by its budgets):
-about 172 per-layer SLW fits at ~20 s and 19 captures of 16k tokens (~1.5 h), 12 SFT runs of
-40 x 512 tokens (~1.2 h), 8 test windows for ~45 folders (~0.9 h) and 200 next-sentence items
-for ~28 variants (~1.4 h).
+Where the full run's time goes: its first 34 training steps took 3.9 h (runs/repro/walls.json,
+some of them slowed by other jobs sharing the cores; a quiet SLW or SFT step takes 5-7 min); the
+rest is estimated from --quick's step times scaled by the budgets: about 0.6 h of training, 8 test
+windows for ~45 folders (~0.9 h) and 200 next-sentence items for ~28 variants (~1.3 h, 8 items a
+forward pass).
 
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
