@@ -19,17 +19,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from sharp_mlx import load
 from sharp_mlx.data import load_tokens
 from sharp_mlx.evaluate import perplexity
-from sharp_mlx.gptq import gptq, output_hessian
+from sharp_mlx.gptq import gptq_codes, output_hessian
 from sharp_mlx.quantize import dequantized
-
-
-def affine(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, group: int) -> mx.array:
-    return mx.array(np.repeat(scales.astype(np.float32), group, 1) * codes + np.repeat(biases.astype(np.float32), group, 1))
 
 
 def main():
@@ -49,19 +44,19 @@ def main():
     baseline = None
     for row in args.rows:
         side, spec = ("both", row) if not row.startswith(("input:", "output:")) else row.split(":", 1)
-        head = full
         if spec == "float":
             weight, bits, group = full, None, None
         else:
             kind, bits, group = spec.split(":")
             bits, group = int(bits), int(group)
             if kind == "rtn":
-                weight = mx.dequantize(*[x if x.dtype == mx.uint32 else x.astype(mx.float16).astype(mx.float32) for x in mx.quantize(full, group, bits)],
-                                       group_size=group, bits=bits)
+                packed, scales, biases = mx.quantize(full, group, bits)
+                scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)  # stored as sharp_mlx.quantize stores them
             else:
                 if hessian is None:
                     hessian = output_hessian(model, tokenizer, [f.with_name("train.jsonl") for f in files], args.calibration_windows)
-                weight = affine(*gptq(np.array(full), hessian, bits, group), group)
+                packed, scales, biases = gptq_codes(full, hessian, bits, group)
+            weight = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits)
         if side != "both":  # cut the tie: one side quantized, the other float
             model.args.tie_word_embeddings = False
             model.lm_head = nn.Linear(dim, vocab, bias=False)

@@ -117,13 +117,15 @@ def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits
         raise SharpError(f"scales dtype {scales_dtype!r} is not supported: use {', '.join(SCALES_DTYPES)}")
 
 
-def recovery_group(rank: int, group_size: int, exact: bool = False) -> int:
-    """The largest supported group size <= ``group_size`` that divides the rank (``exact``: ``group_size`` itself)."""
+def recovery_group(rank: int, group_size: int, asked: Optional[int] = None) -> int:
+    """``asked`` if it divides the rank, else the largest supported group size <= ``group_size`` that does."""
+    if asked is not None:
+        if rank % asked:
+            raise SharpError(f"--recovery-group-size {asked} does not divide the recovery rank {rank}: use 32, 64 or 128 dividing it")
+        return asked
     for g in (128, 64, 32):
-        if (g == group_size if exact else g <= group_size) and rank % g == 0:
+        if g <= group_size and rank % g == 0:
             return g
-    if exact:
-        raise SharpError(f"--recovery-group-size {group_size} does not divide the recovery rank {rank}: use 32, 64 or 128 dividing it")
     raise SharpError(f"recovery rank {rank} is not a multiple of 32, so its factors cannot be quantized: keep them float (drop --recovery-bits)")
 
 
@@ -155,7 +157,7 @@ def quantize(
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
     recovery = {} if recovery_bits is None else {
-        f"model.layers.{i}.recovery": {"group_size": recovery_group(layers[i].recovery.gate_a.shape[1], recovery_group_size or group_size, recovery_group_size is not None), "bits": recovery_bits, "mode": "affine"}
+        f"model.layers.{i}.recovery": {"group_size": recovery_group(layers[i].recovery.gate_a.shape[1], group_size, recovery_group_size), "bits": recovery_bits, "mode": "affine"}
         for i in targets
     }
     params = {}
@@ -268,6 +270,8 @@ def quantize_model_folder(
     if out.resolve() == model_dir.resolve():
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
     model, config = load_model(model_dir)
+    if calibration and not config.get("tie_word_embeddings", True):
+        raise SharpError(f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied embedding only; drop it")
     if is_quantized(model, config):
         q = config.get("quantization", {})
         raise SharpError(f"{model_dir} is already quantized ({q.get('bits')}-bit, group size {q.get('group_size')}): quantize the float model it came from")
@@ -276,23 +280,20 @@ def quantize_model_folder(
     if gguf is not None and from_gguf != "auto" and not codes:
         raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
     n_gguf = len(codes) - (embedding_bits is not None and "model.embed_tokens" in codes)  # a re-quantized embedding drops its code
-    fitted = None
-    if calibration:
+    fit_seconds = None
+    if calibration:  # the embedding gets GPTQ's codes, which quantize() then keeps like a GGUF's
         from mlx_lm.utils import load_tokenizer
 
         from .gptq import gptq_codes, output_hessian
 
-        if not config.get("tie_word_embeddings", True):
-            raise SharpError(f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied embedding only; drop it")
         tic = time.perf_counter()
         hessian = output_hessian(model, load_tokenizer(model_dir), [Path(f) for f in calibration], calibration_windows)
         codes["model.embed_tokens"] = gptq_codes(model.model.embed_tokens.weight, hessian, embedding_bits, group_size, SCALES_DTYPES[scales_dtype])
-        fitted = {"method": "gptq", "bits": embedding_bits, "group_size": group_size, "files": [str(f) for f in calibration],
-                  "windows": calibration_windows, "seconds": round(time.perf_counter() - tic, 1)}
-        embedding_bits = None  # the embedding now has codes, like a GGUF's
-    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, embedding_bits, scales_dtype, recovery_group_size)
-    config["sharp_quantize"] = options_record(bits, group_size, recovery_dtype, recovery_bits, fitted["bits"] if fitted else embedding_bits, scales_dtype,
-                                              calibration, calibration_windows, recovery_group_size)
+        fit_seconds = round(time.perf_counter() - tic, 1)
+    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, None if calibration else embedding_bits, scales_dtype,
+                             recovery_group_size)
+    config["sharp_quantize"] = options_record(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype, calibration, calibration_windows,
+                                              recovery_group_size)
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(model_dir, tmp)
@@ -301,7 +302,8 @@ def quantize_model_folder(
         "out": str(out),
         "gguf": str(gguf) if n_gguf else None,
         "gguf_codes": n_gguf,
-        "embedding_fit": fitted,
+        "options": config["sharp_quantize"],
+        "embedding_fit_s": fit_seconds,
         "gguf_mismatched": mismatched if n_gguf else 0,
         "quantized": sum(1 for k, _ in tree_flatten(model.parameters()) if k.endswith("scales")),
         "quantization": config["quantization"],
@@ -340,9 +342,10 @@ def main(argv=None):
         return
     source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
     print(f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}; {time.perf_counter() - tic:.1f} s)")
-    if r["embedding_fit"]:
-        f = r["embedding_fit"]
-        print(f"embedding: {f['bits']}-bit codes fitted by GPTQ on {f['windows']} windows of each of {len(f['files'])} files ({f['seconds']} s)")
+    if r["embedding_fit_s"] is not None:
+        o = r["options"]
+        print(f"embedding: {o['embedding_bits']}-bit codes fitted by GPTQ on {o['calibration_windows']} windows of each of {len(o['calibration'])} files "
+              f"({r['embedding_fit_s']} s)")
     print(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
 
 
