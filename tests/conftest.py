@@ -35,6 +35,20 @@ def tiny_model(share=None, rank=0, seed=0, scales=False, **overrides):
     return model, config
 
 
+def direct_sharing_reference(weights, config, share):
+    """Direct sharing built by hand on mlx-lm's own llama: each target gets a copy of its
+    reference's MLP weights (``weights``: the unshared model's, as a dict)."""
+    from mlx_lm.models import llama
+
+    direct = dict(weights)
+    for t, r in share.items():
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            direct[f"model.layers.{t}.mlp.{p}.weight"] = weights[f"model.layers.{r}.mlp.{p}.weight"]
+    ref = llama.Model(llama.ModelArgs.from_dict(config))
+    ref.load_weights(list(direct.items()))
+    return ref
+
+
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, imported once into models/ (about 30 s)."""

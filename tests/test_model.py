@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import sharp_mlx
 from sharp_mlx.model import ModelArgs, Recovery, SharpArgs
-from conftest import TINY, tiny_model
+from conftest import TINY, direct_sharing_reference, tiny_model
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 
@@ -46,13 +46,7 @@ def test_fresh_shared_model_equals_direct_sharing():
     share = {3: 2, 4: 2, 5: 2}
     original, config = tiny_model()
     weights = base_weights(original)
-    # Direct sharing, built by hand on mlx-lm's llama: copy each reference MLP into its targets.
-    direct = dict(weights)
-    for t, r in share.items():
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            direct[f"model.layers.{t}.mlp.{p}.weight"] = weights[f"model.layers.{r}.mlp.{p}.weight"]
-    ref = llama.Model(llama.ModelArgs.from_dict(config))
-    ref.load_weights(list(direct.items()))
+    ref = direct_sharing_reference(weights, config, share)
 
     shared, _ = tiny_model(share=share, rank=8)
     kept = {k: v for k, v in weights.items() if not any(f"layers.{t}.mlp." in k for t in share)}

@@ -17,7 +17,7 @@ import sharp_mlx
 from sharp_mlx.errors import SharpError
 from sharp_mlx.model import SharpArgs
 from sharp_mlx.sharemap import parse_share, prune_layers, savings, savings_line, share_model
-from conftest import TINY, tiny_model
+from conftest import TINY, direct_sharing_reference, tiny_model
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 SMOL = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
@@ -233,12 +233,7 @@ def test_share_model_equals_direct_sharing():
     share = {2: 1, 4: 3, 5: 3}
     original, config = tiny_model()
     weights = dict(tree_flatten(original.parameters()))
-    direct = dict(weights)
-    for t, r in share.items():
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            direct[f"model.layers.{t}.mlp.{p}.weight"] = weights[f"model.layers.{r}.mlp.{p}.weight"]
-    ref = llama.Model(llama.ModelArgs.from_dict(config))
-    ref.load_weights(list(direct.items()))
+    ref = direct_sharing_reference(weights, config, share)
     shared, shared_config = share_model(original, config, share, 8)
     assert shared_config["sharp"] == {"share": {"2": 1, "4": 3, "5": 3}, "rank": 8}
     assert "sharp" not in config or not config["sharp"]["share"]  # the original config is untouched
