@@ -2,14 +2,13 @@
 
     python scripts/reproduce.py --quick    # small budgets: 28 min on 2 quiet CPU cores
     python scripts/reproduce.py            # the main job's budgets for every variant, into docs/RESULTS-full.md:
-                                           # about 7 hours on 2 CPU cores (34 of ~45 training steps measured)
+                                           # 7.3 hours on 2 CPU cores (measured, see below)
     python scripts/reproduce.py --quick --force --compare docs/RESULTS.json   # again from scratch, against the last run
 
-Where the full run's time goes: its first 34 training steps took 3.9 h (runs/repro/walls.json,
-some of them slowed by other jobs sharing the cores; a quiet SLW or SFT step takes 5-7 min); the
-rest is estimated from --quick's step times scaled by the budgets: about 0.6 h of training, 8 test
-windows for ~45 folders (~0.9 h) and 200 next-sentence items for ~28 variants (~1.3 h, 8 items a
-forward pass).
+Where the full run's time goes (7.3 h, runs/repro/walls.json): 4.5 h of training (43 steps;
+a quiet SLW or SFT step takes 5-7 min, some were slowed by other jobs sharing the cores), then
+2.7 h evaluating 42 folders (8 test windows per domain; 200 next-sentence items for the 28
+that get them, 8 items a forward pass, 4-6 min a model) and the bench.
 
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
