@@ -4,7 +4,6 @@ Weights are dequantized with the ``gguf`` package (no torch) and renamed to Hugg
 names; llama.cpp stores q_proj/k_proj rows permuted for its rope layout, which is undone here.
 """
 
-import json
 from pathlib import Path
 from typing import Dict
 
@@ -115,17 +114,7 @@ def float_weights(reader, config: dict) -> Dict[str, np.ndarray]:
 
 
 def save_tokenizer(path: Path, out: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (with the chat template) from the GGUF metadata."""
-    from transformers import AutoTokenizer
+    """tokenizer.json + tokenizer_config.json (with the chat template) from the GGUF metadata, no torch."""
+    from . import gguf_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tok.save_pretrained(out)
-    # Keep the chat template inside tokenizer_config.json as well, for readers that look there.
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg.pop("is_local", None)
-    cfg.pop("local_files_only", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    gguf_tokenizer.save(open_gguf(path), out)

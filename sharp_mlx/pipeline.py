@@ -20,10 +20,10 @@ from pathlib import Path
 from . import analyze, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
+from .recipes import PRESETS, Recipe, preset
 
 DOMAINS = train.DOMAINS
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
-DEFAULT_LAYERS = "11:29"
 
 
 def ensure_data(data: Path) -> None:
@@ -53,17 +53,14 @@ def step(name: str, out: Path, argv: list, main, force: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--share", default="next", help="share map kind (default: %(default)s)")
-    p.add_argument("--layers", help=f"layer range for next / next:K / auto (default for next: {DEFAULT_LAYERS}: 9 targets, 12..28)")
-    p.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
-    p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=16384, help="SLW calibration tokens (default: %(default)s)")
-    p.add_argument("--slw-steps", type=int, default=50, help="SLW Adam steps per layer (default: %(default)s)")
-    p.add_argument("--sft-steps", type=int, default=40, help="SFT optimizer steps of 2 x 256 tokens (default: %(default)s)")
-    p.add_argument("--eval-windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
-    p.add_argument("--recovery-bits", type=int, default=quantize.DEFAULT_RECOVERY_BITS, help="bits of the recovery factors in the 4-bit checkpoint (default: %(default)s; none keeps float16)")
-    p.add_argument("--embedding-bits", type=bits_or_none, default=quantize.DEFAULT_EMBEDDING_BITS,
-                   help="bits of the embedding in the 4-bit checkpoint, fitted by GPTQ on the training splits (default: %(default)s; none keeps its GGUF codes, 8-bit)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="the recipe whose budgets the flags below override (default: %(default)s)")
+    d = PRESETS["default"]
+    # Every recipe flag defaults to the preset's value: only the flags given reach the namespace.
+    for name, kind in (("share", str), ("layers", str), ("cut", float), ("rank", int), ("tokens", int),
+                       ("slw_steps", int), ("sft_steps", int), ("eval_windows", int),
+                       ("recovery_bits", bits_or_none), ("embedding_bits", bits_or_none), ("max_tokens", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                       help=f"{Recipe.help(name)} (default preset: {getattr(d, name)})")
     p.add_argument("--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)")
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -73,37 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
 @cli("sharp_mlx.pipeline")
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    own = {"preset", "name", "data", "force"}
+    r = preset(args.preset, **{k: v for k, v in vars(args).items() if k not in own})
     tic = time.perf_counter()
     original = ensure_default_model()
     ensure_data(args.data)
-    if args.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
+    if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, ["--out", ANALYSIS.parent], analyze.main, False)
-    # next / next:K default to the pipeline's range; auto searches train's unless told; a JSON map names its layers.
-    layers = args.layers or (DEFAULT_LAYERS if args.share.startswith("next") else None)
+    # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.
+    layers = r.layers if r.share.startswith("next") or "layers" in vars(args) else None
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", args.share, *flag("--layers", layers), *flag("--cut", args.cut), "--rank", args.rank, "--tokens", args.tokens, "--slw-steps", args.slw_steps], train.main, args.force)
+    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", r.share, *flag("--layers", layers), *flag("--cut", r.cut),
+                          "--rank", r.rank, "--tokens", r.tokens, "--slw-steps", r.slw_steps, "--seq-len", r.seq_len], train.main, args.force)
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
     resume = ["--resume"] if (run_dir / "checkpoint.json").exists() else []  # an interrupted SFT continues
-    step("sft", final, resume + ["--run-dir", run_dir, "--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", args.sft_steps, "--batch-size", 2, "--seq-len", 256, "--eval-every", 20, "--save-every", 20, "--eval-windows", 8, "--max-train-tokens", 100000], train.main, args.force)
+    step("sft", final, resume + ["--run-dir", run_dir, "--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", r.sft_steps,
+                                 "--batch-size", r.batch_size, "--seq-len", r.seq_len, "--eval-every", r.sft_eval_every, "--save-every", r.sft_eval_every,
+                                 "--eval-windows", r.sft_eval_windows, "--max-train-tokens", r.max_train_tokens], train.main, args.force)
     tests = [args.data / d / "test.jsonl" for d in DOMAINS]
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
-    results = evaluate.evaluate([original, slw_out, final], tests, seq_len=256, max_windows=args.eval_windows)
+    results = evaluate.evaluate([original, slw_out, final], tests, seq_len=r.seq_len, max_windows=r.eval_windows)
     report.write_text(json.dumps(results, indent=2))
     evaluate.plot(results, report.with_suffix(".png"))
-    print(evaluate.markdown_table(results, 256))
+    print(evaluate.markdown_table(results, r.seq_len))
     base = results[str(original)]
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
-    print("recovered / original perplexity: " + ", ".join(f"{d} {r:.2f}x" for d, r in ratios.items()))
+    print("recovered / original perplexity: " + ", ".join(f"{d} {x:.2f}x" for d, x in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", args.recovery_bits), *flag("--embedding-bits", args.embedding_bits),
-                                   *(["--calibration", *[args.data / d / "train.jsonl" for d in DOMAINS]] if args.embedding_bits else [])], quantize.main, args.force)
+    calibration = ["--calibration", *[args.data / d / "train.jsonl" for d in DOMAINS], "--calibration-windows", r.calibration_windows] if r.embedding_bits else []
+    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", r.recovery_bits), *flag("--embedding-bits", r.embedding_bits), *calibration],
+         quantize.main, args.force)
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
-        generate.main(["--model", str(model)])
+        generate.main(["--model", str(model), "--max-tokens", str(r.max_tokens)])
     print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}, 4-bit: {q4}")
 
 

@@ -1,0 +1,60 @@
+"""Named recipes: every budget of the main job in one dataclass, and the presets that set them.
+
+    from sharp_mlx.recipes import PRESETS
+    PRESETS["default"]   # 9 of 30 MLPs shared (next over 11:29), rank 64, the main job's budgets
+
+``python -m sharp_mlx.pipeline --preset NAME`` runs one; each of its flags overrides one field.
+"""
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+from .errors import SharpError
+
+
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    share: str = option("next", "share map kind: next | next:K | auto | JSON map or file")
+    layers: Optional[str] = option("11:29", "layer range A:B for next, next:K and auto")
+    cut: Optional[float] = option(None, "stored-MLP fraction to remove, for --share auto")
+    rank: int = option(64, "recovery rank per target")
+    tokens: int = option(16384, "SLW calibration tokens")
+    slw_steps: int = option(50, "SLW Adam steps per layer")
+    sft_steps: int = option(40, "SFT optimizer steps")
+    batch_size: int = option(2, "SFT windows per step")
+    seq_len: int = option(256, "tokens per training and test window")
+    sft_eval_every: int = option(20, "SFT validation and checkpoint every N steps")
+    sft_eval_windows: int = option(8, "SFT validation windows")
+    max_train_tokens: int = option(100_000, "SFT reads at most this many tokens of each training file")
+    eval_windows: int = option(8, "test windows per domain in the perplexity table")
+    recovery_bits: Optional[int] = option(8, "bits of the recovery factors in the 4-bit checkpoint (None: float16)")
+    embedding_bits: Optional[int] = option(5, "bits of the embedding, fitted by GPTQ on the training splits (None: its GGUF codes)")
+    calibration_windows: int = option(8, "GPTQ calibration windows of 256 tokens per training file")
+    max_tokens: int = option(128, "tokens each model generates at the end")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+PRESETS = {
+    "default": Recipe(),
+    # the ~50% stored-MLP setting (18 targets) and the ~65% one (21 targets at rank 32)
+    "half": Recipe(share="next:2", layers="2:29"),
+    "aggressive": Recipe(share="next:3", layers="1:29", rank=32),
+    # every stage at the smallest budget that still runs it: a check that the path works, not a model
+    "smoke": Recipe(layers="26:29", rank=32, tokens=256, slw_steps=2, sft_steps=1, batch_size=1, seq_len=32,
+                    sft_eval_every=1, sft_eval_windows=1, max_train_tokens=2000, eval_windows=1,
+                    calibration_windows=1, max_tokens=4),
+}
+
+
+def preset(name: str, **overrides) -> Recipe:
+    """The named preset with the given fields replaced."""
+    if name not in PRESETS:
+        raise SharpError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
