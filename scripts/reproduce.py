@@ -42,7 +42,7 @@ from sharp_mlx.errors import ArgumentParser, SharpError, cli  # noqa: E402
 from sharp_mlx.model import SharpArgs  # noqa: E402
 from sharp_mlx.pipeline import ensure_data  # noqa: E402
 
-DOMAINS = train.DOMAINS
+from sharp_mlx.corpora import DOMAINS  # noqa: E402
 DEFAULT = ["--share", "next", "--layers", "1:29", "--rank", "64"]  # 14 targets 2, 4, ..., 28
 AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 targets, one reference per three
 

@@ -28,12 +28,11 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 from tqdm import tqdm
 
+from . import corpora
 from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import load, read_config
 from .errors import ArgumentParser, SharpError, cli
 
-DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
-DEFAULT_DATA = [Path("data") / d / "train.jsonl" for d in DOMAINS]
 PROJECTIONS = ("gate", "up", "down")
 SCHEMA_VERSION = 1
 
@@ -224,10 +223,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if min(args.tokens, args.seq_len, args.batch_size) < 1:
         raise SharpError(f"--tokens, --seq-len and --batch-size must be at least 1, got {args.tokens}, {args.seq_len}, {args.batch_size}")
-    files = args.data or DEFAULT_DATA
+    files = args.data or corpora.files("train")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        hint = "run `python scripts/fetch_data.py` to build the default data" if args.data is None else "pass existing files to --data"
+        hint = f"run `{corpora.FETCH}` to build the default data" if args.data is None else "pass existing files to --data"
         raise SharpError(f"data file(s) not found: {', '.join(missing)}: {hint}")
     if args.model is None:
         from .convert import ensure_default_model

@@ -302,7 +302,7 @@ def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], fo
         kw = {"recovery_bits": recovery_bits, **kw}
         if kw.get("embedding_bits"):
             if not calibration:
-                raise SharpError("the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python scripts/fetch_data.py`, or pass --embedding-bits none")
+                raise SharpError("the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python -m sharp_mlx.corpora`, or pass --embedding-bits none")
             kw["calibration"] = calibration
         stale = out.exists() and json.loads((out / "config.json").read_text()).get("sharp_quantize") != options_record(**kw)
         if force_build or stale or not out.exists():

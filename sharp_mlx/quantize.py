@@ -264,7 +264,7 @@ def quantize_model_folder(
         raise SharpError(f"--calibration-windows must be at least 1, got {calibration_windows}")
     for f in calibration or ():
         if not Path(f).is_file():
-            raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python scripts/fetch_data.py makes them)")
+            raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python -m sharp_mlx.corpora makes them)")
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import distributed, sharemap
+from . import corpora, distributed, sharemap
 from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
@@ -34,7 +34,6 @@ from .errors import ArgumentParser, SharpError, cli
 from .model import SharpArgs
 from .slw import SLWConfig, run_slw
 
-DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
 SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
     "steps": "optimizer steps",
     "batch_size": "windows per micro-batch",
@@ -60,10 +59,10 @@ BASELINES = ("sharp", "direct", "mlp-prune", "layer-prune", "lowrank")
 
 
 def default_data(split: str) -> list:
-    files = [Path("data") / d / f"{split}.jsonl" for d in DOMAINS]
+    files = corpora.files(split)
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise SharpError(f"training data {missing[0]} is missing: run `python scripts/fetch_data.py`, or pass --data FILE...")
+        raise SharpError(f"training data {missing[0]} is missing: run `python -m sharp_mlx.corpora`, or pass --data FILE...")
     return files
 
 

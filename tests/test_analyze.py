@@ -125,4 +125,4 @@ def test_cli_errors(real_model_dir, tmp_path, capsys, monkeypatch):
     save(tmp_path / "shared", model, config)
     assert "already shares layers" in error(["--model", str(tmp_path / "shared"), "--data", str(FIXTURES / "prose.txt")])
     monkeypatch.chdir(tmp_path)
-    assert "python scripts/fetch_data.py" in error([])
+    assert "python -m sharp_mlx.corpora" in error([])

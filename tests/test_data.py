@@ -1,6 +1,5 @@
-"""Offline tests of scripts/fetch_data.py parsing and sharp_mlx.data loading, masking, packing."""
+"""Offline tests of sharp_mlx.corpora parsing and sharp_mlx.data loading, masking, packing."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,9 +13,7 @@ from sharp_mlx.data import (DataError, batches, load_records, load_tokens, token
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "models" / "smollm2-135m-instruct"
 
-_spec = importlib.util.spec_from_file_location("fetch_data", ROOT / "scripts" / "fetch_data.py")
-fetch_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fetch_data)
+from sharp_mlx import corpora
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +36,23 @@ def test_strip_gutenberg_keeps_only_the_body():
             "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
             "HAMLET\r\n\r\nTo be, or not to be.\r\n\r\n"
             "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nLicence text.\r\n")
-    assert fetch_data.strip_gutenberg(text) == "HAMLET\n\nTo be, or not to be."
-    assert fetch_data.strip_gutenberg("\nNo markers here.\n") == "No markers here."
+    assert corpora.strip_gutenberg(text) == "HAMLET\n\nTo be, or not to be."
+    assert corpora.strip_gutenberg("\nNo markers here.\n") == "No markers here."
 
 
 def test_brown_to_text_strips_tags_and_fixes_spacing():
     tagged = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, (/( yes/rb )/) "
               "./.\n\tIt/pps was/bedz cut/vbn ;/. ;/.\n\n\n\tWhy/wrb ?/. ?/.\n")
-    assert fetch_data.brown_to_text(tagged) == (
+    assert corpora.brown_to_text(tagged) == (
         'The jury said "no evidence", (yes). It was cut;\n\nWhy?')
 
 
 def test_recover_json_array_drops_only_the_truncated_tail():
     records = [{"id": f"a_{i}", "v": "x, ]} {"} for i in range(3)]
     text = json.dumps(records, indent=2)
-    assert fetch_data.recover_json_array(text) == records
+    assert corpora.recover_json_array(text) == records
     cut = text[:text.rindex('"x, ]} {"')]  # inside the last record
-    assert fetch_data.recover_json_array(cut) == records[:2]
+    assert corpora.recover_json_array(cut) == records[:2]
 
 
 def test_sharegpt_messages_maps_roles_and_trims():
@@ -63,18 +60,18 @@ def test_sharegpt_messages_maps_roles_and_trims():
              {"from": "human", "value": "q1"}, {"from": "human", "value": " q2 "},
              {"from": "bing", "value": "other"}, {"from": "gpt", "value": ""},
              {"from": "gpt", "value": "a"}, {"from": "human", "value": "unanswered"}]
-    assert fetch_data.sharegpt_messages(turns) == [
+    assert corpora.sharegpt_messages(turns) == [
         {"role": "user", "content": "q1\n\nq2"}, {"role": "assistant", "content": "a"}]
-    assert fetch_data.sharegpt_messages([{"from": "human", "value": "q"}]) == []
+    assert corpora.sharegpt_messages([{"from": "human", "value": "q"}]) == []
 
 
 def test_chunk_text_groups_paragraphs_and_splits_long_ones_at_sentences():
     paragraphs = [f"Paragraph {i}. " + "word " * 60 for i in range(40)]  # ~320 chars each
-    chunks = fetch_data.chunk_text("\n\n".join(p.strip() for p in paragraphs))
-    assert all(fetch_data.TARGET_CHARS <= len(c) <= fetch_data.LIMIT_CHARS for c in chunks)
+    chunks = corpora.chunk_text("\n\n".join(p.strip() for p in paragraphs))
+    assert all(corpora.TARGET_CHARS <= len(c) <= corpora.LIMIT_CHARS for c in chunks)
     assert all(c.startswith("Paragraph") for c in chunks)  # whole paragraphs only
     speech = " ".join(f"Sentence number {i} is here." for i in range(1000))  # one line, 28k
-    chunks = fetch_data.chunk_text(speech)
+    chunks = corpora.chunk_text(speech)
     assert len(chunks) > 5 and all(c.endswith("here.") and "\n" not in c for c in chunks)
     assert " ".join(chunks) == speech
 
@@ -83,8 +80,8 @@ def test_chunk_text_groups_paragraphs_and_splits_long_ones_at_sentences():
 @given(st.lists(st.text(alphabet="ab .!?\n\t", max_size=3000), max_size=8))
 def test_chunk_text_keeps_every_character_within_limit(parts):
     text = "\n\n".join(parts)
-    chunks = fetch_data.chunk_text(text)
-    assert all(0 < len(c) <= fetch_data.LIMIT_CHARS for c in chunks)
+    chunks = corpora.chunk_text(text)
+    assert all(0 < len(c) <= corpora.LIMIT_CHARS for c in chunks)
     assert "".join("".join(chunks).split()) == "".join(text.split())
 
 
@@ -92,13 +89,13 @@ def test_chunk_text_keeps_every_character_within_limit(parts):
 @given(st.dictionaries(st.text(min_size=1, max_size=8), st.integers(1, 50_000), max_size=60),
        st.randoms(use_true_random=False))
 def test_assign_splits_is_order_free_disjoint_and_filled(sizes, rng):
-    splits = fetch_data.assign_splits(sizes, max_train_chars=100_000)
+    splits = corpora.assign_splits(sizes, max_train_chars=100_000)
     shuffled = list(sizes.items())
     rng.shuffle(shuffled)
-    assert fetch_data.assign_splits(dict(shuffled), max_train_chars=100_000) == splits
-    names = [n for s in fetch_data.SPLITS for n in splits[s]]
+    assert corpora.assign_splits(dict(shuffled), max_train_chars=100_000) == splits
+    names = [n for s in corpora.SPLITS for n in splits[s]]
     assert len(names) == len(set(names)) and set(names) <= set(sizes)
-    quota = {"test": fetch_data.TEST_CHARS, "valid": fetch_data.VALID_CHARS, "train": 100_000}
+    quota = {"test": corpora.TEST_CHARS, "valid": corpora.VALID_CHARS, "train": 100_000}
     for before, split in (("test", "valid"), ("valid", "train")):
         if splits[split]:  # a later split only starts once the earlier one is full
             assert sum(sizes[n] for n in splits[before]) >= quota[before]

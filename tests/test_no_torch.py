@@ -19,7 +19,7 @@ pytestmark = pytest.mark.real
 
 BLOCK = ("import sys; sys.modules['torch'] = None; import runpy; sys.argv = sys.argv[1:]; "
          "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
-DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
+from sharp_mlx.corpora import DOMAINS
 
 
 def no_torch(cwd, module, *argv, timeout=900):

@@ -7,8 +7,10 @@ Text domains become {"text": chunk} records of about 2k characters; chat becomes
 {"messages": [...]} records. Whole documents go to one split, chosen in the order of a hash of
 the document's name, so the output is the same bytes on every run.
 
-    python scripts/fetch_data.py                      # all domains into data/
-    python scripts/fetch_data.py --domains brown sotu --max-train-chars 10000000
+    python -m sharp_mlx.corpora                       # all domains into data/
+    python -m sharp_mlx.corpora --domains brown sotu --max-train-chars 10000000
+
+``DOMAINS`` and ``files(split)`` are where the rest of the package finds the default corpora.
 """
 
 import argparse
@@ -29,6 +31,13 @@ from tqdm import tqdm
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
 SPLITS = ("train", "valid", "test")
+DATA = Path("data")
+FETCH = "python -m sharp_mlx.corpora"  # what the error messages tell a user to run
+
+
+def files(split: str, root: Path = DATA) -> list:
+    """``root/<domain>/<split>.jsonl`` of every domain."""
+    return [Path(root) / d / f"{split}.jsonl" for d in DOMAINS]
 TEST_CHARS, VALID_CHARS, MAX_TRAIN_CHARS = 200_000, 100_000, 3_000_000
 TARGET_CHARS, LIMIT_CHARS = 2_000, 4_000  # chunk size: close a chunk at TARGET, never exceed LIMIT
 
@@ -363,7 +372,7 @@ def main(argv=None) -> int:
     try:
         stats = fetch(args.domains, args.out, args.max_train_chars, args.force)
     except FetchError as e:
-        print(f"fetch_data: error: {e}", file=sys.stderr)
+        print(f"sharp_mlx.corpora: error: {e}", file=sys.stderr)
         return 2
     print(format_table(stats))
     return 0
