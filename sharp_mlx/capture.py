@@ -7,40 +7,33 @@ written to a float16 memmap (N * L, hidden) on disk so memory stays at one batch
 """
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.base import create_attention_mask
 from tqdm import tqdm
 
 from .data import load_records, tokenize_record
 from .errors import SharpError
 
 
-def _tap(mlp, record: Callable[[mx.array], None]):
-    """An MLP stand-in that records its input, then runs the real MLP."""
-
-    def run(y):
-        record(y)
-        return mlp(y)
-
-    return run
-
-
 def run_with_taps(model, tokens: mx.array, layers: Sequence[int]) -> Dict[str, object]:
     """One forward pass of ``model`` over tokens (B, L); returns the MLP inputs of ``layers``
     ({layer: (B, L, D)}) and the residual stream entering every layer plus the final one."""
-    inner = model.model
-    h = inner.embed_tokens(tokens)
-    mask = create_attention_mask(h, None)
-    mlp_inputs, residual = {}, [h]
-    for i, layer in enumerate(inner.layers):
-        mlp = inner.mlp_of(i)
-        if i in layers:
-            mlp = _tap(mlp, lambda y, i=i: mlp_inputs.__setitem__(i, y))
-        h = layer(h, mask, mlp=mlp)
+    mlp_inputs, residual = {}, []
+
+    def tapped(mlp, i):
+        def run(y):  # an MLP stand-in that records its input, then runs the real MLP
+            mlp_inputs[i] = y
+            return mlp(y)
+
+        return run
+
+    def hook(i, block, h, mask, cache, mlp):
         residual.append(h)
+        return block(h, mask, cache=cache, mlp=tapped(mlp, i) if i in layers else mlp)
+
+    residual.append(model.model.run(model.model.embed_tokens(tokens), hook=hook))
     return {"mlp_inputs": mlp_inputs, "residual": residual}
 
 

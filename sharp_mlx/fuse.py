@@ -21,29 +21,23 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
 from .errors import ArgumentParser, SharpError, cli
-from .model import Model, ModelArgs
+from .model import Model, ModelArgs, projection_shapes
 from .quantize import dequantized
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-PROJ = ("gate", "up", "down")
 
 
 def merged_mlp_weights(model: Model, layer: int) -> Dict[str, mx.array]:
     """float32 (out, in) gate/up/down weights that layer ``layer`` effectively runs."""
     owner = model.model.mlp_owner[layer]
     block = model.model.layers[layer]
-    args = model.args
-    shapes = {"gate": (args.intermediate_size, args.hidden_size), "up": (args.intermediate_size, args.hidden_size), "down": (args.hidden_size, args.intermediate_size)}
+    shapes = projection_shapes(model.args.hidden_size, model.args.intermediate_size)
     weights = {}
-    for p in PROJ:
-        w = mx.zeros(shapes[p]) if owner is None else model.model.layers[owner].mlp[f"{p}_proj"].weight.astype(mx.float32)
-        if "recovery" in block and block.recovery.scaled:
-            rec = block.recovery
-            w = rec[f"{p}_out"].astype(mx.float32)[:, None] * w * rec[f"{p}_in"].astype(mx.float32)[None, :]  # diag(out) W diag(in)
+    for p, (n_in, n_out) in shapes.items():
+        w = None if owner is None else model.model.layers[owner].mlp[f"{p}_proj"].weight.astype(mx.float32)
         if "recovery" in block:
-            a, b = block.recovery[f"{p}_a"].astype(mx.float32), block.recovery[f"{p}_b"].astype(mx.float32)
-            w = w + (a @ b).T  # (in, rank) @ (rank, out) -> (out, in)
-        weights[p] = w
+            w = block.recovery.merged(p, w, (n_out, n_in))
+        weights[p] = mx.zeros((n_out, n_in)) if w is None else w  # a pruned MLP: zeros
     return weights
 
 

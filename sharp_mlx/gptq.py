@@ -12,12 +12,18 @@ for one matrix at every width MLX packs (2-8 bits), with mlx-lm's choices: dampi
 diagonal, columns in their order, and each group's scale and bias fixed from its values (minimum
 and maximum) when the group is reached. Scales and biases are rounded to their storage dtype
 before any code is chosen, so the codes are the ones that dtype dequantizes best.
+
+``sequential_gptq`` applies the same per-matrix algorithm to every Linear layer of a Llama in
+GPTQ's own order (block by block, each block's inputs captured from the model with the blocks
+before it already quantized; python -m sharp_mlx.frontier uses it), and ``mlp_sensitivity``
+measures what quantizing each block's MLP alone costs, for choosing bits per layer.
 """
 
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
@@ -90,3 +96,145 @@ def output_hessian(model, tokenizer, files: Sequence[Path], windows: int, seq_le
         out = model.model(mx.array(x)[None])[0].astype(mx.float32)
         h += np.array(out.T @ out, dtype=np.float64)
     return h
+
+
+# ---------------------------------------------------------------- every Linear of a model, block by block
+
+# Linear layers of a Llama block, each with the input it reads: q/k/v read one input and
+# gate/up another, so each of those inputs has one Hessian, captured once.
+BLOCK_LINEARS = {
+    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+    "self_attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
+}
+Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (packed weight, scales, biases)
+
+
+class _Sum:
+    """An accumulator outside the module tree (a plain object, so nn.Module stores it as an attribute)."""
+
+    def __init__(self):
+        self.value = None
+
+
+class _Tap(nn.Module):
+    """A Linear stand-in that adds x^T x of its inputs to a sum, then runs the Linear."""
+
+    def __init__(self, module: nn.Module, acc: _Sum):
+        super().__init__()
+        self.module, self.acc = module, acc
+
+    def __call__(self, x: mx.array) -> mx.array:
+        f = x.reshape(-1, x.shape[-1]).astype(mx.float32)  # (tokens, in)
+        self.acc.value = f.T @ f if self.acc.value is None else self.acc.value + f.T @ f
+        return self.module(x)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    for key in path.split("."):
+        root = root[key]
+    return root
+
+
+def block_hessians(block: nn.Module, inputs: Sequence[mx.array], mask=None) -> Dict[str, np.ndarray]:
+    """{input name (``BLOCK_LINEARS`` values): H = sum of x x^T (float64)} of one mlx-lm Llama
+    block run on the batches ``inputs`` (each (B, L, D)), as the block is now."""
+    sums = {name: _Sum() for name in set(BLOCK_LINEARS.values())}
+    originals = {}
+    for name, acc in sums.items():
+        parent, _, key = name.rpartition(".")
+        originals[name] = _module(block, name)
+        _module(block, parent)[key] = _Tap(originals[name], acc)
+    try:
+        for x in inputs:
+            block(x, mask)
+            mx.eval([acc.value for acc in sums.values()])
+    finally:
+        for name, module in originals.items():
+            parent, _, key = name.rpartition(".")
+            _module(block, parent)[key] = module
+    return {name: np.array(acc.value, dtype=np.float64) for name, acc in sums.items()}
+
+
+def dequantize_codes(code: Tuple[mx.array, mx.array, mx.array], group_size: int, bits: int, dtype=mx.float32) -> mx.array:
+    w, s, b = code
+    return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits).astype(dtype)
+
+
+def quantize_block(block: nn.Module, prefix: str, hessians: Dict[str, np.ndarray], params: Dict[str, dict]) -> Codes:
+    """GPTQ codes of the Linear layers of ``block`` that ``params`` names (full path
+    ``prefix.self_attn.q_proj`` -> {"bits", "group_size"}), fitted for ``hessians``; each weight is
+    replaced in place by its codes' float values, so the block computes what its codes will."""
+    codes = {}
+    for name, source in BLOCK_LINEARS.items():
+        p = params.get(f"{prefix}.{name}")
+        if p is None:
+            continue  # kept as it is (e.g. a GGUF code the float weight already equals)
+        linear = _module(block, name)
+        code = gptq_codes(linear.weight, hessians[source], p["bits"], p["group_size"])
+        codes[f"{prefix}.{name}"] = code
+        linear.weight = dequantize_codes(code, p["group_size"], p["bits"], linear.weight.dtype)
+    mx.eval(block.parameters())
+    return codes
+
+
+def sequential_gptq(model, windows: mx.array, params: Dict[str, dict], batch_size: int = 8, progress: bool = True) -> Codes:
+    """GPTQ of the Linear layers of an mlx-lm Llama (``model.model.layers``, each block called
+    ``block(x, mask)``), in GPTQ's order: block i's inputs are those of the model with blocks < i
+    already replaced by their codes, captured on the token windows (N, L); q/k/v share one
+    Hessian and gate/up another. ``params``: module path -> {"bits", "group_size"}; Linear layers
+    it does not name are left as they are. The model's weights are replaced in place by their
+    codes' float values (the same function as the quantized model, and fast on a CPU); returns
+    {path: (packed weight, scales, biases)}. The embedding is not touched (``output_hessian``)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    inner = model.model
+    xs = [inner.embed_tokens(windows[i : i + batch_size]) for i in range(0, windows.shape[0], batch_size)]
+    mask = create_attention_mask(xs[0], None)
+    codes: Codes = {}
+    for i, block in enumerate(tqdm(inner.layers, desc="GPTQ", unit="block", leave=False, disable=not progress)):
+        prefix = f"model.layers.{i}"
+        if any(f"{prefix}.{name}" in params for name in BLOCK_LINEARS):
+            codes.update(quantize_block(block, prefix, block_hessians(block, xs, mask), params))
+        xs = [block(x, mask) for x in xs]
+        mx.eval(xs)
+    return codes
+
+
+def mlp_sensitivity(model, windows: mx.array, bits: int, group_size: int, hessian_windows: Optional[mx.array] = None, batch_size: int = 8,
+                    progress: bool = True) -> List[float]:
+    """For each block, the increase of the mean next-token loss on ``windows`` (N, L) when that
+    block's MLP alone is quantized by GPTQ to ``bits`` (its Hessians from the float model's inputs
+    on ``hessian_windows``, default ``windows``), the rest of the model unchanged."""
+    from mlx_lm.models.base import create_attention_mask
+
+    inner = model.model
+    batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+    calib = batches if hessian_windows is None else [hessian_windows[i : i + batch_size] for i in range(0, hessian_windows.shape[0], batch_size)]
+    xs = [inner.embed_tokens(b[:, :-1]) for b in batches]
+    hs = [inner.embed_tokens(b) for b in calib]
+    mask, hmask = create_attention_mask(xs[0], None), create_attention_mask(hs[0], None)
+
+    def loss_from(start: int, states: List[mx.array]) -> float:
+        total, count = 0.0, 0
+        for x, b in zip(states, batches):
+            for block in inner.layers[start:]:
+                x = block(x, mask)
+            logits = inner.embed_tokens.as_linear(inner.norm(x)) if model.args.tie_word_embeddings else model.lm_head(inner.norm(x))
+            loss = nn.losses.cross_entropy(logits.astype(mx.float32), b[:, 1:], reduction="sum")
+            total, count = total + loss.item(), count + b[:, 1:].size
+        return total / count
+
+    base = loss_from(0, xs)
+    out = []
+    names = [n for n in BLOCK_LINEARS if n.startswith("mlp.")]
+    for i, block in enumerate(tqdm(inner.layers, desc=f"MLP sensitivity at {bits} bits", unit="block", leave=False, disable=not progress)):
+        prefix = f"model.layers.{i}"
+        saved = {n: _module(block, n).weight for n in names}
+        quantize_block(block, prefix, block_hessians(block, hs, hmask), {f"{prefix}.{n}": {"bits": bits, "group_size": group_size} for n in names})
+        out.append(loss_from(i, xs) - base)
+        for n, w in saved.items():
+            _module(block, n).weight = w
+        xs, hs = [block(x, mask) for x in xs], [block(h, hmask) for h in hs]
+        mx.eval(xs, hs)
+    return out

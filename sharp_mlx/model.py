@@ -10,15 +10,19 @@ Sharing is described by ``config["sharp"]``:
 
 ``share`` maps a target layer to the reference layer whose MLP it runs (``null``: no borrowed
 MLP, the recovery factors alone; with rank 0 that is a pruned MLP). ``rank`` is an int or a
-``{target: rank}`` map. ``"scales": true`` (absent when false) gives every projection of every
-target two more vectors, ``{p}_in`` and ``{p}_out``: W_t ~= diag(out) W_r diag(in) + B A. Each
-MLP lives at exactly one path (``model.layers.{r}.mlp``); a target block owns no MLP and is
-handed its reference's at call time. Recovery factors and vectors are plain arrays, so
-``nn.quantize`` leaves them in float.
+``{target: rank}`` map. ``"recovery"`` names the recovery kind (``RECOVERY_KINDS``; absent:
+``plain``, W_t ~= W_r + B A); ``scaled`` gives every projection of every target two more vectors,
+``{p}_in`` and ``{p}_out``: W_t ~= diag(out) W_r diag(in) + B A (older configs say
+``"scales": true``). Each MLP lives at exactly one path (``model.layers.{r}.mlp``); a target
+block owns no MLP and is handed its reference's at call time. Recovery factors and vectors are
+plain arrays, so ``nn.quantize`` leaves them in float.
+
+What a target computes is defined once, by ``recovered_mlp``; ``LlamaModel.run`` is the one walk
+over the blocks (with an optional hook per block), and ``Model.head`` the one head.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,14 +31,71 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 
 
+PROJECTIONS = ("gate", "up", "down")
+
+
+def projection_shapes(dim: int, hidden_dim: int) -> Dict[str, tuple]:
+    """{projection: (in, out)} of a Llama MLP."""
+    return {"gate": (dim, hidden_dim), "up": (dim, hidden_dim), "down": (hidden_dim, dim)}
+
+
+class PlainKind:
+    """W_t ~= W_r + B A: the borrowed weight as it is, plus low-rank factors."""
+
+    name = "plain"
+    needs_reference = False  # a target with no reference (null) runs the factors alone
+
+    def vectors(self, n_in: int, n_out: int) -> Dict[str, mx.array]:
+        """Extra per-projection parameters, by suffix, at their neutral values."""
+        return {}
+
+    def borrow(self, x: mx.array, proj: Callable, p, name: str) -> mx.array:
+        """x times the borrowed weight as this kind transforms it (``proj(x)`` = x W_r^T)."""
+        return proj(x)
+
+    def merge(self, w: mx.array, p, name: str) -> mx.array:
+        """The transformed borrowed weight (out, in) itself, for a dense export."""
+        return w
+
+
+class ScaledKind(PlainKind):
+    """W_t ~= diag(out) W_r diag(in) + B A: each borrowed weight also scaled by row and column."""
+
+    name = "scaled"
+    needs_reference = True
+
+    def vectors(self, n_in, n_out):
+        return {"in": mx.ones((n_in,)), "out": mx.ones((n_out,))}
+
+    def borrow(self, x, proj, p, name):
+        return proj(x * p[f"{name}_in"]) * p[f"{name}_out"]
+
+    def merge(self, w, p, name):
+        return p[f"{name}_out"].astype(mx.float32)[:, None] * w * p[f"{name}_in"].astype(mx.float32)[None, :]
+
+
+# A new recovery kind is one class here, registered by name (config "recovery": name).
+RECOVERY_KINDS = {k.name: k for k in (PlainKind(), ScaledKind())}
+
+
+def recovery_kind(name: str) -> PlainKind:
+    if name not in RECOVERY_KINDS:
+        raise ValueError(f"unknown recovery kind {name!r}: use one of {', '.join(RECOVERY_KINDS)}")
+    return RECOVERY_KINDS[name]
+
+
+def vector_names(kind: str) -> tuple:
+    """Names of a kind's per-projection vectors, e.g. ``gate_in``, ``gate_out``, ... for scaled."""
+    return tuple(f"{name}_{suffix}" for name in PROJECTIONS for suffix in recovery_kind(kind).vectors(1, 1))
+
+
 @dataclass
 class SharpArgs:
-    """The share map, recovery rank and whether targets scale their borrowed weights' rows and
-    columns; an empty map is the original model."""
+    """The share map, recovery rank and recovery kind; an empty map is the original model."""
 
     share: Dict[int, Optional[int]] = field(default_factory=dict)
     rank: Union[int, Dict[int, int]] = 0
-    scales: bool = False
+    kind: str = "plain"
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SharpArgs":
@@ -43,12 +104,12 @@ class SharpArgs:
         rank = d.get("rank", 0)
         if isinstance(rank, dict):
             rank = {int(t): int(k) for t, k in rank.items()}
-        return cls(share=share, rank=rank, scales=bool(d.get("scales", False)))
+        return cls(share=share, rank=rank, kind=d.get("recovery", "scaled" if d.get("scales") else "plain"))
 
     def to_dict(self) -> dict:
         rank = self.rank if isinstance(self.rank, int) else {str(t): k for t, k in self.rank.items()}
         d = {"share": {str(t): r for t, r in sorted(self.share.items())}, "rank": rank}
-        return {**d, "scales": True} if self.scales else d  # old configs stay as they were
+        return {**d, "recovery": self.kind} if self.kind != "plain" else d  # plain configs stay as they were
 
     def rank_of(self, layer: int) -> int:
         if layer not in self.share:
@@ -75,12 +136,13 @@ class SharpArgs:
                 raise ValueError(f"rank given for layer {t}, which is not a target of the share map")
             if not 0 <= k <= max_rank:
                 raise ValueError(f"recovery rank {k} for layer {t} must be between 0 and {max_rank}")
-        if self.scales:
+        kind = recovery_kind(self.kind)
+        if kind.name != "plain":
             for t, r in sorted(self.share.items()):
-                if r is None:
-                    raise ValueError(f"scales need borrowed weights to scale, but target {t} borrows none (reference null): give it a reference or drop scales")
+                if r is None and kind.needs_reference:
+                    raise ValueError(f"recovery {kind.name} transforms borrowed weights, but target {t} borrows none (reference null): give it a reference or use recovery plain")
                 if self.rank_of(t) == 0:
-                    raise ValueError(f"scales sit beside the low-rank factors, but target {t} has rank 0: give it a rank >= 1 or drop scales")
+                    raise ValueError(f"recovery {kind.name} sits beside the low-rank factors, but target {t} has rank 0: give it a rank >= 1 or use recovery plain")
 
 
 @dataclass
@@ -99,57 +161,70 @@ def lowrank(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
     return (x @ a) @ b
 
 
-PROJECTIONS = ("gate", "up", "down")
 FACTORS = tuple(f"{name}_{f}" for name in PROJECTIONS for f in ("a", "b"))
 
 
-def vectors(scales: bool) -> tuple:
-    """Names of the scaling vectors: ``{p}_in`` (in,) and ``{p}_out`` (out,) per projection."""
-    return tuple(f"{name}_{side}" for name in PROJECTIONS for side in ("in", "out")) if scales else ()
+def recovered_mlp(x: mx.array, borrowed: Optional[Callable], delta: Optional[Callable], p=None, kind: str = "plain", hidden: bool = False):
+    """What a target layer computes, the one definition the model, SLW and the dense export use:
+    each projection is ``delta(name, x)`` (the low-rank recovery, None: none) plus, when there is a
+    borrowed MLP, ``borrowed(name, x)`` = x W_r^T as the recovery kind transforms it (its vectors
+    in ``p``; None: no recovery parameters, the borrowed weight as it is); then swiglu(gate, up)
+    and down. ``hidden``: also return swiglu(gate, up)."""
+    k = recovery_kind(kind if p is not None else "plain")
+
+    def project(name: str, v: mx.array):
+        y = delta(name, v) if delta is not None else None
+        if borrowed is None:
+            return y
+        b = k.borrow(v, lambda u: borrowed(name, u), p, name)
+        return b if y is None else y + b
+
+    h = swiglu(project("gate", x), project("up", x))
+    y = project("down", h)
+    return (y, h) if hidden else y
 
 
 class Recovery(nn.Module):
-    """Low-rank factors on gate, up and down of a borrowed MLP: W_t ~= W_r + B_t A_t; with
-    ``scales`` also a column and a row scaling of each borrowed weight:
-    W_t ~= diag(out) W_r diag(in) + B_t A_t.
+    """The recovery parameters of one target: low-rank factors on gate, up and down of a
+    borrowed MLP, W_t ~= W_r + B_t A_t, plus whatever vectors its kind adds (``scaled``:
+    W_t ~= diag(out) W_r diag(in) + B_t A_t).
 
     Stored transposed, as mlx-lm's LoRA does: ``*_a`` is (in, rank), ``*_b`` is (rank, out).
-    ``*_b`` starts at zero and the vectors ``*_in`` (in,), ``*_out`` (out,) at one, so a fresh
-    target equals direct sharing.
+    ``*_b`` starts at zero and the vectors at their neutral values, so a fresh target equals
+    direct sharing.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, rank: int, scales: bool = False):
+    def __init__(self, dim: int, hidden_dim: int, rank: int, kind: str = "plain"):
         super().__init__()
-        for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
+        self._kind = kind
+        for name, (n_in, n_out) in projection_shapes(dim, hidden_dim).items():
             bound = n_in**-0.5
             setattr(self, f"{name}_a", mx.random.uniform(-bound, bound, (n_in, rank)))
             setattr(self, f"{name}_b", mx.zeros((rank, n_out)))
-            if scales:
-                setattr(self, f"{name}_in", mx.ones((n_in,)))
-                setattr(self, f"{name}_out", mx.ones((n_out,)))
+            for suffix, v in recovery_kind(kind).vectors(n_in, n_out).items():
+                setattr(self, f"{name}_{suffix}", v)
 
     @property
-    def scaled(self) -> bool:
-        return "gate_in" in self
+    def kind(self) -> str:
+        return self._kind
 
     def delta(self, x: mx.array, name: str) -> mx.array:
         return lowrank(x, self[f"{name}_a"], self[f"{name}_b"])
 
-    def borrowed(self, x: mx.array, proj: nn.Module, name: str) -> mx.array:
-        """x (diag(out) W_r diag(in))^T = (x * in) W_r^T * out, or x W_r^T without scales."""
-        if not self.scaled:
-            return proj(x)
-        return proj(x * self[f"{name}_in"]) * self[f"{name}_out"]
+    def factors(self, name: str):
+        """(a (in, rank), b (rank, out)) of one projection, float."""
+        return self[f"{name}_a"], self[f"{name}_b"]
 
-    def __call__(self, x: mx.array, mlp: Optional[nn.Module]) -> mx.array:
-        gate = self.delta(x, "gate")
-        up = self.delta(x, "up")
-        if mlp is not None:
-            gate = gate + self.borrowed(x, mlp.gate_proj, "gate")
-            up = up + self.borrowed(x, mlp.up_proj, "up")
-        h = swiglu(gate, up)
-        out = self.delta(h, "down")
-        return out if mlp is None else out + self.borrowed(h, mlp.down_proj, "down")
+    def __call__(self, x: mx.array, mlp: Optional[nn.Module], hidden: bool = False) -> mx.array:
+        borrowed = None if mlp is None else lambda name, v: mlp[f"{name}_proj"](v)
+        return recovered_mlp(x, borrowed, lambda name, v: self.delta(v, name), self, self.kind, hidden)
+
+    def merged(self, name: str, w: Optional[mx.array], shape: tuple) -> mx.array:
+        """The dense (out, in) weight this target runs for one projection, given the borrowed
+        one ``w`` (float32; None: nothing borrowed)."""
+        a, b = (f.astype(mx.float32) for f in self.factors(name))
+        base = mx.zeros(shape) if w is None else recovery_kind(self.kind).merge(w, self, name)
+        return base + (a @ b).T  # (in, rank) @ (rank, out) -> (out, in)
 
 
 class QuantizedRecovery(Recovery):
@@ -159,16 +234,16 @@ class QuantizedRecovery(Recovery):
     float (they are tiny). (``code_bits``, not ``bits``: mlx-lm takes a module with ``bits`` for
     a QuantizedLinear.)"""
 
-    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine", scales: bool = False):
+    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine", kind: str = "plain"):
         nn.Module.__init__(self)
         if rank % group_size or dim % group_size or hidden_dim % group_size:
             raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
-        self.group_size, self.code_bits, self.mode = group_size, bits, mode
-        for name, n_in, n_out in zip(PROJECTIONS, (dim, dim, hidden_dim), (hidden_dim, hidden_dim, dim)):
+        self.group_size, self.code_bits, self.mode, self._kind = group_size, bits, mode, kind
+        for name, (n_in, n_out) in projection_shapes(dim, hidden_dim).items():
             self._set(f"{name}_a", mx.zeros((rank, n_in)))
             self._set(f"{name}_b", mx.zeros((n_out, rank)))
-            if scales:
-                self[f"{name}_in"], self[f"{name}_out"] = mx.ones((n_in,)), mx.ones((n_out,))
+            for suffix, v in recovery_kind(kind).vectors(n_in, n_out).items():
+                self[f"{name}_{suffix}"] = v
         self.freeze()
 
     def _set(self, key: str, w_t: mx.array) -> None:
@@ -180,10 +255,10 @@ class QuantizedRecovery(Recovery):
     @classmethod
     def from_recovery(cls, rec: Recovery, group_size: int, bits: int, mode: str = "affine") -> "QuantizedRecovery":
         (dim, rank), hidden_dim = rec.gate_a.shape, rec.gate_b.shape[1]
-        q = cls(dim, hidden_dim, rank, group_size, bits, mode, rec.scaled)  # lazy zero codes, replaced unevaluated
+        q = cls(dim, hidden_dim, rank, group_size, bits, mode, rec.kind)  # lazy zero codes, replaced unevaluated
         for key in FACTORS:
             q._set(key, rec[key].T)
-        for key in vectors(rec.scaled):
+        for key in vector_names(rec.kind):
             q[key] = rec[key]
         return q
 
@@ -197,11 +272,19 @@ class QuantizedRecovery(Recovery):
         """The same factors as float arrays (the scales' dtype); the vectors as they are."""
         rec = Recovery.__new__(Recovery)  # no random init: the global RNG state stays as it was
         nn.Module.__init__(rec)
+        rec._kind = self.kind
         for key in FACTORS:
-            rec[key] = mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode).T
-        for key in vectors(self.scaled):
+            rec[key] = self.factor(key)
+        for key in vector_names(self.kind):
             rec[key] = self[key]
         return rec
+
+    def factor(self, key: str) -> mx.array:
+        """One factor dequantized, in its float layout ((in, rank) or (rank, out))."""
+        return mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode).T
+
+    def factors(self, name: str):
+        return self.factor(f"{name}_a"), self.factor(f"{name}_b")
 
     def delta(self, x: mx.array, name: str) -> mx.array:
         for f in ("a", "b"):
@@ -218,12 +301,12 @@ class Block(llama.TransformerBlock):
         super().__init__(args, use_sliding=args.layer_types[layer] == "sliding_attention")
         if layer in args.sharp_args.share:
             del self["mlp"]
-            rank, scales = args.sharp_args.rank_of(layer), args.sharp_args.scales
+            rank, kind = args.sharp_args.rank_of(layer), args.sharp_args.kind
             q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
             if rank > 0 and q:
-                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"), scales)
+                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"), kind)
             elif rank > 0:
-                self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, scales)
+                self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, kind)
 
     def __call__(self, x, mask=None, cache=None, mlp: Optional[nn.Module] = None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -245,17 +328,28 @@ class LlamaModel(llama.LlamaModel):
         owner = self.mlp_owner[layer]
         return None if owner is None else self.layers[owner]["mlp"]
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+    def run(self, h: mx.array, start: int = 0, stop: Optional[int] = None, cache=None, hook: Optional[Callable] = None) -> mx.array:
+        """Hidden states after blocks start..stop-1, from the hidden states entering ``start``.
+
+        ``hook(i, block, h, mask, cache, mlp)``, if given, runs each block instead of
+        ``block(h, mask, cache=cache, mlp=mlp)`` (to record its inputs, or checkpoint it)."""
+        stop = len(self.layers) if stop is None else stop
         cache = cache if cache is not None else [None] * len(self.layers)
         fa_mask = create_attention_mask(h, cache[self.fa_idx])
         swa_mask = None
         if self.swa_idx is not None:
             swa_mask = create_attention_mask(h, cache[self.swa_idx], window_size=self.sliding_window)
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            mask = swa_mask if layer.use_sliding else fa_mask
-            h = layer(h, mask, cache=c, mlp=self.mlp_of(i))
-        return self.norm(h)
+        for i in range(start, stop):
+            layer, mask = self.layers[i], swa_mask if self.layers[i].use_sliding else fa_mask
+            if hook is None:
+                h = layer(h, mask, cache=cache[i], mlp=self.mlp_of(i))
+            else:
+                h = hook(i, layer, h, mask, cache[i], self.mlp_of(i))
+        return h
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        return self.norm(self.run(h, cache=cache))
 
 
 class Model(llama.Model):
@@ -266,6 +360,11 @@ class Model(llama.Model):
         self.model = LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits (B, L, V) from the last block's hidden states (final norm, then the output layer)."""
+        h = self.model.norm(h)
+        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
 
     def shard(self, group=None):
         raise NotImplementedError("tensor-parallel sharding of a shared model is not supported")

@@ -41,7 +41,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from tqdm import tqdm
@@ -126,9 +125,8 @@ def merge_lora(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(merged))
 
 
-def _block(layer, mlp, h, mask, checkpoint: bool) -> mx.array:
-    if not checkpoint:
-        return layer(h, mask, mlp=mlp)
+def _checkpointed(i, layer, h, mask, cache, mlp) -> mx.array:
+    """A block recomputed in the backward pass (a ``LlamaModel.run`` hook)."""
     # A target block runs its reference's MLP, so that MLP's trainable parameters (LoRA) are
     # inputs of the checkpoint too; an owned MLP is already among the block's.
     owners = [layer] if mlp is None or "mlp" in layer else [layer, mlp]
@@ -143,19 +141,7 @@ def _block(layer, mlp, h, mask, checkpoint: bool) -> mx.array:
 
 def run_blocks(model: nn.Module, h: mx.array, start: int, stop: Optional[int] = None, checkpoint: bool = False) -> mx.array:
     """Hidden states (B, L, D) after blocks start..stop-1, from the hidden states entering ``start``."""
-    inner = model.model
-    fa_mask = create_attention_mask(h, None)
-    swa_mask = create_attention_mask(h, None, window_size=inner.sliding_window) if inner.swa_idx is not None else None
-    for i in range(start, len(inner.layers) if stop is None else stop):
-        layer = inner.layers[i]
-        h = _block(layer, inner.mlp_of(i), h, swa_mask if layer.use_sliding else fa_mask, checkpoint)
-    return h
-
-
-def logits_of(model: nn.Module, h: mx.array) -> mx.array:
-    """Logits (B, L, V) from the last block's hidden states."""
-    h = model.model.norm(h)
-    return model.model.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
+    return model.model.run(h, start, stop, hook=_checkpointed if checkpoint else None)
 
 
 def prefix(model: nn.Module, inputs: mx.array, start: int) -> mx.array:
@@ -194,14 +180,14 @@ def sft_loss(model, inputs, targets, mask, config: SFTConfig, start: int, teache
     ``start`` > 0 runs blocks before it without gradients (the frozen prefix), and the teacher
     continues from the same hidden states: its blocks before ``start`` equal the student's."""
     h = prefix(model, inputs, start)
-    logits = logits_of(model, run_blocks(model, h, start, checkpoint=config.grad_checkpoint)).astype(mx.float32)
+    logits = model.head(run_blocks(model, h, start, checkpoint=config.grad_checkpoint)).astype(mx.float32)
     n = mask.sum()
     per_token = mx.zeros(mask.shape)
     if config.loss != "kd":
         ce = cross_entropy(logits, targets)
         per_token = per_token + (1 - config.kd_alpha if config.loss == "mix" else 1.0) * ce
     if config.loss != "ce":
-        teacher_logits = logits_of(teacher, run_blocks(teacher, h, start)).astype(mx.float32)
+        teacher_logits = teacher.head(run_blocks(teacher, h, start)).astype(mx.float32)
         kd = kl_div(logits, teacher_logits, config.kd_temperature)
         per_token = per_token + (config.kd_alpha if config.loss == "mix" else 1.0) * kd
     return (per_token * mask).sum() / mx.maximum(n, 1), n
@@ -233,7 +219,7 @@ class _Validator:
     def __call__(self) -> float:
         total, count = 0.0, 0
         for h, targets in self.batches:
-            logits = logits_of(self.model, run_blocks(self.model, h, self.start))
+            logits = self.model.head(run_blocks(self.model, h, self.start))
             loss = cross_entropy(logits.astype(mx.float32), targets).sum()
             total += loss.item()
             count += targets.size

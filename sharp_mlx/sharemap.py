@@ -15,14 +15,15 @@ paper keeps quality best by sharing in the later part of the stack.
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import SharpError
-from .model import Model, ModelArgs, SharpArgs
+from .model import Model, ModelArgs, SharpArgs, projection_shapes, recovery_kind
 
 ShareMap = Dict[int, Optional[int]]
 Rank = Union[int, Dict[int, int]]
@@ -105,29 +106,56 @@ def parse_share(
     rank: int = 0,
     adjacent_only: bool = True,
     keep_ends: bool = True,
-    scales: bool = False,
+    kind: str = "plain",
 ) -> ShareMap:
     """The share map of ``spec`` (see the module docstring) for a model of num_layers layers.
 
-    ``similarity``, ``cut``, ``rank``, ``adjacent_only``, ``keep_ends`` and ``scales`` only serve
+    ``similarity``, ``cut``, ``rank``, ``adjacent_only``, ``keep_ends`` and ``kind`` only serve
     ``auto``: the analysis (a dict or the path of analysis.json), the fraction of stored MLP
-    parameters to remove net of the rank-``rank`` recovery factors (and scaling vectors, with
-    ``scales``), whether a reference must be the layer right before its target, and whether the
+    parameters to remove net of the rank-``rank`` recovery (of recovery kind ``kind``), whether a reference must be the layer right before its target, and whether the
     first and last layers stay unshared.
     """
-    spec = spec.strip()
-    if spec == "next" or spec.startswith("next:"):
-        share = next_map(parse_layers(layers, num_layers), 1 if spec == "next" else _group_size(spec))
-    elif spec == "auto":
-        share = auto_map(similarity, num_layers, cut, rank, parse_layers(layers, num_layers), adjacent_only, keep_ends, scales)
-    elif spec.startswith("{") or spec.endswith(".json") or Path(spec).is_file():
-        if layers is not None:
-            raise SharpError(f"a layer range ({layers}) applies to next, next:K and auto, not to an explicit share map")
-        share = json_map(spec)
-    else:
-        raise SharpError(f"unknown share spec {spec!r}: use {SPECS}")
+    how = share_kind(spec)
+    if not how.takes_layers and layers is not None:
+        raise SharpError(f"a layer range ({layers}) applies to next, next:K and auto, not to an explicit share map")
+    options = dict(similarity=similarity, cut=cut, rank=rank, adjacent_only=adjacent_only, keep_ends=keep_ends, recovery=kind)
+    share = how.build(spec.strip(), num_layers, parse_layers(layers, num_layers) if how.takes_layers else None, options)
     check_share(share, num_layers)
     return share
+
+
+@dataclass(frozen=True)
+class ShareKind:
+    """One way to write a share map: ``matches(spec)`` says whether a spec is of this kind,
+    ``build(spec, num_layers, span, options)`` makes the map (``span``: the layer range, for
+    the kinds that take one)."""
+
+    name: str
+    takes_layers: bool
+    matches: Callable[[str], bool]
+    build: Callable[[str, int, Optional[range], dict], ShareMap]
+
+
+def _auto(spec: str, num_layers: int, span: range, o: dict) -> ShareMap:
+    return auto_map(o["similarity"], num_layers, o["cut"], o["rank"], span, o["adjacent_only"], o["keep_ends"], o["recovery"])
+
+
+# A new share-map kind is one ShareKind here (tried in order).
+SHARE_KINDS = (
+    ShareKind("next", True, lambda s: s == "next" or s.startswith("next:"),
+              lambda s, n, span, o: next_map(span, 1 if s == "next" else _group_size(s))),
+    ShareKind("auto", True, lambda s: s == "auto", _auto),
+    ShareKind("json", False, lambda s: s.startswith("{") or s.endswith(".json") or Path(s).is_file(), lambda s, n, span, o: json_map(s)),
+)
+
+
+def share_kind(spec: str) -> ShareKind:
+    """The kind of a share spec (raises SharpError for none)."""
+    spec = spec.strip()
+    for kind in SHARE_KINDS:
+        if kind.matches(spec):
+            return kind
+    raise SharpError(f"unknown share spec {spec!r}: use {SPECS}")
 
 
 def read_analysis(similarity: Union[None, dict, str, Path]) -> dict:
@@ -148,7 +176,7 @@ def read_analysis(similarity: Union[None, dict, str, Path]) -> dict:
     return similarity
 
 
-def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span: range, adjacent_only: bool, keep_ends: bool, scales: bool = False) -> ShareMap:
+def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span: range, adjacent_only: bool, keep_ends: bool, kind: str = "plain") -> ShareMap:
     """Greedy: take (reference, target) pairs from the lowest relative MLP error up, skipping a
     target already taken or used as a reference and a reference that is a target, until the
     stored-MLP cut net of recovery reaches ``cut``."""
@@ -167,10 +195,10 @@ def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span:
         if t in share or t in share.values() or r in share:
             continue
         share[t] = r
-        reached = savings(config, share, rank, scales)["mlp_cut"]
+        reached = savings(config, share, rank, kind)["mlp_cut"]
         if reached >= cut:
             return share
-    reached = savings(config, share, rank, scales)["mlp_cut"] if share else 0.0
+    reached = savings(config, share, rank, kind)["mlp_cut"] if share else 0.0
     raise SharpError(
         f"auto reaches only a {reached:.1%} stored-MLP cut (at rank {rank}, {len(share)} targets, adjacent_only={adjacent_only}) short of the {cut:.1%} asked: "
         "ask for a smaller cut or rank, a wider layer range, or references anywhere earlier (analyze with --all-pairs, adjacent_only=False)"
@@ -206,17 +234,20 @@ def _param_counts(config: dict) -> Tuple[ModelArgs, int, int, int]:
     return args, mlp, embeddings + h + n_layers * layer, layer  # + final norm
 
 
-def savings(config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> dict:
-    """Exact parameter counts of sharing ``share`` at ``rank`` (with scaling vectors, if
-    ``scales``: in + out per projection, one rank's worth) in the model of ``config``."""
+def savings(config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> dict:
+    """Exact parameter counts of sharing ``share`` at ``rank`` with recovery ``kind`` (its
+    vectors included: ``scaled`` adds in + out per projection, one rank's worth) in the model of
+    ``config``."""
     args, mlp, rest, _ = _param_counts(config)
-    sharp = SharpArgs(share=dict(share), rank=rank, scales=scales)
+    sharp = SharpArgs(share=dict(share), rank=rank, kind=kind)
     try:
         sharp.validate(args.num_hidden_layers, args.hidden_size, args.intermediate_size)
     except ValueError as e:
         raise SharpError(str(e))
     n_layers, n_targets = args.num_hidden_layers, len(share)
-    recovery = sum(3 * (args.hidden_size + args.intermediate_size) * (sharp.rank_of(t) + int(scales)) for t in share)
+    shapes = projection_shapes(args.hidden_size, args.intermediate_size).values()
+    per_target = sum(v.size for n_in, n_out in shapes for v in recovery_kind(kind).vectors(n_in, n_out).values())
+    recovery = sum(3 * (args.hidden_size + args.intermediate_size) * sharp.rank_of(t) + per_target for t in share)
     mlp_before, unstored = n_layers * mlp, n_targets * mlp
     before = rest + mlp_before
     return {
@@ -233,14 +264,14 @@ def savings(config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> 
     }
 
 
-def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp", scales: bool = False) -> str:
-    """What building ``baseline`` (sharp, direct, lowrank, mlp-prune, layer-prune) at the targets of ``share`` saves."""
-    s = savings(config, share, rank, scales)
-    if baseline == "layer-prune":
+def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp", kind: str = "plain") -> str:
+    """What building ``baseline`` (a name in BASELINES) at the targets of ``share`` saves."""
+    b = BASELINES[baseline]
+    s = savings(config, share, rank if b.recovered else 0, kind)
+    if b.removes_layers:
         removed = s["targets"] * _param_counts(config)[3] + s["mlp_params"] - s["mlp_params_stored"]
         return f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params -{removed / s['params_before']:.1%}"
-    what = {"mlp-prune": "MLPs removed (no MLP at the targets)", "direct": "MLPs shared, no recovery",
-            "lowrank": "MLPs replaced by low-rank factors, nothing borrowed"}.get(baseline, "MLPs shared with scaling vectors" if scales else "MLPs shared")
+    what = "MLPs shared with scaling vectors" if b.name == "sharp" and kind == "scaled" else b.what
     return (f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
             f"all params -{s['total_cut']:.1%}")
 
@@ -255,12 +286,12 @@ def _require_plain(model, config: dict, what: str) -> Dict[str, mx.array]:
     return weights
 
 
-def share_model(original_model, original_config: dict, share: ShareMap, rank: Rank, scales: bool = False) -> Tuple[Model, dict]:
+def share_model(original_model, original_config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> Tuple[Model, dict]:
     """The shared model built from a loaded original: the same weights minus the targets' MLPs,
-    fresh recovery factors (b = 0, and scaling vectors of one with ``scales``, so it starts as
-    direct sharing), config with a "sharp" section."""
+    fresh recovery factors (b = 0, and the kind's vectors at their neutral values, so it starts
+    as direct sharing), config with a "sharp" section."""
     weights = _require_plain(original_model, original_config, "share_model")
-    config = {**original_config, "sharp": SharpArgs(share=dict(share), rank=rank, scales=scales).to_dict()}
+    config = {**original_config, "sharp": SharpArgs(share=dict(share), rank=rank, kind=kind).to_dict()}
     try:
         model = Model(ModelArgs.from_dict(config))
     except ValueError as e:
@@ -296,3 +327,32 @@ def prune_layers(original_model, config: dict, layers: Iterable[int]) -> Tuple[M
     model.load_weights(list(pruned.items()))
     mx.eval(model.parameters())
     return model, new_config
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What to build at a share map's targets: SHARP itself or a comparison model."""
+
+    name: str
+    what: str  # for the savings line
+    recovered: bool  # its targets get recovery factors (which SLW fits)
+    borrows: bool  # its targets run their reference's MLP
+    removes_layers: bool = False  # the target layers are dropped altogether
+
+    def targets(self, share: ShareMap) -> ShareMap:
+        return dict(share) if self.borrows else {t: None for t in share}
+
+    def build(self, original_model, config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> Tuple[Model, dict]:
+        if self.removes_layers:
+            return prune_layers(original_model, config, sorted(share))
+        return share_model(original_model, config, self.targets(share), rank if self.recovered else 0, kind)
+
+
+# A new baseline is one Baseline here (and, if it builds something new, its build method).
+BASELINES = {b.name: b for b in (
+    Baseline("sharp", "MLPs shared", recovered=True, borrows=True),
+    Baseline("direct", "MLPs shared, no recovery", recovered=False, borrows=True),
+    Baseline("mlp-prune", "MLPs removed (no MLP at the targets)", recovered=False, borrows=False),
+    Baseline("layer-prune", "layers removed", recovered=False, borrows=False, removes_layers=True),
+    Baseline("lowrank", "MLPs replaced by low-rank factors, nothing borrowed", recovered=True, borrows=False),
+)}

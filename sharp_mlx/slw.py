@@ -9,10 +9,10 @@ relative L2 error of the MLP output. Three stages, each optional and measured:
    left at zero when stage 2 follows, which replaces it.
 2. ``closed_form_down``: with gate/up fixed, the down factors are a reduced-rank regression of
    the remaining output error on the student's own hidden activations, solved exactly.
-3. ``steps`` of Adam on all six factors (and the six scaling vectors, with ``scales``) with
+3. ``steps`` of Adam on all six factors (and the recovery kind's vectors, if any) with
    warmup + cosine decay, minibatches of rows.
 
-With ``scales`` each borrowed weight also gets a row and a column scaling, W_t ~= diag(out) W_r
+With recovery kind ``scaled`` each borrowed weight also gets a row and a column scaling, W_t ~= diag(out) W_r
 diag(in) + B A; the vectors start at one, where the two closed-form stages are exact, and
 only Adam moves them.
 
@@ -31,14 +31,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.activations import swiglu
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import distributed
-from .model import Recovery, vectors
-
-PROJ = ("gate", "up", "down")
+from .model import PROJECTIONS as PROJ, Recovery, lowrank, projection_shapes, recovered_mlp, recovery_kind
 
 
 @dataclass
@@ -64,21 +61,12 @@ def weights_of(mlp) -> Dict[str, np.ndarray]:
     return out
 
 
-def mlp_apply(w: Dict[str, mx.array], x: mx.array, rec: Optional[Dict[str, mx.array]] = None, return_hidden: bool = False):
-    """An MLP from weight dicts (None weights: recovery only), with optional low-rank factors
-    and, if ``rec`` holds them, scaling vectors ``{p}_in``, ``{p}_out`` of the weights."""
-    def proj(p, inp):
-        if w.get(p) is None:
-            y = 0.0
-        elif rec is not None and f"{p}_in" in rec:
-            y = ((inp * rec[f"{p}_in"]) @ w[p].T) * rec[f"{p}_out"]  # diag(out) W diag(in)
-        else:
-            y = inp @ w[p].T
-        return y + (inp @ rec[f"{p}_a"]) @ rec[f"{p}_b"] if rec is not None else y
-
-    h = swiglu(proj("gate", x), proj("up", x))
-    y = proj("down", h)
-    return (y, h) if return_hidden else y
+def mlp_apply(w: Dict[str, mx.array], x: mx.array, rec: Optional[Dict[str, mx.array]] = None, return_hidden: bool = False, kind: str = "plain"):
+    """``model.recovered_mlp`` on weight dicts: borrowed (out, in) weights ``w`` (None weights:
+    recovery only) and recovery parameters ``rec`` of ``kind`` (None: the MLP alone)."""
+    borrowed = None if w.get("gate") is None else (lambda name, v: v @ w[name].T)
+    delta = None if rec is None else (lambda name, v: lowrank(v, rec[f"{name}_a"], rec[f"{name}_b"]))
+    return recovered_mlp(x, borrowed, delta, rec, kind, return_hidden)
 
 
 def rel_error(pred: mx.array, target: mx.array) -> float:
@@ -123,12 +111,12 @@ def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: fl
     return (m_ols @ v).astype(np.float32), v.T.astype(np.float32)
 
 
-def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig, scales: bool = False) -> Dict[str, np.ndarray]:
-    """Initial factors by cfg.init (and scaling vectors of one, with ``scales``); x are fit
+def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig, kind: str = "plain") -> Dict[str, np.ndarray]:
+    """Initial factors by cfg.init (and the kind's vectors at their neutral values); x are fit
     rows (n, D) of the target's real inputs."""
     if cfg.init == "zero":
         mx.random.seed(cfg.seed)
-        rec = Recovery(x.shape[1], target["gate"].shape[0], rank, scales)
+        rec = Recovery(x.shape[1], target["gate"].shape[0], rank, kind)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
     rec = {}
     asvd = cfg.init == "asvd"
@@ -145,24 +133,24 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, np.array(h), cfg.damping)
         else:
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, x, cfg.damping, x_roots)
-    for key in vectors(scales):  # ones: the fits above hold exactly
-        p, side = key.split("_")
-        rec[key] = np.ones(target[p].shape[1 if side == "in" else 0], dtype=np.float32)
+    for p, (n_in, n_out) in projection_shapes(x.shape[1], target["gate"].shape[0]).items():
+        for suffix, v in recovery_kind(kind).vectors(n_in, n_out).items():  # neutral: the fits above hold exactly
+            rec[f"{p}_{suffix}"] = np.array(v, dtype=np.float32)
     return rec
 
 
-def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig) -> Dict[str, np.ndarray]:
+def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig, kind: str = "plain") -> Dict[str, np.ndarray]:
     """Down factors solved exactly on the student's own hidden activations."""
     xm = mx.array(x)
     y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm)
     student = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     no_down = {**{k: mx.array(v) for k, v in rec.items()}, "down_b": mx.zeros_like(mx.array(rec["down_b"]))}
-    base, h = mlp_apply(student, xm, no_down, return_hidden=True)
+    base, h = mlp_apply(student, xm, no_down, return_hidden=True, kind=kind)
     a, b = reduced_rank_regression(np.array(h), np.array(y - base), rank, cfg.damping)
     return {**rec, "down_a": a, "down_b": b}
 
 
-def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg: SLWConfig, progress: Optional[Callable] = None) -> Dict[str, np.ndarray]:
+def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg: SLWConfig, progress: Optional[Callable] = None, kind: str = "plain") -> Dict[str, np.ndarray]:
     """cfg.steps of Adam on the relative L2 error over random minibatches of rows; every entry
     of ``rec`` (factors and any scaling vectors) is trained."""
     tw = {p: mx.array(v) for p, v in target.items()}
@@ -174,7 +162,7 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
     rng = np.random.default_rng(cfg.seed)
 
     def loss_fn(p, xb, yb):
-        return ((mlp_apply(rw, xb, p) - yb) ** 2).sum() / (yb**2).sum()
+        return ((mlp_apply(rw, xb, p, kind=kind) - yb) ** 2).sum() / (yb**2).sum()
 
     grad_fn = mx.value_and_grad(loss_fn)
 
@@ -192,13 +180,13 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
     return {k: np.array(v) for k, v in params.items()}
 
 
-def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None, scales: bool = False) -> Dict[str, object]:
-    """Fit one target's factors (and scaling vectors, with ``scales``) on its captured inputs
+def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None, kind: str = "plain") -> Dict[str, object]:
+    """Fit one target's factors (and its kind's vectors) on its captured inputs
     x (n, D); returns them and the held-out relative error after each stage ({"none", "init",
     "closed_form_down", "adam"}, and "final" for the parameters kept). With closed_form_down,
     "init" has gate and up fitted and down still borrowed as it is."""
-    if scales and ref_mlp is None:
-        raise ValueError("scaling vectors scale borrowed weights: a target without a reference has none")
+    if recovery_kind(kind).needs_reference and ref_mlp is None:
+        raise ValueError(f"recovery {kind} transforms borrowed weights: a target without a reference has none")
     ref = weights_of(ref_mlp) if ref_mlp is not None else None
     target = weights_of(target_mlp)
     rows = np.random.default_rng(cfg.seed).permutation(len(x))
@@ -209,17 +197,17 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
 
     def err(rec):
-        return rel_error(mlp_apply(rw, xh, {k: mx.array(v) for k, v in rec.items()} if rec else None), y_hold) if (ref is not None or rec) else 1.0
+        return rel_error(mlp_apply(rw, xh, {k: mx.array(v) for k, v in rec.items()} if rec else None, kind=kind), y_hold) if (ref is not None or rec) else 1.0
 
     errors = {"none": err(None)}
     with threadpool_limits(limits=1, user_api="blas"):
-        rec = init_recovery(ref, target, x_fit, rank, cfg, scales)
+        rec = init_recovery(ref, target, x_fit, rank, cfg, kind)
         errors["init"] = err(rec)
         if cfg.closed_form_down:
-            rec = refit_down(ref, target, x_fit, rec, rank, cfg)
+            rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind)
             errors["closed_form_down"] = err(rec)
     if cfg.steps > 0:
-        refined = adam_refine(ref, target, x_fit, rec, cfg, progress)
+        refined = adam_refine(ref, target, x_fit, rec, cfg, progress, kind)
         errors["adam"] = err(refined)
         # Adam from a closed-form start can overshoot: keep whichever holds out better.
         if errors["adam"] <= errors.get("closed_form_down", errors["init"]):
@@ -251,7 +239,7 @@ def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, scales=layer.recovery.scaled)
+        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, kind=layer.recovery.kind)
         bar.close()
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
         report[t] = out["errors"]

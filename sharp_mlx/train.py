@@ -11,9 +11,9 @@ captures each target's real MLP inputs on calibration text and fits the recovery
 ``--baseline`` builds the comparison models at the same targets instead of SHARP:
 direct (borrow, no recovery), mlp-prune (no MLP at the targets), layer-prune (no target
 layers at all), lowrank (the control: recovery factors with no borrowed weights).
-``--scales`` gives each SHARP target a row and a column scaling vector per borrowed weight
-besides its factors (W_t ~= diag(out) W_r diag(in) + B A); one rank's worth of parameters, so
-``--rank 63 --scales`` stores as much as ``--rank 64``.
+``--recovery scaled`` (or ``--scales``) gives each SHARP target a row and a column scaling
+vector per borrowed weight besides its factors (W_t ~= diag(out) W_r diag(in) + B A); one rank's
+worth of parameters, so ``--rank 63 --recovery scaled`` stores as much as ``--rank 64``.
 """
 
 import argparse
@@ -31,7 +31,7 @@ from .capture import calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
-from .model import SharpArgs
+from .model import RECOVERY_KINDS, SharpArgs
 from .slw import SLWConfig, run_slw
 
 SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
@@ -55,7 +55,6 @@ SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
     "save_every": "checkpoint every N steps",
 }
 DEFAULT_LAYERS = "14:30"
-BASELINES = ("sharp", "direct", "mlp-prune", "layer-prune", "lowrank")
 
 
 def default_data(split: str) -> list:
@@ -96,51 +95,49 @@ def stage_slw(args) -> dict:
     if args.slw_batch_rows < 1:
         raise SharpError(f"--slw-batch-rows must be at least 1, got {args.slw_batch_rows}")
     n = config["num_hidden_layers"]
-    generated = args.share.strip() in ("next", "auto") or args.share.strip().startswith("next:")
-    layers = args.layers if args.layers is not None or not generated else DEFAULT_LAYERS
+    layers = args.layers if args.layers is not None or not sharemap.share_kind(args.share).takes_layers else DEFAULT_LAYERS
     similarity = _similarity(args)
-    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", scales=args.scales)
-    recovered = args.baseline in ("sharp", "lowrank")  # builds recovery factors
-    fits = recovered and args.slw_steps >= 0 and not args.no_slw  # and fits them here
-    if recovered:
+    kind = args.recovery
+    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", kind=kind)
+    baseline = sharemap.BASELINES[args.baseline]
+    fits = baseline.recovered and args.slw_steps >= 0 and not args.no_slw  # builds recovery factors and fits them here
+    if baseline.recovered:
         check_rank(args.rank, config)
-    if args.scales:
-        check_scales(args.baseline, share, args.rank, config)
+    if kind != "plain":
+        check_kind(baseline, kind, share, args.rank, config)
     rank = args.rank
     original, tokenizer = load(args.model)
     windows = None
-    if fits or (recovered and args.rank_allocation == "sensitivity"):
+    if fits or (baseline.recovered and args.rank_allocation == "sensitivity"):
         # Only as many random records as the calibration needs are tokenized.
         windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
-    if recovered and args.rank_allocation == "sensitivity":
+    if baseline.recovered and args.rank_allocation == "sensitivity":
         damage = sensitivity(original, config, share, windows[:SENSITIVITY_WINDOWS])
         rank = sharemap.allocate_ranks(damage, args.rank * len(share), step=min(16, args.rank))  # the same total rank, spread by damage
         say(distributed.group(), "loss increase without each target's MLP: " + ", ".join(f"{t}: {d:+.3f}" for t, d in damage.items()))
         say(distributed.group(), "ranks by target: " + ", ".join(f"{t}: {k}" for t, k in rank.items()))
         for k in rank.values():
             check_rank(k, config)
-    if args.baseline == "layer-prune":
-        model, new_config = sharemap.prune_layers(original, config, sorted(share))
-        report = {}
-    else:
-        if args.baseline in ("mlp-prune", "lowrank"):
-            share = {t: None for t in share}
-        rank = 0 if args.baseline in ("direct", "mlp-prune") else rank
-        mx.random.seed(args.seed)  # fresh factors (what --no-slw keeps) are drawn: the same every run
-        model, new_config = sharemap.share_model(original, config, share, rank, args.scales)
-        report = {}
-        if fits:
-            # Under mlx.launch each process captures and fits its own targets (same seeds).
-            group = distributed.group()
-            mine = distributed.shard(sorted(share), group)
-            split = f", {len(mine)} of them in this process of {group.size()}" if group.size() > 1 else ""
-            say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
-            cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
-            captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
-            cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, batch_rows=args.slw_batch_rows, seed=args.seed)
-            report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
-    say(distributed.group(), sharemap.savings_line(config, share, 0 if args.baseline in ("direct", "mlp-prune", "layer-prune") else rank, args.baseline, args.scales))
-    return {"model": model, "config": new_config, "record": {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": SharpArgs(rank=rank).to_dict()["rank"], "scales": args.scales, "layers": {str(k): v for k, v in report.items()}}}
+    if not baseline.removes_layers:
+        share = baseline.targets(share)
+        rank = rank if baseline.recovered else 0
+    mx.random.seed(args.seed)  # fresh factors (what --no-slw keeps) are drawn: the same every run
+    model, new_config = baseline.build(original, config, share, rank, kind)
+    report = {}
+    if fits:
+        # Under mlx.launch each process captures and fits its own targets (same seeds).
+        group = distributed.group()
+        mine = distributed.shard(sorted(share), group)
+        split = f", {len(mine)} of them in this process of {group.size()}" if group.size() > 1 else ""
+        say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
+        cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
+        captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
+        cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, batch_rows=args.slw_batch_rows, seed=args.seed)
+        report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
+    say(distributed.group(), sharemap.savings_line(config, share, rank, args.baseline, kind))
+    record = {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": SharpArgs(rank=rank).to_dict()["rank"],
+              "recovery": kind, "layers": {str(k): v for k, v in report.items()}}
+    return {"model": model, "config": new_config, "record": record}
 
 
 def check_rank(rank: int, config: dict) -> None:
@@ -150,15 +147,15 @@ def check_rank(rank: int, config: dict) -> None:
         raise SharpError(f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in that range (--baseline direct shares without recovery)")
 
 
-def check_scales(baseline: str, share: dict, rank: int, config: dict) -> None:
-    """Scaling vectors scale borrowed weights: SHARP targets with a reference and a rank only."""
-    if baseline != "sharp":
-        why = "borrows no weights, so there is nothing to scale" if baseline in ("lowrank", "mlp-prune", "layer-prune") else "has no recovery parameters"
-        raise SharpError(f"--scales applies to --baseline sharp; --baseline {baseline} {why}: drop --scales")
+def check_kind(baseline, kind: str, share: dict, rank: int, config: dict) -> None:
+    """A recovery kind other than plain transforms borrowed weights: SHARP targets with a reference and a rank only."""
+    if baseline.name != "sharp":
+        why = "borrows no weights, so there is nothing to transform" if not baseline.borrows else "has no recovery parameters"
+        raise SharpError(f"--recovery {kind} applies to --baseline sharp; --baseline {baseline.name} {why}: use --recovery plain")
     try:
-        SharpArgs(share=share, rank=rank, scales=True).validate(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+        SharpArgs(share=share, rank=rank, kind=kind).validate(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
     except ValueError as e:
-        raise SharpError(f"--scales: {e}")
+        raise SharpError(f"--recovery {kind}: {e}")
 
 
 SENSITIVITY_WINDOWS = 4
@@ -191,8 +188,8 @@ def _similarity(args):
 def stage_sft(args) -> dict:
     from .sft import SFTConfig, merge_lora, train_sft
 
-    if args.scales:
-        raise SharpError("--scales applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --scales")
+    if args.recovery != "plain":
+        raise SharpError(f"--recovery applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --recovery {args.recovery}")
     config = read_config(args.model)
     sharp = SharpArgs.from_dict(config.get("sharp"))
     if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not (args.lora_rank or 0) > 0:
@@ -233,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--references", choices=("adjacent", "any"), default="adjacent", help="--share auto: a reference is the layer right before its target, or any earlier layer the analysis measured (analyze --all-pairs) (default: %(default)s)")
     g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
     g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform", help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
-    g.add_argument("--baseline", choices=BASELINES, default="sharp", help="what to build at the targets (default: %(default)s)")
-    g.add_argument("--scales", action="store_true", help="also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A (one rank's worth of parameters: --rank 63 --scales matches --rank 64)")
+    g.add_argument("--baseline", choices=list(sharemap.BASELINES), default="sharp", help="what to build at the targets (default: %(default)s)")
+    g.add_argument("--recovery", choices=list(RECOVERY_KINDS), default="plain", help="recovery kind: plain (W_t ~= W_r + B A) or scaled (also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A: one rank's worth of parameters, so --rank 63 --recovery scaled matches --rank 64) (default: %(default)s)")
+    g.add_argument("--scales", dest="recovery", action="store_const", const="scaled", help="the same as --recovery scaled")
     g = p.add_argument_group("single layer warmup (slw)")
     g.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")
     g.add_argument("--init", choices=("zero", "svd", "asvd"), default="asvd", help="factor initialisation (default: %(default)s)")

@@ -82,7 +82,7 @@ def test_mlx_lm_loads_a_model_with_scaling_vectors(tmp_path):
     randomize_recovery(model)
     out = sharp_mlx.save(tmp_path / "sharp", model, config)
     theirs, their_config = mlx_lm_load_model(out, trust_remote_code=True)
-    assert type(theirs).__module__ == "custom_model" and their_config["sharp"]["scales"] is True
+    assert type(theirs).__module__ == "custom_model" and their_config["sharp"]["recovery"] == "scaled"
     assert "gate_in" in theirs.model.layers[3].recovery
     assert mx.array_equal(theirs(TOKENS), model(TOKENS))
 

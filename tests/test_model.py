@@ -80,7 +80,7 @@ def test_scaling_vectors_at_one_equal_the_plain_model():
     plain, _ = tiny_model(share=share, rank=4)
     randomize_recovery(plain)
     scaled, config = tiny_model(share=share, rank=4, scales=True)
-    assert config["sharp"]["scales"] is True
+    assert config["sharp"]["recovery"] == "scaled"
     names = {k for k, _ in tree_flatten(scaled.parameters())} - set(base_weights(plain))
     assert names == {f"model.layers.{t}.recovery.{p}_{s}" for t in share for p in ("gate", "up", "down") for s in ("in", "out")}
     assert all(mx.array_equal(v, mx.ones_like(v)) for k, v in tree_flatten(scaled.parameters()) if k in names)
@@ -94,7 +94,7 @@ def test_scaled_recovery_equals_dense_weights():
     args = llama.ModelArgs.from_dict({**TINY, "hidden_size": dim, "intermediate_size": hidden})
     mx.random.seed(0)
     mlp = llama.MLP(args)
-    rec = Recovery(dim, hidden, rank, scales=True)
+    rec = Recovery(dim, hidden, rank, kind="scaled")
     for k, v in rec.parameters().items():
         rec[k] = (1.0 + 0.5 * mx.random.normal(v.shape)) if k.endswith(("_in", "_out")) else mx.random.normal(v.shape)
     dense = llama.MLP(args)
@@ -139,9 +139,9 @@ def test_shared_weight_stored_once(tmp_path):
 
 
 @pytest.mark.parametrize("sharp", [{"share": {}, "rank": 0}, {"share": {3: 2, 5: 4}, "rank": 4}, {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}},
-                                   {"share": {3: 2, 4: 2, 5: 2}, "rank": {3: 2, 4: 3, 5: 1}, "scales": True}])
+                                   {"share": {3: 2, 4: 2, 5: 2}, "rank": {3: 2, 4: 3, 5: 1}, "recovery": "scaled"}])
 def test_save_load_round_trip_is_exact(tmp_path, sharp):
-    model, config = tiny_model(share=sharp["share"], rank=sharp["rank"], scales=sharp.get("scales", False))
+    model, config = tiny_model(share=sharp["share"], rank=sharp["rank"], scales=sharp.get("recovery") == "scaled")
     randomize_recovery(model)
     sharp_mlx.save(tmp_path / "m", model, config)
     loaded, saved_config = sharp_mlx.checkpoint.load_model(tmp_path / "m")
@@ -153,7 +153,7 @@ def test_save_load_round_trip_is_exact(tmp_path, sharp):
     if sharp["share"]:
         assert SharpArgs.from_dict(on_disk["sharp"]) == SharpArgs.from_dict(sharp)
         assert on_disk["model_file"] == "sharp_model.py"
-        assert ("scales" in on_disk["sharp"]) == ("scales" in sharp)  # old configs stay as they were
+        assert ("recovery" in on_disk["sharp"]) == ("recovery" in sharp)  # plain configs stay as they were
     else:
         assert "sharp" not in on_disk and "model_file" not in on_disk
 
@@ -190,9 +190,13 @@ def test_share_map_validation(share, rank, message):
 
 
 def test_scales_need_a_reference_and_a_rank():
-    ok = ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 5: 4}, "rank": 4, "scales": True}})
-    assert ok.sharp_args.scales and ok.sharp_args.to_dict()["scales"] is True
-    assert "scales" not in SharpArgs(share={3: 2}, rank=4).to_dict()
+    ok = ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 5: 4}, "rank": 4, "recovery": "scaled"}})
+    assert ok.sharp_args.kind == "scaled" and ok.sharp_args.to_dict()["recovery"] == "scaled"
+    assert "recovery" not in SharpArgs(share={3: 2}, rank=4).to_dict()
+    # configs written before recovery kinds had names say "scales": true
+    assert ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2}, "rank": 4, "scales": True}}).sharp_args.kind == "scaled"
+    with pytest.raises(ValueError, match="unknown recovery kind 'nope'"):
+        ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2}, "rank": 4, "recovery": "nope"}})
     with pytest.raises(ValueError, match="target 4 borrows none"):
         ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2, 4: None}, "rank": 4, "scales": True}})
     with pytest.raises(ValueError, match="target 3 has rank 0"):

@@ -63,7 +63,7 @@ def test_quantized_round_trip_is_exact_and_close_to_float(tmp_path, share, scale
         q, q_config = quantize(model, config, bits=bits, group_size=32)
         out = sharp_mlx.save(tmp_path / f"q{bits}", q, q_config)
         loaded, loaded_config = load_model(out)
-        assert loaded_config["sharp"].get("scales", False) == scales if share else "sharp" not in loaded_config
+        assert (loaded_config["sharp"].get("recovery") == "scaled") == scales if share else "sharp" not in loaded_config
         assert mx.array_equal(loaded(TOKENS), q(TOKENS))
         errors[bits] = mx.abs(q(TOKENS) - reference).mean().item() / mx.abs(reference).mean().item()
     assert 0 < errors[8] < 0.03 and errors[8] < errors[4] < 0.5, errors
@@ -116,13 +116,13 @@ def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_di
 def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    from sharp_mlx.model import QuantizedRecovery, vectors
+    from sharp_mlx.model import QuantizedRecovery, vector_names
     from sharp_mlx.quantize import dequantized as float_copy
 
     model, config = tiny_model(share=SHARE, rank=32, scales=scales)
     randomize_recovery(model)
     reference = model(TOKENS)
-    before = {k: model.model.layers[3].recovery[k] for k in vectors(scales)}
+    before = {k: model.model.layers[3].recovery[k] for k in vector_names("scaled" if scales else "plain")}
     # float32 scales, so that the float copy below is exactly the same function (float16 ones: see the next test)
     q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4, scales_dtype="float32")
     assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": 32, "bits": 8, "mode": "affine"}
@@ -131,8 +131,8 @@ def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales
     out = sharp_mlx.save(tmp_path / "q", q, q_config)
     saved = mx.load(str(out / "model.safetensors"))
     codes = {f"{p}_{f}{s}" for p in ("gate", "up", "down") for f in "ab" for s in ("", "_scales", "_biases")}
-    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == codes | set(vectors(scales))
-    for k in vectors(scales):  # the vectors stay float, as they were
+    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == codes | set(vector_names("scaled" if scales else "plain"))
+    for k in vector_names("scaled" if scales else "plain"):  # the vectors stay float, as they were
         assert saved[f"model.layers.3.recovery.{k}"].dtype == mx.float32
         assert mx.array_equal(saved[f"model.layers.3.recovery.{k}"], before[k])
     logits = q(TOKENS)

@@ -23,7 +23,7 @@ def shared(original, share=SHARE, rank=RANK, seed=1, scales=False):
     """A shared model holding the original's weights (fresh zero-B recovery on the targets)."""
     original, original_config = original
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict({**original_config, "sharp": {"share": share, "rank": rank, "scales": scales}}))
+    model = Model(ModelArgs.from_dict({**original_config, "sharp": {"share": share, "rank": rank, "recovery": "scaled" if scales else "plain"}}))
     weights = [(k, v) for k, v in tree_flatten(original.parameters())
                if not any(k.startswith(f"model.layers.{t}.mlp.") for t in share)]
     model.load_weights(weights, strict=False)

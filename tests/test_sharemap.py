@@ -208,18 +208,18 @@ def test_savings_smollm2():
 def test_savings_count_scaling_vectors_as_one_rank():
     """in + out per projection = one rank unit: rank 63 with scales stores what rank 64 does."""
     share = parse_share("next", 30, "14:30")
-    plain, scaled = savings(SMOL, share, 64), savings(SMOL, share, 63, scales=True)
+    plain, scaled = savings(SMOL, share, 64), savings(SMOL, share, 63, kind="scaled")
     assert scaled == plain and scaled["recovery_params"] == 8 * 3 * ((576 + 1536) * 63 + 576 + 1536)
-    assert savings_line(SMOL, share, 63, scales=True) == "8 of 30 MLPs shared with scaling vectors: stored MLP params -22.6% (recovery included), all params -13.4%"
+    assert savings_line(SMOL, share, 63, kind="scaled") == "8 of 30 MLPs shared with scaling vectors: stored MLP params -22.6% (recovery included), all params -13.4%"
     original, config = tiny_model()
-    model, model_config = share_model(original, config, {2: 1, 4: 3}, {2: 8, 4: 3}, scales=True)
-    assert model_config["sharp"] == {"share": {"2": 1, "4": 3}, "rank": {"2": 8, "4": 3}, "scales": True}
-    s = savings(TINY, {2: 1, 4: 3}, {2: 8, 4: 3}, scales=True)
+    model, model_config = share_model(original, config, {2: 1, 4: 3}, {2: 8, 4: 3}, kind="scaled")
+    assert model_config["sharp"] == {"share": {"2": 1, "4": 3}, "rank": {"2": 8, "4": 3}, "recovery": "scaled"}
+    s = savings(TINY, {2: 1, 4: 3}, {2: 8, 4: 3}, kind="scaled")
     assert s["recovery_params"] == 3 * (64 + 96) * (9 + 4) and n_params(model) == s["params_after"]
     with pytest.raises(SharpError, match="target 4 borrows none"):
-        savings(TINY, {2: 1, 4: None}, 8, scales=True)
+        savings(TINY, {2: 1, 4: None}, 8, kind="scaled")
     with pytest.raises(SharpError, match="target 4 borrows none"):
-        share_model(original, config, {2: 1, 4: None}, 8, scales=True)
+        share_model(original, config, {2: 1, 4: None}, 8, kind="scaled")
 
 
 def test_savings_match_the_real_config(real_model_dir):

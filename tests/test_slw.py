@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models import llama
 
 from conftest import TINY, tiny_model
-from sharp_mlx.model import vectors
+from sharp_mlx.model import vector_names
 from sharp_mlx.slw import PROJ, SLWConfig, fit_layer, lowrank_fit, mlp_apply, reduced_rank_regression, run_slw, weights_of
 
 
@@ -82,7 +82,7 @@ def test_mlp_apply_with_scaling_vectors_equals_dense_weights():
     rec = {k: v.astype(np.float32) for k, v in rec.items()}
     dense = {p: mx.array(rec[f"{p}_out"][:, None] * w[p] * rec[f"{p}_in"][None, :] + (rec[f"{p}_a"] @ rec[f"{p}_b"]).T) for p in PROJ}
     x = mx.array(inputs(32))
-    got = mlp_apply({p: mx.array(v) for p, v in w.items()}, x, {k: mx.array(v) for k, v in rec.items()})
+    got = mlp_apply({p: mx.array(v) for p, v in w.items()}, x, {k: mx.array(v) for k, v in rec.items()}, kind="scaled")
     assert np.allclose(np.array(got), np.array(mlp_apply(dense, x)), rtol=1e-3, atol=1e-3)
 
 
@@ -90,7 +90,7 @@ def test_scaling_vectors_start_at_one_and_adam_moves_them():
     ref, target = mlp(1), mlp(2)
     cfg = SLWConfig(steps=60, lr=3e-3, batch_rows=256)
     plain = fit_layer(ref, target, inputs(), rank=16, cfg=cfg)
-    scaled = fit_layer(ref, target, inputs(), rank=16, cfg=cfg, scales=True)
+    scaled = fit_layer(ref, target, inputs(), rank=16, cfg=cfg, kind="scaled")
     e, f = scaled["errors"], scaled["factors"]
     # At one the closed-form stages are those of the plain fit, exactly.
     assert e["init"] == pytest.approx(plain["errors"]["init"]) and e["closed_form_down"] == pytest.approx(plain["errors"]["closed_form_down"])
@@ -99,7 +99,7 @@ def test_scaling_vectors_start_at_one_and_adam_moves_them():
         assert f[f"{p}_in"].shape == (target[f"{p}_proj"].weight.shape[1],) and f[f"{p}_out"].shape == (target[f"{p}_proj"].weight.shape[0],)
         assert np.abs(f[f"{p}_in"] - 1).max() > 1e-2 and np.abs(f[f"{p}_out"] - 1).max() > 1e-2, p
     with pytest.raises(ValueError, match="without a reference"):
-        fit_layer(None, target, inputs(), rank=16, cfg=cfg, scales=True)
+        fit_layer(None, target, inputs(), rank=16, cfg=cfg, kind="scaled")
 
 
 @pytest.mark.parametrize("scales", [False, True])
@@ -114,7 +114,7 @@ def test_run_slw_writes_factors_into_the_model(scales):
         assert mx.abs(rec.down_b).max().item() > 0
         if scales:  # Adam's result is kept here, and with it the vectors it moved
             assert report[t]["final"] == report[t]["adam"]
-            assert all(mx.abs(rec[k] - 1).max().item() > 1e-3 for k in vectors(True)), t
+            assert all(mx.abs(rec[k] - 1).max().item() > 1e-3 for k in vector_names("scaled")), t
         w = {p: mx.array(v) for p, v in weights_of(shared.model.layers[2].mlp).items()}
-        got = mlp_apply(w, mx.array(x[t][:64]), dict(rec.parameters()))
+        got = mlp_apply(w, mx.array(x[t][:64]), dict(rec.parameters()), kind=rec.kind)
         assert np.allclose(np.array(got), np.array(shared.model.layers[t].recovery(mx.array(x[t][:64]), shared.model.mlp_of(t))), atol=1e-4)

@@ -79,17 +79,17 @@ def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tm
     common = ["--stage", "slw", "--model", str(orig), "--data", str(data), "--seq-len", "32", "--tokens", "256", "--slw-steps", "2", "--rank", "4", "--scales"]
     assert train.main(common + ["--share", '{"3": 2, "5": 4}', "--out", str(tmp_path / "s")]) == 0
     assert "2 of 6 MLPs shared with scaling vectors" in capsys.readouterr().out
-    assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {"share": {"3": 2, "5": 4}, "rank": 4, "scales": True}
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {"share": {"3": 2, "5": 4}, "rank": 4, "recovery": "scaled"}
     record = json.loads((tmp_path / "s" / "training.json").read_text())[-1]
-    assert record["scales"] is True and set(record["layers"]) == {"3", "5"}
+    assert record["recovery"] == "scaled" and set(record["layers"]) == {"3", "5"}
     assert "gate_in" in load(tmp_path / "s")[0].model.layers[5].recovery
     for extra, needle in ((["--share", '{"3": 2, "5": null}'], "target 5 borrows none"), (["--share", '{"3": 2}', "--baseline", "lowrank"], "--baseline lowrank borrows no weights")):
         assert train.main(common + extra + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "--scales" in err[0] and needle in err[0], err
+        assert len(err) == 1 and "--recovery scaled" in err[0] and needle in err[0], err
     assert not (tmp_path / "bad").exists()
     assert train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
-    assert "--scales applies to --stage slw" in capsys.readouterr().err
+    assert "--recovery applies to --stage slw" in capsys.readouterr().err
 
 
 def test_fresh_factors_are_the_same_every_run(tmp_path):
