@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Baselines at the default pipeline's targets (next over 11:29, rank 64), next to SHARP after SLW
-# and after SLW + SFT; writes docs/baselines.md. Needs the pipeline's models (./scripts/run.sh).
+# and after SLW + SFT; writes docs/results/baselines.md. Needs the pipeline's models (./scripts/run.sh).
 #   ./scripts/baselines.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ done
     --seq-len 256 --eval-every 20 --save-every 20 --eval-windows 8 --max-train-tokens 100000
 python -m sharp_mlx.evaluate --model "$orig" models/baseline-direct models/baseline-mlp-prune \
     models/baseline-lowrank models/baseline-lowrank-sft models/smollm2-135m-instruct-sharp-slw models/smollm2-135m-instruct-sharp \
-    --data data/*/test.jsonl --seq-len 256 --max-windows 8 --plot docs/baselines.png > /tmp/baselines.table
+    --data data/*/test.jsonl --seq-len 256 --max-windows 8 --plot docs/results/baselines.png > /tmp/baselines.table
 {
     echo "# Baselines at the default targets (12, 14, ..., 28; rank 64)"
     echo
@@ -28,5 +28,5 @@ python -m sharp_mlx.evaluate --model "$orig" models/baseline-direct models/basel
     echo "SHARP rows: the pipeline's checkpoints (after SLW; after SLW + 20k tokens of SFT)."
     echo
     cat /tmp/baselines.table
-} > docs/baselines.md
-cat docs/baselines.md
+} > docs/results/baselines.md
+cat docs/results/baselines.md

@@ -2,7 +2,7 @@
 # What each recovery lever gives, measured at the pipeline's settings (SLW: 16,384 calibration
 # tokens, 50 Adam steps per layer; SFT: 40 steps of 2 x 256 tokens = 20k tokens, peak lr 1e-4,
 # recovery factors only, distillation from the original unless said otherwise); writes
-# docs/recovery_levers.md and docs/recovery_levers.png. Each step is skipped when its output
+# docs/results/recovery_levers.md and docs/results/recovery_levers.png. Each step is skipped when its output
 # model exists; the steps run here took about 1.5 hours on 2 busy CPU cores.
 # Needs the pipeline's models (./scripts/run.sh) and baselines.sh's models/baseline-mlp-prune.
 #   ./scripts/recovery_levers.sh
@@ -84,8 +84,8 @@ models=("$orig" models/smollm2-135m-instruct-sharp-slw models/smollm2-135m-instr
 present=(); for m in "${models[@]}"; do [ -d "$m" ] && present+=("$m"); done
 mkdir -p runs/exp-recovery-levers
 python -m sharp_mlx.evaluate --model "${present[@]}" --data data/*/test.jsonl --seq-len 256 --max-windows 8 --json \
-    --plot docs/recovery_levers.png > runs/exp-recovery-levers/perplexity.json
-python - "$orig" "$(( ($(date +%s) - start) / 60 ))" "${present[@]}" > docs/recovery_levers.md <<'EOF'
+    --plot docs/results/recovery_levers.png > runs/exp-recovery-levers/perplexity.json
+python - "$orig" "$(( ($(date +%s) - start) / 60 ))" "${present[@]}" > docs/results/recovery_levers.md <<'EOF'
 import json, sys
 from pathlib import Path
 from sharp_mlx import sharemap
@@ -132,4 +132,4 @@ for m in models:
         line = "-"
     print(f"| {p.name} | {stages} | {n:,} | {rec:,} | {line} |")
 EOF
-cat docs/recovery_levers.md
+cat docs/results/recovery_levers.md

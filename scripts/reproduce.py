@@ -1,9 +1,9 @@
 """Reproduce SHARP's tables and ablations on the embedded SmolLM2-135M, from scratch, in one run.
 
     python scripts/reproduce.py --quick    # small budgets: 28 min on 2 quiet CPU cores
-    python scripts/reproduce.py            # the main job's budgets for every variant, into docs/RESULTS-full.md:
+    python scripts/reproduce.py            # the main job's budgets for every variant, into docs/results/RESULTS-full.md:
                                            # 7.3 hours on 2 CPU cores (measured, see below)
-    python scripts/reproduce.py --quick --force --compare docs/RESULTS.json   # again from scratch, against the last run
+    python scripts/reproduce.py --quick --force --compare docs/results/RESULTS.json   # again from scratch, against the last run
 
 Where the full run's time goes (7.3 h, runs/repro/walls.json): 4.5 h of training (43 steps;
 a quiet SLW or SFT step takes 5-7 min, some were slowed by other jobs sharing the cores), then
@@ -13,7 +13,7 @@ that get them, 8 items a forward pass, 4-6 min a model) and the bench.
 It trains every variant with the project's own commands (``python -m sharp_mlx.train`` ...,
 called in-process), evaluates them all the same way (test perplexity on the five domains and a
 next-sentence multiple-choice check), quantizes and benchmarks the deployable ones, and writes
-``docs/RESULTS.md`` (``--quick``; the full run: ``docs/RESULTS-full.md``; or ``--report``) and
+``docs/results/RESULTS.md`` (``--quick``; the full run: ``docs/results/RESULTS-full.md``; or ``--report``) and
 its figures. Every number in the report comes from the run that wrote it.
 
 Models go to models/repro[-quick]/, logs and per-model results to runs/repro[-quick]/. Each step is
@@ -264,7 +264,7 @@ def build_variants(s: Steps) -> Dict[str, dict]:
 
     # Deployment: 4-bit checkpoints (the embedded GGUF's codes; recovery at 8 bits where its rank allows).
     add("original-4bit", s.quantize("original-4bit", s.original), "deploy", "original, 4-bit (GGUF codes)")
-    add("mlx-4bit", bench.ensure_mlx_4bit(), "deploy", "original, mlx_lm.convert -q (group 64)")
+    add("mlx-4bit", bench.mlx_4bit(ensure_default_model()), "deploy", "original, mlx_lm.convert -q (group 64)")
     add("sharp-4bit", s.quantize("sharp-4bit", sharp, "--recovery-bits", 8), "deploy", "SHARP default, 4-bit (GGUF codes, 8-bit recovery)")
     add("sharp-4bit-emb6", s.quantize("sharp-4bit-emb6", sharp, "--recovery-bits", 8, "--embedding-bits", 6), "deploy",
         "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)")
@@ -603,7 +603,7 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets (28 min on 2 quiet CPU cores)")
-    p.add_argument("--report", type=Path, help="report to write (default: docs/RESULTS.md with --quick, else docs/RESULTS-full.md)")
+    p.add_argument("--report", type=Path, help="report to write (default: docs/results/RESULTS.md with --quick, else docs/results/RESULTS-full.md)")
     p.add_argument("--force", action="store_true", help="redo every step")
     p.add_argument("--compare", type=Path, help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report")
     return p
@@ -631,7 +631,7 @@ def main(argv=None) -> int:
     b = QUICK if args.quick else FULL
     tag = "repro-quick" if args.quick else "repro"
     models, runs = ROOT / "models" / tag, ROOT / "runs" / tag
-    report = args.report or ROOT / "docs" / ("RESULTS.md" if args.quick else "RESULTS-full.md")
+    report = args.report or ROOT / "docs" / "results" / ("RESULTS.md" if args.quick else "RESULTS-full.md")
     if args.force:
         shutil.rmtree(models, ignore_errors=True)
         shutil.rmtree(runs, ignore_errors=True)

@@ -1,6 +1,6 @@
 """What each Single Layer Warmup lever buys, per layer, on the embedded model; writes a report.
 
-    python scripts/slw_levers.py [--layers 15 22 28] [--tokens 8192] [--rank 64] [--out docs/slw_levers.md]
+    python scripts/slw_levers.py [--layers 15 22 28] [--tokens 8192] [--rank 64] [--out docs/results/slw_levers.md]
 
 For each target t (reference t-1) it captures t's real MLP inputs once, then fits the recovery
 factors with each recipe and reports the held-out relative L2 error of the MLP output
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default: %(default)s)")
     p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps where a recipe uses Adam (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("docs/slw_levers.md"), help="report (markdown; JSON beside it)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/slw_levers.md"), help="report (markdown; JSON beside it)")
     args = p.parse_args(argv)
     tic = time.perf_counter()
     model, tokenizer = load(ensure_default_model())

@@ -1,8 +1,9 @@
 """Load, decode and perplexity benchmark: SHARP checkpoints against mlx-lm's 4-bit original.
 
-    python -m sharp_mlx.bench                         # the default rows; writes docs/bench.{md,json,png}
-    python -m sharp_mlx.bench --reps 5 --max-tokens 64 --out docs/bench
-    python -m sharp_mlx.bench --row mine=models/my-sharp-4bit --row mlx4=models/smollm2-135m-instruct-mlx-4bit
+    python -m sharp_mlx.bench --reference models/smollm2-135m-instruct --row mine=models/my-sharp-4bit --out runs/bench
+    python -m sharp_mlx.bench --row "original-4bit mlx-lm@mlx_lm=models/x-mlx-4bit" --row mine=models/mine --out runs/bench
+
+(``scripts/bench_default.py`` runs the project's own rows: every SHARP setting it finds, 4-bit.)
 
 Every repetition of every row is a fresh process, started in alternating order (rows forward on
 even repetitions, backward on odd ones), so no row enjoys a warmer process than another. Each
@@ -18,9 +19,8 @@ Perplexity is measured once per row on the test split of every domain, with quan
 replaced by their float values (``quantize.dequantized``: the same function; MLX's CPU quantized
 matmul is ~25x slower than float for many-token batches, and decoding is timed above anyway).
 
-The default rows are built when missing (mlx-lm's conversion with ``mlx_lm.convert``; ours with
-``sharp_mlx.quantize``); a float SHARP model that is missing (the ~50% and ~65% settings) is
-skipped with the command that makes it.
+``--reference ORIGINAL`` adds the float original and mlx-lm's 4-bit conversion of it (made with
+``mlx_lm.convert`` when missing) as the rows every ratio is taken against.
 """
 
 import argparse
@@ -37,61 +37,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ArgumentParser, SharpError, bits_or_none, cli
-from .quantize import DEFAULT_EMBEDDING_BITS, DEFAULT_RECOVERY_BITS, folder_bytes
+from .errors import ArgumentParser, SharpError, cli
+from .quantize import folder_bytes
 
 PROMPTS = (
     "What is the capital of France?",
     "Explain in three sentences why the sky is blue.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 )
-ORIGINAL = Path("models/smollm2-135m-instruct")
-MLX4 = Path("models/smollm2-135m-instruct-mlx-4bit")
 REFERENCE = "original-4bit mlx-lm"  # the row every ratio is taken against
-
-# The process each repetition runs. It imports only what its loader needs, so that the
-# spawn-to-materialised time of an mlx-lm row is what mlx-lm alone costs.
-WORKER = r"""
-import json, sys, time
-spawned, loader, path, max_tokens = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-prompts = json.loads(sys.argv[5])
-import mlx.core as mx
-from mlx.utils import tree_flatten
-if loader == "mlx_lm":
-    from mlx_lm.utils import load_model
-else:
-    from sharp_mlx.checkpoint import load_model
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
-from mlx_lm.tokenizer_utils import load as load_tokenizer
-from pathlib import Path
-tic = time.perf_counter()
-model = load_model(Path(path))[0]
-mx.eval(model.parameters())
-in_process = time.perf_counter() - tic
-from_spawn = time.time() - spawned
-tic = time.perf_counter()
-tokenizer = load_tokenizer(Path(path))
-tokenizer_s = time.perf_counter() - tic
-runs = []
-for prompt in prompts:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    else:
-        ids = tokenizer.encode(prompt)
-    mx.reset_peak_memory()
-    tic, ttft, tokens, last = time.perf_counter(), None, [], None
-    for r in stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
-        ttft = ttft if ttft is not None else time.perf_counter() - tic
-        tokens.append(r.token)
-        last = r
-    runs.append({"ttft_s": ttft, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
-                 "generation_tokens": last.generation_tokens, "decode_tps": last.generation_tps,
-                 "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens})
-print("BENCH " + json.dumps({"load_spawn_s": from_spawn, "load_s": in_process, "tokenizer_s": tokenizer_s, "runs": runs,
-                             "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters()))}))
-"""
-
+WORKER = Path(__file__).with_name("bench_worker.py")  # run by path: an mlx-lm row never imports sharp_mlx
 
 @dataclass
 class Row:
@@ -139,7 +94,7 @@ def run_worker(row: Row, cfg: BenchConfig) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if cfg.cold:
         evict(row.path)
-    cmd = [sys.executable, "-c", WORKER, repr(time.time()), row.loader, str(row.path), str(cfg.max_tokens), json.dumps(cfg.prompts)]
+    cmd = [sys.executable, str(WORKER), repr(time.time()), row.loader, str(row.path), str(cfg.max_tokens), json.dumps(cfg.prompts)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
     if p.returncode != 0 or line is None:
@@ -271,63 +226,52 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def ensure_mlx_4bit() -> Path:
-    """mlx-lm's own 4-bit conversion of the embedded model (``mlx_lm.convert -q``, group 64), made once."""
+def mlx_4bit(original: Path, out: Optional[Path] = None) -> Path:
+    """mlx-lm's own 4-bit conversion of a float model folder (``mlx_lm.convert -q``, group 64),
+    made once at ``out`` (default: ``<original>-mlx-4bit``)."""
+    import importlib
+
     from .checkpoint import atomic_dir
-    from .convert import ensure_default_model
 
-    ensure_default_model()
-    if not MLX4.exists():
-        import importlib
-
+    out = Path(out) if out else Path(f"{original}-mlx-4bit")
+    if not out.exists():
         mlx_convert = importlib.import_module("mlx_lm.convert").convert
-        with atomic_dir(MLX4) as tmp:
+        with atomic_dir(out) as tmp:
             tmp.rmdir()  # mlx_lm.convert refuses an existing folder
-            mlx_convert(hf_path=str(ORIGINAL), mlx_path=str(tmp), quantize=True, q_group_size=64, q_bits=4)
-    return MLX4
+            mlx_convert(hf_path=str(original), mlx_path=str(tmp), quantize=True, q_group_size=64, q_bits=4)
+    return out
 
 
-def default_rows(recovery_bits: Optional[int], embedding_bits: Optional[int], force_build: bool = False) -> List[Row]:
-    """The issue's rows, building the 4-bit folders that are missing or were made with other
-    options: for every float SHARP model found, its 4-bit checkpoint as the main job makes it
-    (``recovery_bits``; an ``embedding_bits`` embedding fitted by GPTQ on data/*/train.jsonl),
-    the one that keeps every GGUF code (``-4bit-lossless``) and the smallest within 2% of float
-    (``-4bit-small``: the main job's, with 6-bit recovery codes in groups of 32)."""
-    from .quantize import options_record, quantize_model_folder
+def reference_rows(original: Path) -> List[Row]:
+    """The float original and mlx-lm's 4-bit conversion of it run by mlx-lm (every ratio's reference)."""
+    return [Row("original", original, note="float"),
+            Row(REFERENCE, mlx_4bit(original), "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm")]
 
-    ensure_mlx_4bit()
-    calibration = sorted(Path("data").glob("*/train.jsonl"))
 
-    def built(src: Path, out: Path, **kw) -> Path:
-        kw = {"recovery_bits": recovery_bits, **kw}
-        if kw.get("embedding_bits"):
-            if not calibration:
-                raise SharpError("the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python -m sharp_mlx.corpora`, or pass --embedding-bits none")
-            kw["calibration"] = calibration
-        stale = out.exists() and json.loads((out / "config.json").read_text()).get("sharp_quantize") != options_record(**kw)
-        if force_build or stale or not out.exists():
-            quantize_model_folder(src, out, force=True, **kw)
-        return out
+def run(rows: List[Row], cfg: BenchConfig, out: Path, command: str) -> str:
+    """Time (and score) ``rows``; write OUT.md, OUT.json and OUT.png; return the markdown."""
+    import platform
 
-    mine = f"embedding {embedding_bits}-bit by GPTQ" if embedding_bits else "every GGUF code kept"
-    rows = [
-        Row("original", ORIGINAL, note="float32"),
-        Row(REFERENCE, MLX4, "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm"),
-        Row("original-4bit mlx-lm, via sharp_mlx", MLX4, note="the same folder, loaded by sharp_mlx"),
-        Row("original-4bit", built(ORIGINAL, Path(f"{ORIGINAL}-4bit"), embedding_bits=embedding_bits), note=f"GGUF codes, {mine}"),
-    ]
-    for name, note in (("sharp", "default setting"), ("sharp50", "~50% setting"), ("sharp65", "~65% setting")):
-        src = Path(f"models/smollm2-135m-instruct-{name}")
-        if not src.exists():
-            print(f"skipping {name}: {src} is missing (see README: python -m sharp_mlx.pipeline --name {src.name} ...)", file=sys.stderr)
-            continue
-        rows.append(Row(f"{name} float", src, note=note + ", float32"))
-        rows.append(Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=f"{note}, as the main job makes it: GGUF codes, {mine}"))
-        rows.append(Row(f"{name}-4bit-lossless", built(src, Path(f"{src}-4bit-lossless"), embedding_bits=None), note=note + ", every GGUF code kept (8-bit embedding)"))
-        if embedding_bits and recovery_bits:
-            rows.append(Row(f"{name}-4bit-small", built(src, Path(f"{src}-4bit-small"), embedding_bits=embedding_bits, recovery_bits=6, recovery_group_size=32),
-                            note=f"{note}, GGUF codes, {mine}, 6-bit recovery in groups of 32"))
-    return rows
+    if REFERENCE not in {r.name for r in rows}:
+        raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original) or --reference ORIGINAL")
+    tic = time.time()
+    report = {
+        "command": command,
+        "machine": {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "bandwidth_gbs": memory_bandwidth_gbs()},
+        "config": {k: (v if k != "data" else [str(x) for x in v]) for k, v in asdict(cfg).items()},
+        "rows": time_rows(rows, cfg),
+    }
+    if cfg.ppl_windows > 0 and cfg.data:
+        report["perplexity"] = perplexities(rows, cfg)
+    report["wall_s"] = time.time() - tic
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# Benchmark\n\n`{report['command']}` ({report['wall_s'] / 60:.0f} min)\n\n" + markdown(report)
+    for suffix, content in ((".md", text), (".json", json.dumps(report, indent=1))):
+        tmp = out.with_name(out.name + suffix + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(out.with_name(out.name + suffix))
+    plot(report, out.with_name(out.name + ".png"))
+    return text
 
 
 def parse_row(spec: str) -> Row:
@@ -342,34 +286,32 @@ def parse_row(spec: str) -> Row:
     return Row(name, Path(path), loader)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--row", action="append", type=parse_row, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER); default: the issue's rows. One must be named {REFERENCE!r}@mlx_lm")
+def add_timing_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of what is measured and how (see ``config_from``)."""
     p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} built-in prompts to run (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")
     p.add_argument("--ppl-windows", type=int, default=8, help="test windows per domain for perplexity; 0 skips it (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
-    p.add_argument("--recovery-bits", type=int, default=DEFAULT_RECOVERY_BITS, help="recovery codes for the SHARP 4-bit rows built here (default: %(default)s, as the main job)")
-    p.add_argument("--embedding-bits", type=bits_or_none, default=DEFAULT_EMBEDDING_BITS,
-                   help="embedding bits of the 4-bit rows built here, fitted by GPTQ (default: %(default)s, as the main job; none keeps the GGUF codes)")
     p.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each run: load times of a first load, from disk (Linux)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild our 4-bit folders even if they exist")
-    p.add_argument("--out", type=Path, default=Path("docs/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--row", action="append", type=parse_row, required=True, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER), once per row; one must be {REFERENCE!r}@mlx_lm, or pass --reference")
+    p.add_argument("--reference", type=Path, help="the float original: adds it and mlx-lm's 4-bit conversion of it (made at ORIGINAL-mlx-4bit if missing) as the reference rows")
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json, OUT.png")
+    add_timing_flags(p)
     return p
 
 
-@cli("sharp_mlx.bench")
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def config_from(args) -> BenchConfig:
+    """The BenchConfig of parsed bench flags (shared with scripts that add rows of their own)."""
     if min(args.reps, args.max_tokens, args.prompts) < 1:
         raise SharpError("--reps, --max-tokens and --prompts must be at least 1")
-    if args.cold and not hasattr(os, "posix_fadvise"):  # before any folder is built
+    if args.cold and not hasattr(os, "posix_fadvise"):
         raise SharpError("--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo purge` before a warm run instead")
-    rows = args.row or default_rows(args.recovery_bits, args.embedding_bits, args.rebuild)
-    if REFERENCE not in {r.name for r in rows}:
-        raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original)")
     cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len,
                       cold=args.cold)
     if args.data:
@@ -377,26 +319,17 @@ def main(argv=None):
         if missing:
             raise SharpError(f"--data {missing[0]}: no such file; pass test files (.jsonl or .txt)")
         cfg.data = list(args.data)
-    tic = time.time()
-    import platform
+    return cfg
 
-    report = {
-        "command": "python -m sharp_mlx.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "bandwidth_gbs": memory_bandwidth_gbs()},
-        "config": {k: (v if k != "data" else [str(x) for x in v]) for k, v in asdict(cfg).items()},
-        "rows": time_rows(rows, cfg),
-    }
-    if cfg.ppl_windows > 0 and cfg.data:
-        report["perplexity"] = perplexities(rows, cfg)
-    report["wall_s"] = time.time() - tic
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = f"# Benchmark\n\n`{report['command']}` ({report['wall_s'] / 60:.0f} min)\n\n" + markdown(report)
-    for suffix, content in ((".md", text), (".json", json.dumps(report, indent=1))):
-        tmp = args.out.with_name(args.out.name + suffix + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(args.out.with_name(args.out.name + suffix))
-    plot(report, args.out.with_name(args.out.name + ".png"))
-    print(text)
+
+@cli("sharp_mlx.bench")
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = config_from(args)
+    if args.reference is not None and not (args.reference / "config.json").exists():
+        raise SharpError(f"--reference {args.reference}: not a model folder (no config.json)")
+    rows = (reference_rows(args.reference) if args.reference else []) + args.row
+    print(run(rows, cfg, args.out, "python -m sharp_mlx.bench " + " ".join(argv if argv is not None else sys.argv[1:])))
 
 
 if __name__ == "__main__":

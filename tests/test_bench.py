@@ -57,3 +57,14 @@ def test_cold_runs_read_the_weights_from_disk(tmp_path):
     assert bench.main(argv) in (None, 0)
     assert json.loads(out.with_suffix(".json").read_text())["config"]["cold"] is True
     assert "cold: the weight files were dropped" in out.with_suffix(".md").read_text()
+
+
+def test_reference_adds_the_original_and_mlx_lms_4bit_of_it(tmp_path):
+    plain = write_tiny_model(tmp_path / "plain")
+    out = tmp_path / "bench"
+    argv = ["--reference", str(plain), "--row", f"mine={plain}", "--reps", "1", "--prompts", "1", "--max-tokens", "2", "--ppl-windows", "0", "--out", str(out)]
+    assert bench.main(argv) in (None, 0)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert list(rows) == ["original", bench.REFERENCE, "mine"]
+    assert rows[bench.REFERENCE]["path"] == f"{plain}-mlx-4bit" and rows[bench.REFERENCE]["loader"] == "mlx_lm"
+    assert rows[bench.REFERENCE]["bytes"] < rows["original"]["bytes"]
