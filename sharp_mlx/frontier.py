@@ -94,12 +94,12 @@ POINTS = [
     _gptq("gptq-w3g32-e4", q(3, 32), q(3, 32), "e4", "GPTQ 3-bit group 32 linears; 4-bit GPTQ embedding"),
     _gptq("gptq-w3g64-e5", q(3, 64), q(3, 64), "e5", "GPTQ 3-bit group 64 linears; 5-bit GPTQ embedding"),
     _gptq("gptq-w3g64-e4", q(3, 64), q(3, 64), "e4", "GPTQ 3-bit group 64 linears; 4-bit GPTQ embedding"),
-    _gptq("gptq-w2g32-e4", q(2, 32), q(2, 32), "e4", "GPTQ 2-bit group 32 linears; 4-bit GPTQ embedding"),
-    _gptq("gptq-w2g64-e4", q(2, 64), q(2, 64), "e4", "GPTQ 2-bit group 64 linears; 4-bit GPTQ embedding"),
     _gptq("mixed-agguf-m3-e4", "gguf", q(3, 64), "e4", "attention keeps the GGUF's 4-bit codes; GPTQ 3-bit group 64 MLPs; 4-bit GPTQ embedding"),
     _gptq("mixed-a4m3-e4", q(4, 64), q(3, 64), "e4", "GPTQ 4-bit group 64 attention, 3-bit group 64 MLPs; 4-bit GPTQ embedding"),
     _gptq("mixed-a4-msens-e4", q(4, 64), SENSITIVITY, "e4",
           "GPTQ 4-bit attention; MLP bits 2/3/4 (group 64) by sensitivity within the bytes of 3-bit MLPs; 4-bit GPTQ embedding"),
+    _gptq("gptq-w2g32-e4", q(2, 32), q(2, 32), "e4", "GPTQ 2-bit group 32 linears; 4-bit GPTQ embedding"),
+    _gptq("gptq-w2g64-e4", q(2, 64), q(2, 64), "e4", "GPTQ 2-bit group 64 linears; 4-bit GPTQ embedding"),
 ]
 BY_NAME = {p.name: p for p in POINTS}
 

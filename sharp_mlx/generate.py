@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -121,25 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli("sharp_mlx.generate")
-def main(argv=None):
+def answer(model_dir: Path, prompt: str = DEFAULT_PROMPT, max_tokens: int = 128, temp: float = 0.0, top_p: float = 1.0, seed: int = 0,
+           chat: bool = True, system: Optional[str] = None, echo: Optional[Callable[[str], None]] = None) -> Tuple[str, "Timing"]:
+    """Load ``model_dir`` and answer ``prompt``; returns the text and its timing (``echo``: called
+    with each piece of text as it is generated)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # a long prompt is our own one-line error, not a tokenizer warning
+    model, tokenizer, load_s = timed_load(model_dir)
+    tokens = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
+    pieces, timing = [], None
+    for text, timing in stream(model, tokenizer, tokens, max_tokens, temp, top_p, seed, load_s):
+        pieces.append(text)
+        if echo is not None:
+            echo(text)
+    return "".join(pieces), timing
+
+
+@cli("sharp_mlx.generate")
+def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.model is None:
         from .convert import ensure_default_model
 
         args.model = ensure_default_model()
-    model, tokenizer, load_s = timed_load(args.model)
-    tokens = prompt_tokens(tokenizer, args.prompt, chat=not args.no_chat_template, system=args.system)
-    pieces, timing = [], None
-    for text, timing in stream(model, tokenizer, tokens, args.max_tokens, args.temp, args.top_p, args.seed, load_s):
-        pieces.append(text)
-        if not args.json:
-            print(text, end="", flush=True)
+    echo = None if args.json else lambda text: print(text, end="", flush=True)
+    text, timing = answer(args.model, args.prompt, args.max_tokens, args.temp, args.top_p, args.seed, not args.no_chat_template, args.system, echo)
     if args.json:
-        print(json.dumps({"text": "".join(pieces), **asdict(timing), "gb_per_s": timing.gb_per_s}))
+        print(json.dumps({"text": text, **asdict(timing), "gb_per_s": timing.gb_per_s}))
     else:
         print(f"\n\n{timing.line()}", file=sys.stderr)
 

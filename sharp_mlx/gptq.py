@@ -41,21 +41,29 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = 0.01, dtype=np.float16) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def inverse_factor(hessian: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
+    """(upper Cholesky factor of the damped H^-1, mask of dead inputs) for ``gptq``: computed
+    once when several weights read the same inputs (q/k/v, gate/up)."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0  # an input that is always zero: its column cannot matter
+    h[dead, dead] = 1.0
+    h[np.diag_indices(h.shape[0])] += damp * np.mean(np.diag(h))
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = 0.01, dtype=np.float16,
+         factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes (rows, cols) ints, scales and biases (rows, cols / group_size) in ``dtype``) of
     ``w`` (rows, cols), for inputs whose second moment is ``hessian`` (cols, cols):
-    ``scales * codes + biases`` (per group) approximates ``w`` so that ``w @ x`` changes least."""
+    ``scales * codes + biases`` (per group) approximates ``w`` so that ``w @ x`` changes least.
+    ``factor``: ``inverse_factor(hessian, damp)``, if already computed."""
     rows, cols = w.shape
     if cols % group_size or hessian.shape != (cols, cols):
         raise SharpError(f"GPTQ needs a weight whose row length is a multiple of the group size and a {cols}x{cols} Hessian, got {w.shape} and {hessian.shape}")
     top = 2**bits - 1
     w = np.array(w, dtype=np.float64)
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) == 0  # an input that is always zero: its column cannot matter
-    h[dead, dead] = 1.0
+    u, dead = factor if factor is not None else inverse_factor(hessian, damp)  # u: upper Cholesky factor of H^-1
     w[:, dead] = 0.0
-    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
     codes = np.zeros((rows, cols), dtype=np.int64)
     scales = np.zeros((rows, cols // group_size), dtype=dtype)
     biases = np.zeros_like(scales)
@@ -74,10 +82,12 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: f
     return codes, scales, biases
 
 
-def gptq_codes(w: mx.array, hessian: np.ndarray, bits: int, group_size: int, dtype=mx.float16) -> Tuple[mx.array, mx.array, mx.array]:
+def gptq_codes(w: mx.array, hessian: np.ndarray, bits: int, group_size: int, dtype=mx.float16,
+               factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[mx.array, mx.array, mx.array]:
     """``gptq`` as MLX affine codes: (packed weight uint32, scales, biases), ready for
     ``mx.dequantize(..., group_size, bits)``."""
-    codes, scales, biases = gptq(np.array(w.astype(mx.float32)), hessian, bits, group_size, dtype=np.dtype(np.float16 if dtype == mx.float16 else np.float32))
+    codes, scales, biases = gptq(np.array(w.astype(mx.float32)), hessian, bits, group_size, dtype=np.dtype(np.float16 if dtype == mx.float16 else np.float32),
+                                 factor=factor)
     return mx.array(pack(codes, bits)), mx.array(scales), mx.array(biases)
 
 
@@ -165,13 +175,15 @@ def quantize_block(block: nn.Module, prefix: str, hessians: Dict[str, np.ndarray
     """GPTQ codes of the Linear layers of ``block`` that ``params`` names (full path
     ``prefix.self_attn.q_proj`` -> {"bits", "group_size"}), fitted for ``hessians``; each weight is
     replaced in place by its codes' float values, so the block computes what its codes will."""
-    codes = {}
+    codes, factors = {}, {}
     for name, source in BLOCK_LINEARS.items():
         p = params.get(f"{prefix}.{name}")
         if p is None:
             continue  # kept as it is (e.g. a GGUF code the float weight already equals)
+        if source not in factors:
+            factors[source] = inverse_factor(hessians[source])
         linear = _module(block, name)
-        code = gptq_codes(linear.weight, hessians[source], p["bits"], p["group_size"])
+        code = gptq_codes(linear.weight, hessians[source], p["bits"], p["group_size"], factor=factors[source])
         codes[f"{prefix}.{name}"] = code
         linear.weight = dequantize_codes(code, p["group_size"], p["bits"], linear.weight.dtype)
     mx.eval(block.parameters())

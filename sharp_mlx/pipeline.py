@@ -5,8 +5,9 @@
     python -m sharp_mlx.pipeline --share next:2 --layers 2:29 --name smollm2-135m-instruct-sharp50   # the ~50% setting
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
-run continues where it stopped (``--force`` redoes everything). Each step is the same command a
-user would type (``python -m sharp_mlx.train`` ...), called in-process.
+run continues where it stopped (``--force`` redoes everything). Each step calls the function
+behind the command a user would type (``train.run_stage`` for ``python -m sharp_mlx.train``,
+``quantize.quantize_model_folder``, ``evaluate.evaluate``, ``generate.answer``) with its config.
 """
 
 import argparse
@@ -14,11 +15,13 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import analyze, corpora, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
 from .recipes import PRESETS, Recipe, preset
+from .sft import SFTConfig
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 
@@ -33,18 +36,13 @@ def ensure_data(data: Path) -> None:
         raise SharpError(f"building the corpora failed: {e}")
 
 
-def flag(name: str, value) -> list:
-    """[name, value] for a command line, or nothing when value is None."""
-    return [] if value is None else [name, value]
-
-
-def step(name: str, out: Path, argv: list, main, force: bool) -> None:
+def step(name: str, out: Path, run: Callable[[bool], object], force: bool, what: str = "") -> None:
+    """Run ``run(force)`` unless its output folder exists (and ``force`` is not set)."""
     if out.exists() and not force:
         print(f"[{name}] {out} exists, skipping (--force redoes it)", flush=True)
         return
-    print(f"[{name}] python -m sharp_mlx.{main.__module__.split('.')[-1]} {' '.join(map(str, argv))}", flush=True)
-    if main([str(a) for a in argv] + (["--force"] if out.exists() else [])) != 0:
-        raise SharpError(f"step {name} failed (see the error above)")
+    print(f"[{name}] {what or out}", flush=True)
+    run(out.exists())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,20 +70,22 @@ def main(argv=None):
     original = ensure_default_model()
     ensure_data(args.data)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
-        step("analyze", ANALYSIS, ["--out", ANALYSIS.parent], analyze.main, False)
+        step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.
     layers = r.layers if r.share.startswith("next") or "layers" in vars(args) else None
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    step("slw", slw_out, ["--stage", "slw", "--model", original, "--out", slw_out, "--share", r.share, *flag("--layers", layers), *flag("--cut", r.cut),
-                          "--rank", r.rank, "--tokens", r.tokens, "--slw-steps", r.slw_steps, "--seq-len", r.seq_len], train.main, args.force)
+    slw = train.SLWRun(model=original, out=slw_out, share=r.share, layers=layers, cut=r.cut, rank=r.rank, tokens=r.tokens, slw_steps=r.slw_steps,
+                       seq_len=r.seq_len, data=corpora.files("train", args.data))
+    step("slw", slw_out, lambda force: train.run_stage(slw, force), args.force, f"{slw.share} {slw.layers or ''} rank {slw.rank} -> {slw_out}")
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    resume = ["--resume"] if (run_dir / "checkpoint.json").exists() else []  # an interrupted SFT continues
-    step("sft", final, resume + ["--run-dir", run_dir, "--stage", "sft", "--model", slw_out, "--teacher", original, "--out", final, "--steps", r.sft_steps,
-                                 "--batch-size", r.batch_size, "--seq-len", r.seq_len, "--eval-every", r.sft_eval_every, "--save-every", r.sft_eval_every,
-                                 "--eval-windows", r.sft_eval_windows, "--max-train-tokens", r.max_train_tokens], train.main, args.force)
+    config = SFTConfig(steps=r.sft_steps, batch_size=r.batch_size, seq_len=r.seq_len, eval_every=r.sft_eval_every, save_every=r.sft_eval_every,
+                       eval_windows=r.sft_eval_windows)
+    sft = train.SFTRun(model=slw_out, out=final, sft=config, teacher=original, data=corpora.files("train", args.data), valid=corpora.files("valid", args.data),
+                       max_train_tokens=r.max_train_tokens, run_dir=run_dir, resume=(run_dir / "checkpoint.json").exists())  # an interrupted SFT continues
+    step("sft", final, lambda force: train.run_stage(sft, force), args.force, f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens -> {final}")
     tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -97,14 +97,14 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {x:.2f}x" for d, x in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    calibration = ["--calibration", *corpora.files("train", args.data), "--calibration-windows", r.calibration_windows] if r.embedding_bits else []
-    step("quantize", q4, ["--model", final, "--out", q4, *flag("--recovery-bits", r.recovery_bits), *flag("--embedding-bits", r.embedding_bits), *calibration],
-         quantize.main, args.force)
+    options = quantize.QuantizeOptions(recovery_bits=r.recovery_bits, embedding_bits=r.embedding_bits, calibration_windows=r.calibration_windows,
+                                       calibration=corpora.files("train", args.data) if r.embedding_bits else None)
+    step("quantize", q4, lambda force: print(quantize.summary(quantize.quantize_model_folder(final, q4, options, force=force))), args.force, f"{options} -> {q4}")
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
-        generate.main(["--model", str(model), "--max-tokens", str(r.max_tokens)])
+        _, timing = generate.answer(model, max_tokens=r.max_tokens, echo=lambda text: print(text, end="", flush=True))
+        print(f"\n{timing.line()}", flush=True)
     print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}, 4-bit: {q4}")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,6 +28,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -226,74 +227,84 @@ def resolve_gguf(from_gguf: str) -> Optional[Path]:
     return path
 
 
-def options_record(bits: int = 4, group_size: int = 64, recovery_dtype: str = "float16", recovery_bits: Optional[int] = None,
-                   embedding_bits: Optional[int] = None, scales_dtype: str = "float16", calibration: Optional[Sequence] = None,
-                   calibration_windows: int = 8, recovery_group_size: Optional[int] = None) -> dict:
-    """What ``quantize_model_folder`` records in config.json ("sharp_quantize") about how it was
-    asked to quantize, so a folder can be told apart from one made with other options."""
-    return {"bits": bits, "group_size": group_size, "recovery": recovery_bits or recovery_dtype, "recovery_group_size": recovery_group_size,
-            "embedding_bits": embedding_bits, "embedding_fit": ("gptq" if calibration else "round") if embedding_bits else None,
-            "calibration": [str(f) for f in calibration] if calibration else None, "calibration_windows": calibration_windows if calibration else None,
-            "scales_dtype": scales_dtype}
+@dataclass
+class QuantizeOptions:
+    """How ``quantize_model_folder`` quantizes (the CLI's flags, their defaults here)."""
+
+    bits: int = 4  # bits per weight not taken from GGUF codes
+    group_size: int = 64  # group size of the weights not taken from GGUF codes
+    recovery_dtype: str = "float16"  # dtype of float recovery factors
+    recovery_bits: Optional[int] = None  # quantize the recovery factors too, to this many bits
+    recovery_group_size: Optional[int] = None  # None: the largest up to group_size that divides the rank
+    embedding_bits: Optional[int] = None  # re-quantize the embedding to this many bits (None: its GGUF codes)
+    scales_dtype: str = "float16"  # of the scales and biases of codes made here
+    calibration: Optional[Sequence[Union[str, Path]]] = None  # fit the tied embedding's codes by GPTQ on these files
+    calibration_windows: int = 8  # windows of 256 tokens per calibration file
+    from_gguf: str = "auto"  # keep this GGUF's codes where they match: a path, auto or none
+
+    def record(self) -> dict:
+        """What config.json records ("sharp_quantize") about how the folder was made, so it can
+        be told apart from one made with other options."""
+        c = self.calibration
+        return {"bits": self.bits, "group_size": self.group_size, "recovery": self.recovery_bits or self.recovery_dtype,
+                "recovery_group_size": self.recovery_group_size, "embedding_bits": self.embedding_bits,
+                "embedding_fit": ("gptq" if c else "round") if self.embedding_bits else None,
+                "calibration": [str(f) for f in c] if c else None, "calibration_windows": self.calibration_windows if c else None,
+                "scales_dtype": self.scales_dtype}
+
+    def check(self) -> None:
+        """Raise SharpError naming the first option that cannot work."""
+        check_options(self.bits, self.group_size, self.recovery_dtype, self.recovery_bits, self.embedding_bits, self.scales_dtype)
+        if self.calibration and self.embedding_bits is None:
+            raise SharpError("--calibration fits the embedding's re-quantized codes: pass --embedding-bits too (5 is within 2% on SmolLM2)")
+        if self.calibration and self.calibration_windows < 1:
+            raise SharpError(f"--calibration-windows must be at least 1, got {self.calibration_windows}")
+        for f in self.calibration or ():
+            if not Path(f).is_file():
+                raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python -m sharp_mlx.corpora makes them)")
 
 
-def quantize_model_folder(
-    model_dir: Union[str, Path],
-    out: Union[str, Path],
-    bits: int = 4,
-    group_size: int = 64,
-    recovery_dtype: str = "float16",
-    from_gguf: str = "auto",
-    force: bool = False,
-    recovery_bits: Optional[int] = None,
-    embedding_bits: Optional[int] = None,
-    scales_dtype: str = "float16",
-    calibration: Optional[Sequence[Union[str, Path]]] = None,
-    calibration_windows: int = 8,
-    recovery_group_size: Optional[int] = None,
-) -> dict:
-    """Quantize the model folder ``model_dir`` into ``out``; returns what was done, with bytes on
-    disk. ``calibration``: text files on which the tied embedding's ``embedding_bits`` codes are
-    fitted by GPTQ (``sharp_mlx.gptq``, ``calibration_windows`` windows of 256 tokens per file)
-    instead of rounded to nearest."""
+def options_record(**options) -> dict:
+    """``QuantizeOptions(**options).record()``."""
+    return QuantizeOptions(**options).record()
+
+
+def quantize_model_folder(model_dir: Union[str, Path], out: Union[str, Path], options: Optional[QuantizeOptions] = None, force: bool = False, **fields) -> dict:
+    """Quantize the model folder ``model_dir`` into ``out`` as ``options`` say (or a
+    ``QuantizeOptions`` of ``fields``); returns what was done, with bytes on disk. With
+    ``calibration`` the tied embedding's ``embedding_bits`` codes are fitted by GPTQ
+    (``sharp_mlx.gptq``) instead of rounded to nearest."""
+    o = options if options is not None else QuantizeOptions(**fields)
     model_dir, out = Path(model_dir), Path(out)
-    check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype)
-    if calibration and embedding_bits is None:
-        raise SharpError("--calibration fits the embedding's re-quantized codes: pass --embedding-bits too (5 is within 2% on SmolLM2)")
-    if calibration and calibration_windows < 1:
-        raise SharpError(f"--calibration-windows must be at least 1, got {calibration_windows}")
-    for f in calibration or ():
-        if not Path(f).is_file():
-            raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python -m sharp_mlx.corpora makes them)")
+    o.check()
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
     model, config = load_model(model_dir)
-    if calibration and not config.get("tie_word_embeddings", True):
+    if o.calibration and not config.get("tie_word_embeddings", True):
         raise SharpError(f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied embedding only; drop it")
     if is_quantized(model, config):
         q = config.get("quantization", {})
         raise SharpError(f"{model_dir} is already quantized ({q.get('bits')}-bit, group size {q.get('group_size')}): quantize the float model it came from")
-    gguf = resolve_gguf(from_gguf)
+    gguf = resolve_gguf(o.from_gguf)
     codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
-    if gguf is not None and from_gguf != "auto" and not codes:
+    if gguf is not None and o.from_gguf != "auto" and not codes:
         raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
-    n_gguf = len(codes) - (embedding_bits is not None and "model.embed_tokens" in codes)  # a re-quantized embedding drops its code
+    n_gguf = len(codes) - (o.embedding_bits is not None and "model.embed_tokens" in codes)  # a re-quantized embedding drops its code
     fit_seconds = None
-    if calibration:  # the embedding gets GPTQ's codes, which quantize() then keeps like a GGUF's
+    if o.calibration:  # the embedding gets GPTQ's codes, which quantize() then keeps like a GGUF's
         from mlx_lm.utils import load_tokenizer
 
         from .gptq import gptq_codes, output_hessian
 
         tic = time.perf_counter()
-        hessian = output_hessian(model, load_tokenizer(model_dir), [Path(f) for f in calibration], calibration_windows)
-        codes["model.embed_tokens"] = gptq_codes(model.model.embed_tokens.weight, hessian, embedding_bits, group_size, SCALES_DTYPES[scales_dtype])
+        hessian = output_hessian(model, load_tokenizer(model_dir), [Path(f) for f in o.calibration], o.calibration_windows)
+        codes["model.embed_tokens"] = gptq_codes(model.model.embed_tokens.weight, hessian, o.embedding_bits, o.group_size, SCALES_DTYPES[o.scales_dtype])
         fit_seconds = round(time.perf_counter() - tic, 1)
-    model, config = quantize(model, config, bits, group_size, recovery_dtype, codes, recovery_bits, None if calibration else embedding_bits, scales_dtype,
-                             recovery_group_size)
-    config["sharp_quantize"] = options_record(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype, calibration, calibration_windows,
-                                              recovery_group_size)
+    model, config = quantize(model, config, o.bits, o.group_size, o.recovery_dtype, codes, o.recovery_bits, None if o.calibration else o.embedding_bits,
+                             o.scales_dtype, o.recovery_group_size)
+    config["sharp_quantize"] = o.record()
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(model_dir, tmp)
@@ -316,37 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="float model folder (SHARP or plain)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight not taken from GGUF codes (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
-    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default="float16", help="dtype of float recovery factors (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=QuantizeOptions.bits, help="bits per weight not taken from GGUF codes (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=QuantizeOptions.group_size, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
+    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default=QuantizeOptions.recovery_dtype, help="dtype of float recovery factors (default: %(default)s)")
     p.add_argument("--recovery-bits", type=int, help="quantize the recovery factors too, to this many bits (default: keep them float)")
     p.add_argument("--recovery-group-size", type=int, choices=(32, 64, 128), help="group size of the recovery codes (default: the largest up to --group-size that divides the rank)")
     p.add_argument("--embedding-bits", type=int, help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)")
-    p.add_argument("--scales-dtype", choices=sorted(SCALES_DTYPES), default="float16", help="dtype of the scales and biases of codes made here (default: %(default)s)")
+    p.add_argument("--scales-dtype", choices=sorted(SCALES_DTYPES), default=QuantizeOptions.scales_dtype, help="dtype of the scales and biases of codes made here (default: %(default)s)")
     p.add_argument("--calibration", type=Path, nargs="+", metavar="FILE", help="with --embedding-bits: fit the tied embedding's codes by GPTQ on these files' text (e.g. data/*/train.jsonl) instead of rounding to nearest")
-    p.add_argument("--calibration-windows", type=int, default=8, help="windows of 256 tokens per calibration file (default: %(default)s)")
-    p.add_argument("--from-gguf", default="auto", metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
+    p.add_argument("--calibration-windows", type=int, default=QuantizeOptions.calibration_windows, help="windows of 256 tokens per calibration file (default: %(default)s)")
+    p.add_argument("--from-gguf", default=QuantizeOptions.from_gguf, metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
+
+
+def summary(r: dict, seconds: Optional[float] = None) -> str:
+    """What ``quantize_model_folder`` did, in lines a person reads."""
+    source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
+    lines = [f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}" + (f"; {seconds:.1f} s)" if seconds is not None else ")")]
+    if r["embedding_fit_s"] is not None:
+        o = r["options"]
+        lines.append(f"embedding: {o['embedding_bits']}-bit codes fitted by GPTQ on {o['calibration_windows']} windows of each of {len(o['calibration'])} files "
+                     f"({r['embedding_fit_s']} s)")
+    lines.append(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
+    return "\n".join(lines)
 
 
 @cli("sharp_mlx.quantize")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    r = quantize_model_folder(args.model, args.out, args.bits, args.group_size, args.recovery_dtype, args.from_gguf, args.force, args.recovery_bits, args.embedding_bits, args.scales_dtype,
-                              args.calibration, args.calibration_windows, args.recovery_group_size)
-    if args.json:
-        print(json.dumps(r))
-        return
-    source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
-    print(f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}; {time.perf_counter() - tic:.1f} s)")
-    if r["embedding_fit_s"] is not None:
-        o = r["options"]
-        print(f"embedding: {o['embedding_bits']}-bit codes fitted by GPTQ on {o['calibration_windows']} windows of each of {len(o['calibration'])} files "
-              f"({r['embedding_fit_s']} s)")
-    print(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
+    options = QuantizeOptions(**{f.name: getattr(args, f.name) for f in fields(QuantizeOptions)})
+    r = quantize_model_folder(args.model, args.out, options, force=args.force)
+    print(json.dumps(r) if args.json else summary(r, time.perf_counter() - tic))
 
 
 if __name__ == "__main__":

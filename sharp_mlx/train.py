@@ -19,8 +19,9 @@ worth of parameters, so ``--rank 63 --recovery scaled`` stores as much as ``--ra
 import argparse
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +56,49 @@ SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
     "save_every": "checkpoint every N steps",
 }
 DEFAULT_LAYERS = "14:30"
+
+
+@dataclass
+class SLWRun:
+    """``--stage slw``: build a shared model (or a baseline) from the original and warm it up."""
+
+    model: Path  # the original (unshared) model folder
+    out: Path
+    share: str = "next"  # next | next:K | auto | JSON map or file
+    layers: Optional[str] = None  # A:B for next, next:K and auto (None: DEFAULT_LAYERS)
+    cut: Optional[float] = None  # stored-MLP fraction to remove, for auto
+    analysis: Optional[Path] = None  # for auto (None: runs/analyze/analysis.json)
+    references: str = "adjacent"  # auto: adjacent or any earlier layer
+    rank: int = 64
+    rank_allocation: str = "uniform"  # or sensitivity
+    baseline: str = "sharp"  # a name in sharemap.BASELINES
+    recovery: str = "plain"  # a name in model.RECOVERY_KINDS
+    data: Optional[List[Path]] = None  # calibration files (None: data/*/train.jsonl)
+    tokens: int = 32768  # calibration tokens
+    seq_len: int = 256
+    seed: int = 0
+    init: str = "asvd"
+    no_closed_form: bool = False
+    slw_steps: int = 100
+    slw_lr: float = 1e-3
+    slw_batch_rows: int = SLWConfig.batch_rows
+    no_slw: bool = False  # fresh factors only (the SFT-only baseline)
+    cache_dir: Optional[Path] = None
+
+
+@dataclass
+class SFTRun:
+    """``--stage sft``: fine-tune a shared model's recovery end to end."""
+
+    model: Path  # a shared model folder
+    out: Path
+    sft: "SFTConfig"
+    teacher: Optional[Path] = None  # the original, for distillation
+    data: Optional[List[Path]] = None  # training files (None: data/*/train.jsonl)
+    valid: Optional[List[Path]] = None  # validation files (None: data/*/valid.jsonl)
+    max_train_tokens: Optional[int] = None  # of each training file
+    run_dir: Optional[Path] = None  # checkpoints and loss curve (None: runs/<out name>)
+    resume: bool = False
 
 
 def default_data(split: str) -> list:
@@ -185,19 +229,17 @@ def _similarity(args):
     return json.loads(path.read_text())
 
 
-def stage_sft(args) -> dict:
-    from .sft import SFTConfig, merge_lora, train_sft
+def stage_sft(args: SFTRun) -> dict:
+    from .sft import merge_lora, train_sft
 
-    if args.recovery != "plain":
-        raise SharpError(f"--recovery applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --recovery {args.recovery}")
     config = read_config(args.model)
     sharp = SharpArgs.from_dict(config.get("sharp"))
-    if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not (args.lora_rank or 0) > 0:
+    if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not args.sft.lora_rank > 0:
         what = "shares no layers" if not sharp.share else "has rank-0 targets (a pruned MLP)"
         raise SharpError(f"{args.model} {what}, so it has no recovery factors to train: make a shared model with --stage slw first, or fine-tune this one with LoRA (--lora-rank R)")
     model, tokenizer = load(args.model)
     teacher = load(args.teacher)[0] if args.teacher else None
-    cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})
+    cfg = args.sft
     if cfg.loss != "ce" and teacher is None:
         raise SharpError(f"--loss {cfg.loss} distils from the original model: pass --teacher DIR (or use --loss ce)")
     train = token_streams(args.data or default_data("train"), tokenizer, args.max_train_tokens)
@@ -220,26 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", type=Path, nargs="+", help="training / calibration files (default: data/*/train.jsonl)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SLWRun.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=SLWRun.seq_len, help="tokens per window (default: %(default)s)")
     g = p.add_argument_group("share map (slw)")
-    g.add_argument("--share", default="next", help="next | next:K | auto | JSON map or file (default: %(default)s)")
+    g.add_argument("--share", default=SLWRun.share, help="next | next:K | auto | JSON map or file (default: %(default)s)")
     g.add_argument("--layers", help=f"layer range A:B for next, next:K and auto (default: {DEFAULT_LAYERS})")
     g.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
     g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto (default: runs/analyze/analysis.json)")
-    g.add_argument("--references", choices=("adjacent", "any"), default="adjacent", help="--share auto: a reference is the layer right before its target, or any earlier layer the analysis measured (analyze --all-pairs) (default: %(default)s)")
-    g.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
-    g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform", help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
-    g.add_argument("--baseline", choices=list(sharemap.BASELINES), default="sharp", help="what to build at the targets (default: %(default)s)")
-    g.add_argument("--recovery", choices=list(RECOVERY_KINDS), default="plain", help="recovery kind: plain (W_t ~= W_r + B A) or scaled (also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A: one rank's worth of parameters, so --rank 63 --recovery scaled matches --rank 64) (default: %(default)s)")
+    g.add_argument("--references", choices=("adjacent", "any"), default=SLWRun.references, help="--share auto: a reference is the layer right before its target, or any earlier layer the analysis measured (analyze --all-pairs) (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=SLWRun.rank, help="recovery rank per target (default: %(default)s)")
+    g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default=SLWRun.rank_allocation, help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
+    g.add_argument("--baseline", choices=list(sharemap.BASELINES), default=SLWRun.baseline, help="what to build at the targets (default: %(default)s)")
+    g.add_argument("--recovery", choices=list(RECOVERY_KINDS), default=SLWRun.recovery, help="recovery kind: plain (W_t ~= W_r + B A) or scaled (also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A: one rank's worth of parameters, so --rank 63 --recovery scaled matches --rank 64) (default: %(default)s)")
     g.add_argument("--scales", dest="recovery", action="store_const", const="scaled", help="the same as --recovery scaled")
     g = p.add_argument_group("single layer warmup (slw)")
-    g.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")
-    g.add_argument("--init", choices=("zero", "svd", "asvd"), default="asvd", help="factor initialisation (default: %(default)s)")
+    g.add_argument("--tokens", type=int, default=SLWRun.tokens, help="calibration tokens (default: %(default)s)")
+    g.add_argument("--init", choices=("zero", "svd", "asvd"), default=SLWRun.init, help="factor initialisation (default: %(default)s)")
     g.add_argument("--no-closed-form", action="store_true", help="skip the exact down-projection fit")
-    g.add_argument("--slw-steps", type=int, default=100, help="Adam steps per layer after the closed-form fits (default: %(default)s)")
-    g.add_argument("--slw-lr", type=float, default=1e-3, help="SLW Adam learning rate (default: %(default)s)")
-    g.add_argument("--slw-batch-rows", type=int, default=SLWConfig.batch_rows, help="token rows per SLW Adam step (default: %(default)s)")
+    g.add_argument("--slw-steps", type=int, default=SLWRun.slw_steps, help="Adam steps per layer after the closed-form fits (default: %(default)s)")
+    g.add_argument("--slw-lr", type=float, default=SLWRun.slw_lr, help="SLW Adam learning rate (default: %(default)s)")
+    g.add_argument("--slw-batch-rows", type=int, default=SLWRun.slw_batch_rows, help="token rows per SLW Adam step (default: %(default)s)")
     g.add_argument("--no-slw", action="store_true", help="build the shared model with fresh factors only (the SFT-only baseline)")
     g.add_argument("--cache-dir", type=Path, help="where captured inputs go (default: in memory)")
     g = p.add_argument_group("supervised fine-tuning (sft)")
@@ -260,18 +302,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_stage(run, force: bool = False) -> Path:
+    """Run one stage (an ``SLWRun`` or an ``SFTRun``) and write its output folder; returns it."""
+    if run.out.exists() and not force:
+        raise SharpError(f"{run.out} already exists: pass --force to replace it, or choose another --out")
+    tic = time.perf_counter()
+    result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
+    result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+    if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
+        save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
+        print(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
+    return run.out
+
+
+def run_from_args(args):
+    """The SLWRun or SFTRun of parsed ``python -m sharp_mlx.train`` flags."""
+    from .sft import SFTConfig
+
+    if args.stage == "slw":
+        return SLWRun(**{f.name: getattr(args, f.name) for f in fields(SLWRun)})
+    if args.recovery != "plain":
+        raise SharpError(f"--recovery applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --recovery {args.recovery}")
+    sft = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})
+    return SFTRun(sft=sft, **{f.name: getattr(args, f.name) for f in fields(SFTRun) if f.name != "sft"})
+
+
 @cli("sharp_mlx.train")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.out.exists() and not args.force:
-        raise SharpError(f"{args.out} already exists: pass --force to replace it, or choose another --out")
-    tic = time.perf_counter()
-    result = (stage_slw if args.stage == "slw" else stage_sft)(args)
-    result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
-    if not distributed.is_main(distributed.group()):
-        return  # rank 0 writes the folder; every process holds the same model
-    save_stage(args.out, result["model"], result["config"], args.model, result["record"], args.force)
-    print(f"{args.stage} done in {result['record']['wall_s']:.0f} s -> {args.out}")
+    run_stage(run_from_args(args), args.force)
 
 
 if __name__ == "__main__":
