@@ -43,7 +43,10 @@ def main(argv=None):
     sharp_model, tokenizer, _ = timed_load(path)
     ref_model, ref_tokenizer = mlx_lm_load(path)
     tokens = prompt_tokens(tokenizer, PROMPT)
-    runs = {"sharp_mlx": (lambda: ours(sharp_model, tokenizer, tokens, args.max_tokens)), "mlx_lm": (lambda: mlx_lm_side(ref_model, ref_tokenizer, tokens, args.max_tokens))}
+    runs = {
+        "sharp_mlx": (lambda: ours(sharp_model, tokenizer, tokens, args.max_tokens)),
+        "mlx_lm": (lambda: mlx_lm_side(ref_model, ref_tokenizer, tokens, args.max_tokens)),
+    }
     for fn in runs.values():  # warm-up, not timed
         fn()
     tps = {name: [] for name in runs}
@@ -63,7 +66,10 @@ def main(argv=None):
         "wall_s": time.perf_counter() - tic,
     }
     print(json.dumps(report, indent=2))
-    print(f"decode tokens/s, median of {args.rounds}: sharp_mlx {med['sharp_mlx']:.2f}, mlx_lm {med['mlx_lm']:.2f}, ratio {report['ratio_sharp_over_mlx_lm']:.3f}")
+    print(
+        f"decode tokens/s, median of {args.rounds}: sharp_mlx {med['sharp_mlx']:.2f}, mlx_lm {med['mlx_lm']:.2f}, "
+        f"ratio {report['ratio_sharp_over_mlx_lm']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,40 +32,95 @@ def rows(recovery_bits, embedding_bits, rebuild: bool = False) -> list:
         kw = {"recovery_bits": recovery_bits, **kw}
         if kw.get("embedding_bits"):
             if not calibration:
-                raise SharpError("the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python -m sharp_mlx.corpora`, or pass --embedding-bits none")
+                raise SharpError(
+                    "the 4-bit rows fit their embedding on data/*/train.jsonl, which is missing: run `python -m "
+                    "sharp_mlx.corpora`, or pass --embedding-bits none"
+                )
             kw["calibration"] = calibration
-        stale = out.exists() and json.loads((out / "config.json").read_text()).get("sharp_quantize") != options_record(**kw)
+        stale = out.exists() and json.loads((out / "config.json").read_text()).get("sharp_quantize") != options_record(
+            **kw
+        )
         if rebuild or stale or not out.exists():
             quantize_model_folder(src, out, force=True, **kw)
         return out
 
     mine = f"embedding {embedding_bits}-bit by GPTQ" if embedding_bits else "every GGUF code kept"
     out = bench.reference_rows(original)
-    out += [bench.Row("original-4bit mlx-lm, via sharp_mlx", out[1].path, note="the same folder, loaded by sharp_mlx"),
-            bench.Row("original-4bit", built(original, Path(f"{original}-4bit"), embedding_bits=embedding_bits), note=f"GGUF codes, {mine}")]
+    out += [
+        bench.Row("original-4bit mlx-lm, via sharp_mlx", out[1].path, note="the same folder, loaded by sharp_mlx"),
+        bench.Row(
+            "original-4bit",
+            built(original, Path(f"{original}-4bit"), embedding_bits=embedding_bits),
+            note=f"GGUF codes, {mine}",
+        ),
+    ]
     for name, note in SETTINGS:
         src = Path(f"models/smollm2-135m-instruct-{name}")
         if not src.exists():
-            print(f"skipping {name}: {src} is missing (python -m sharp_mlx.pipeline --name {src.name} ...)", file=sys.stderr)
+            print(
+                f"skipping {name}: {src} is missing (python -m sharp_mlx.pipeline --name {src.name} ...)",
+                file=sys.stderr,
+            )
             continue
         out.append(bench.Row(f"{name} float", src, note=note + ", float32"))
-        out.append(bench.Row(f"{name}-4bit", built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits), note=f"{note}, as the main job makes it: GGUF codes, {mine}"))
-        out.append(bench.Row(f"{name}-4bit-lossless", built(src, Path(f"{src}-4bit-lossless"), embedding_bits=None), note=note + ", every GGUF code kept (8-bit embedding)"))
+        out.append(
+            bench.Row(
+                f"{name}-4bit",
+                built(src, Path(f"{src}-4bit"), embedding_bits=embedding_bits),
+                note=f"{note}, as the main job makes it: GGUF codes, {mine}",
+            )
+        )
+        out.append(
+            bench.Row(
+                f"{name}-4bit-lossless",
+                built(src, Path(f"{src}-4bit-lossless"), embedding_bits=None),
+                note=note + ", every GGUF code kept (8-bit embedding)",
+            )
+        )
         if embedding_bits and recovery_bits:
-            out.append(bench.Row(f"{name}-4bit-small", built(src, Path(f"{src}-4bit-small"), embedding_bits=embedding_bits, recovery_bits=6, recovery_group_size=32),
-                                 note=f"{note}, GGUF codes, {mine}, 6-bit recovery in groups of 32"))
+            out.append(
+                bench.Row(
+                    f"{name}-4bit-small",
+                    built(
+                        src,
+                        Path(f"{src}-4bit-small"),
+                        embedding_bits=embedding_bits,
+                        recovery_bits=6,
+                        recovery_group_size=32,
+                    ),
+                    note=f"{note}, GGUF codes, {mine}, 6-bit recovery in groups of 32",
+                )
+            )
     return out
 
 
 @cli("bench_default")
 def main(argv=None):
-    p = ArgumentParser(prog="python scripts/bench_default.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python scripts/bench_default.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench.add_timing_flags(p)
-    p.add_argument("--recovery-bits", type=int, default=DEFAULT_RECOVERY_BITS, help="recovery codes of the SHARP 4-bit rows (default: %(default)s, as the main job)")
-    p.add_argument("--embedding-bits", type=bits_or_none, default=DEFAULT_EMBEDDING_BITS,
-                   help="embedding bits of the 4-bit rows, fitted by GPTQ (default: %(default)s, as the main job; none keeps the GGUF codes)")
+    p.add_argument(
+        "--recovery-bits",
+        type=int,
+        default=DEFAULT_RECOVERY_BITS,
+        help="recovery codes of the SHARP 4-bit rows (default: %(default)s, as the main job)",
+    )
+    p.add_argument(
+        "--embedding-bits",
+        type=bits_or_none,
+        default=DEFAULT_EMBEDDING_BITS,
+        help="embedding bits of the 4-bit rows, fitted by GPTQ (default: %(default)s, as the main job; none keeps the GGUF codes)",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the 4-bit folders even if they exist")
-    p.add_argument("--out", type=Path, default=Path("docs/results/bench"), help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/results/bench"),
+        help="writes OUT.md, OUT.json, OUT.png (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     cfg = bench.config_from(args)
     command = "python scripts/bench_default.py " + " ".join(argv if argv is not None else sys.argv[1:])

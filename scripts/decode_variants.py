@@ -28,7 +28,11 @@ VARIANTS = [
     ("original, GGUF codes", "models/smollm2-135m-instruct", {}),
     ("SHARP, recovery float16", "models/smollm2-135m-instruct-sharp", {}),
     ("SHARP, recovery 8-bit", "models/smollm2-135m-instruct-sharp", dict(recovery_bits=8)),
-    ("SHARP, recovery 8-bit, embedding 6-bit", "models/smollm2-135m-instruct-sharp", dict(recovery_bits=8, embedding_bits=6)),
+    (
+        "SHARP, recovery 8-bit, embedding 6-bit",
+        "models/smollm2-135m-instruct-sharp",
+        dict(recovery_bits=8, embedding_bits=6),
+    ),
     ("SHARP ~50%, recovery 8-bit", "models/smollm2-135m-instruct-sharp50", dict(recovery_bits=8)),
 ]
 
@@ -40,7 +44,9 @@ def main():
     p.add_argument("--mlx4", default="models/smollm2-135m-instruct-mlx-4bit")
     args = p.parse_args()
     _, tokenizer = load("models/smollm2-135m-instruct")
-    ids = mx.array(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True))
+    ids = mx.array(
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)
+    )
     models = {"mlx_lm.convert -q": load_model(args.mlx4)[0]}
     for name, path, kw in VARIANTS:
         model, config = load_model(path)
@@ -50,7 +56,10 @@ def main():
     def run(model):
         """Seconds between consecutive tokens of exactly --max-tokens (no stop at end-of-sequence,
         so every variant times the same number at the same cache lengths; the first token is the prompt's)."""
-        times = [time.perf_counter() for _ in generate_step(ids, model, max_tokens=args.max_tokens, sampler=make_sampler(temp=0.0))]
+        times = [
+            time.perf_counter()
+            for _ in generate_step(ids, model, max_tokens=args.max_tokens, sampler=make_sampler(temp=0.0))
+        ]
         return [b - a for a, b in zip(times, times[1:])]
 
     for m in models.values():  # warm-up
@@ -64,8 +73,19 @@ def main():
     ref, ref_gap = statistics.median(tps["mlx_lm.convert -q"]), statistics.median(gaps["mlx_lm.convert -q"])
     for k in models:
         gap = statistics.median(gaps[k])
-        print(json.dumps({"variant": k, "steady_tps": round(1 / gap, 2), "x_mlx4_steady": round(ref_gap / gap, 3), "tokens_timed": len(gaps[k]),
-                          "mean_tps": round(statistics.median(tps[k]), 2), "x_mlx4": round(statistics.median(tps[k]) / ref, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "variant": k,
+                    "steady_tps": round(1 / gap, 2),
+                    "x_mlx4_steady": round(ref_gap / gap, 3),
+                    "tokens_timed": len(gaps[k]),
+                    "mean_tps": round(statistics.median(tps[k]), 2),
+                    "x_mlx4": round(statistics.median(tps[k]) / ref, 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/smollm2-135m-instruct-sharp")
     p.add_argument("--rows", nargs="+", default=["float", "rtn:5:64", "gptq:5:64", "gptq:4:64", "gptq:4:32"])
-    p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
-    p.add_argument("--calibration-windows", type=int, default=8, help="training windows of 256 tokens per domain for GPTQ (default: %(default)s)")
+    p.add_argument(
+        "--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)"
+    )
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=8,
+        help="training windows of 256 tokens per domain for GPTQ (default: %(default)s)",
+    )
     args = p.parse_args()
     model, tokenizer = load(args.model)
     files = sorted(Path("data").glob("*/test.jsonl"))
@@ -51,12 +58,19 @@ def main():
             bits, group = int(bits), int(group)
             if kind == "rtn":
                 packed, scales, biases = mx.quantize(full, group, bits)
-                scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)  # stored as sharp_mlx.quantize stores them
+                scales, biases = (
+                    scales.astype(mx.float16),
+                    biases.astype(mx.float16),
+                )  # stored as sharp_mlx.quantize stores them
             else:
                 if hessian is None:
-                    hessian = output_hessian(model, tokenizer, [f.with_name("train.jsonl") for f in files], args.calibration_windows)
+                    hessian = output_hessian(
+                        model, tokenizer, [f.with_name("train.jsonl") for f in files], args.calibration_windows
+                    )
                 packed, scales, biases = gptq_codes(full, hessian, bits, group)
-            weight = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits)
+            weight = mx.dequantize(
+                packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits
+            )
         if side != "both":  # cut the tie: one side quantized, the other float
             model.args.tie_word_embeddings = False
             model.lm_head = nn.Linear(dim, vocab, bias=False)
@@ -68,8 +82,11 @@ def main():
             model.args.tie_word_embeddings = True
             model.pop("lm_head")
         baseline = baseline or (ppl if spec == "float" else None)
-        out = {"row": row, "embedding_mb": round(vocab * dim * (bits + 32 / group) / 8 / 1e6, 2) if bits else None,
-               "ppl": {d: round(v, 2) for d, v in ppl.items()}}
+        out = {
+            "row": row,
+            "embedding_mb": round(vocab * dim * (bits + 32 / group) / 8 / 1e6, 2) if bits else None,
+            "ppl": {d: round(v, 2) for d, v in ppl.items()},
+        }
         if baseline:
             out["worst_x_float"] = round(max(ppl[d] / baseline[d] for d in ppl), 4)
         print(json.dumps(out), flush=True)

@@ -33,14 +33,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/smollm2-135m-instruct-sharp-4bit")
     p.add_argument("--keep", type=int, default=8192, help="rows that keep their 8-bit codes (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
-    p.add_argument("--train-tokens", type=int, default=200_000, help="training tokens per domain counted for the frequency order")
+    p.add_argument(
+        "--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)"
+    )
+    p.add_argument(
+        "--train-tokens", type=int, default=200_000, help="training tokens per domain counted for the frequency order"
+    )
     args = p.parse_args()
     model, tokenizer = load(args.model)
     files = sorted(Path("data").glob("*/test.jsonl"))
     streams = {f.parent.name: load_tokens(f, tokenizer)[0] for f in files}
-    counts = np.bincount(np.concatenate([np.asarray(load_tokens(f.with_name("train.jsonl"), tokenizer)[0][: args.train_tokens]) for f in files]),
-                         minlength=model.model.embed_tokens.weight.shape[0])
+    counts = np.bincount(
+        np.concatenate(
+            [np.asarray(load_tokens(f.with_name("train.jsonl"), tokenizer)[0][: args.train_tokens]) for f in files]
+        ),
+        minlength=model.model.embed_tokens.weight.shape[0],
+    )
     dequantized(model)
     full = model.model.embed_tokens.weight.astype(mx.float32)
     vocab, dim = full.shape
@@ -52,7 +60,17 @@ def main():
         n_keep = int(keep.sum())
         mb = (n_keep * 9 + (vocab - n_keep) * (tail_bits + 0.5)) * dim / 8 / 1e6
         coverage = {d: round(float(keep[np.asarray(s)].mean()), 4) for d, s in streams.items()}
-        print(json.dumps({"row": name, "embedding_mb": round(mb, 2), "test_coverage": coverage, "ppl": {d: round(v, 2) for d, v in ppl.items()}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "row": name,
+                    "embedding_mb": round(mb, 2),
+                    "test_coverage": coverage,
+                    "ppl": {d: round(v, 2) for d, v in ppl.items()},
+                }
+            ),
+            flush=True,
+        )
 
     run("every row 8-bit (the GGUF codes)", full, np.ones(vocab, bool), 8)
     for bits in (4, 5):
@@ -60,7 +78,12 @@ def main():
         for order_name, order in orders.items():
             keep = np.zeros(vocab, bool)
             keep[order[: args.keep]] = True
-            run(f"first {args.keep} by {order_name} 8-bit, the rest {bits}-bit", mx.where(mx.array(keep)[:, None], full, tail), keep, bits)
+            run(
+                f"first {args.keep} by {order_name} 8-bit, the rest {bits}-bit",
+                mx.where(mx.array(keep)[:, None], full, tail),
+                keep,
+                bits,
+            )
 
 
 if __name__ == "__main__":

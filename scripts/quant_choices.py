@@ -34,7 +34,9 @@ CHOICES = [
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/smollm2-135m-instruct-sharp")
-    p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)")
+    p.add_argument(
+        "--windows", type=int, default=8, help="test windows of 256 tokens per domain (default: %(default)s)"
+    )
     args = p.parse_args()
     _, tokenizer = load(args.model)
     streams = {f.parent.name: load_tokens(f, tokenizer)[0] for f in sorted(Path("data").glob("*/test.jsonl"))}
@@ -55,7 +57,11 @@ def main():
     print("|---|---|" + "---|" * (len(base) + 1))
     for r in rows:
         worst = max(r["ppl"][d] / base[d] for d in base)
-        print(f"| {r['choice']} | {r['bytes'] / 1e6:.1f} | " + " | ".join(f"{r['ppl'][d]:.2f}" for d in base) + f" | {worst:.3f} |")
+        print(
+            f"| {r['choice']} | {r['bytes'] / 1e6:.1f} | "
+            + " | ".join(f"{r['ppl'][d]:.2f}" for d in base)
+            + f" | {worst:.3f} |"
+        )
 
 
 if __name__ == "__main__":

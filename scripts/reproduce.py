@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 from sharp_mlx import analyze, bench, evaluate, quantize, sharemap, train  # noqa: E402
 from sharp_mlx.checkpoint import read_config  # noqa: E402
 from sharp_mlx.convert import ensure_default_model  # noqa: E402
+from sharp_mlx.corpora import DOMAINS  # noqa: E402
 from sharp_mlx.errors import ArgumentParser, SharpError, cli  # noqa: E402
 from sharp_mlx.model import SharpArgs  # noqa: E402
 from sharp_mlx.pipeline import ensure_data  # noqa: E402
 
-from sharp_mlx.corpora import DOMAINS  # noqa: E402
 DEFAULT = ["--share", "next", "--layers", "1:29", "--rank", "64"]  # 14 targets 2, 4, ..., 28
 AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 targets, one reference per three
 
@@ -73,15 +73,54 @@ class Budget:
         return name in self.cloze if self.cloze is not None else group in CLOZE_GROUPS
 
 
-QUICK = Budget(slw_tokens=1024, slw_steps=10, slw_batch_rows=512, sft_steps=8, sft_batch=2, sft_seq=128, sft_tokens=20000,
-               eval_windows=1, eval_seq=256, cloze_items=4, analyze_tokens=1024, bench_reps=2,
-               sft_valid_windows=1, ablation_targets=3, scales_full=False, ranks=(16, 128), chat_only=False,
-               cloze=["original", "sharp", "control", "mlp-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"])
-FULL = Budget(slw_tokens=16384, slw_steps=50, slw_batch_rows=1024, sft_steps=40, sft_batch=2, sft_seq=256, sft_tokens=100000,
-              eval_windows=8, eval_seq=256, cloze_items=40, analyze_tokens=15360, bench_reps=3,
-              sft_valid_windows=4, ablation_targets=5, scales_full=True, ranks=(16, 32, 128), chat_only=True)
+QUICK = Budget(
+    slw_tokens=1024,
+    slw_steps=10,
+    slw_batch_rows=512,
+    sft_steps=8,
+    sft_batch=2,
+    sft_seq=128,
+    sft_tokens=20000,
+    eval_windows=1,
+    eval_seq=256,
+    cloze_items=4,
+    analyze_tokens=1024,
+    bench_reps=2,
+    sft_valid_windows=1,
+    ablation_targets=3,
+    scales_full=False,
+    ranks=(16, 128),
+    chat_only=False,
+    cloze=["original", "sharp", "control", "mlp-prune-ft", "smaller-ft", "sharp65", "control65", "sharp-4bit"],
+)
+FULL = Budget(
+    slw_tokens=16384,
+    slw_steps=50,
+    slw_batch_rows=1024,
+    sft_steps=40,
+    sft_batch=2,
+    sft_seq=256,
+    sft_tokens=100000,
+    eval_windows=8,
+    eval_seq=256,
+    cloze_items=40,
+    analyze_tokens=15360,
+    bench_reps=3,
+    sft_valid_windows=4,
+    ablation_targets=5,
+    scales_full=True,
+    ranks=(16, 32, 128),
+    chat_only=True,
+)
 CLOZE_BATCH = 8  # next-sentence items per forward pass: 1.5x faster than one at a time, the same picks
-CLOZE_GROUPS = ("main", "aggressive", "cross", "smaller", "deploy", "param")  # the ablations are read by perplexity alone
+CLOZE_GROUPS = (
+    "main",
+    "aggressive",
+    "cross",
+    "smaller",
+    "deploy",
+    "param",
+)  # the ablations are read by perplexity alone
 
 
 def span(k: int, where: str) -> str:
@@ -148,15 +187,55 @@ class Steps:
 
     def slw(self, name: str, *argv, tokens: Optional[int] = None) -> Path:
         b = self.b
-        return self._run(name, train.main, ["--stage", "slw", "--model", self.original, "--tokens", tokens or b.slw_tokens,
-                                            "--slw-steps", b.slw_steps, "--slw-batch-rows", b.slw_batch_rows, *argv])
+        return self._run(
+            name,
+            train.main,
+            [
+                "--stage",
+                "slw",
+                "--model",
+                self.original,
+                "--tokens",
+                tokens or b.slw_tokens,
+                "--slw-steps",
+                b.slw_steps,
+                "--slw-batch-rows",
+                b.slw_batch_rows,
+                *argv,
+            ],
+        )
 
     def sft(self, name: str, src: Path, *argv) -> Path:
         b = self.b
-        return self._run(name, train.main, ["--stage", "sft", "--model", src, "--teacher", self.original, "--steps", b.sft_steps,
-                                            "--batch-size", b.sft_batch, "--seq-len", b.sft_seq, "--eval-every", b.sft_steps,
-                                            "--save-every", b.sft_steps, "--eval-windows", b.sft_valid_windows, "--max-train-tokens", b.sft_tokens,
-                                            "--run-dir", self.runs / "sft" / name, *argv])
+        return self._run(
+            name,
+            train.main,
+            [
+                "--stage",
+                "sft",
+                "--model",
+                src,
+                "--teacher",
+                self.original,
+                "--steps",
+                b.sft_steps,
+                "--batch-size",
+                b.sft_batch,
+                "--seq-len",
+                b.sft_seq,
+                "--eval-every",
+                b.sft_steps,
+                "--save-every",
+                b.sft_steps,
+                "--eval-windows",
+                b.sft_valid_windows,
+                "--max-train-tokens",
+                b.sft_tokens,
+                "--run-dir",
+                self.runs / "sft" / name,
+                *argv,
+            ],
+        )
 
     def quantize(self, name: str, src: Path, *argv) -> Path:
         return self._run(name, quantize.main, ["--model", src, *argv])
@@ -193,11 +272,21 @@ def build_variants(s: Steps) -> Dict[str, dict]:
     first = min(share)
     n_mp = orig_cfg["num_hidden_layers"] - first
     r_mp = lora_rank_for(read_config(mlp_prune), budget, n_mp)
-    add("mlp-prune-ft", s.sft("mlp-prune-ft", mlp_prune, "--lora-rank", r_mp, "--lora-layers", n_mp), "main", f"MLP pruning + LoRA r{r_mp} (matched budget)")
+    add(
+        "mlp-prune-ft",
+        s.sft("mlp-prune-ft", mlp_prune, "--lora-rank", r_mp, "--lora-layers", n_mp),
+        "main",
+        f"MLP pruning + LoRA r{r_mp} (matched budget)",
+    )
     lp_cfg = read_config(layer_prune)
     n_lp = lp_cfg["num_hidden_layers"] - first
     r_lp = lora_rank_for(lp_cfg, budget, n_lp)
-    add("layer-prune-ft", s.sft("layer-prune-ft", layer_prune, "--lora-rank", r_lp, "--lora-layers", n_lp), "main", f"layer pruning + LoRA r{r_lp} (matched budget)")
+    add(
+        "layer-prune-ft",
+        s.sft("layer-prune-ft", layer_prune, "--lora-rank", r_lp, "--lora-layers", n_lp),
+        "main",
+        f"layer pruning + LoRA r{r_lp} (matched budget)",
+    )
 
     # The aggressive setting: one reference serves the three layers after it.
     add("direct65", s.slw("direct65", *AGGRESSIVE, "--baseline", "direct"), "aggressive", "direct sharing")
@@ -211,31 +300,66 @@ def build_variants(s: Steps) -> Dict[str, dict]:
 
     # Cross-domain: recover on chat only.
     chat = [str(ROOT / "data" / "chat" / "train.jsonl")]
-    add("sharp-chat", s.sft("sharp-chat", sharp_slw, "--data", *chat), "cross", "SHARP, SLW (all domains) + SFT on chat only")
+    add(
+        "sharp-chat",
+        s.sft("sharp-chat", sharp_slw, "--data", *chat),
+        "cross",
+        "SHARP, SLW (all domains) + SFT on chat only",
+    )
     if s.b.chat_only:
-        add("sharp-chat-only", s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat), "cross", "SHARP, SLW and SFT on chat only")
+        add(
+            "sharp-chat-only",
+            s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat),
+            "cross",
+            "SHARP, SLW and SFT on chat only",
+        )
 
     # Ablations, after SLW (no SFT). The position ablation moves the ablation targets along the
     # stack; the others vary one thing on the late ones (each <- the layer before, rank 64).
     k_ab = s.b.ablation_targets
     for name in ("early", "middle", "late"):
         layers = span(k_ab, name)
-        add(f"pos-{name}", s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64), "position",
-            f"{name}: targets {', '.join(map(str, span_targets(layers)))}")
+        add(
+            f"pos-{name}",
+            s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64),
+            "position",
+            f"{name}: targets {', '.join(map(str, span_targets(layers)))}",
+        )
     late, late_span = v["pos-late"]["path"], span(k_ab, "late")
     LATE = ["--share", "next", "--layers", late_span]
-    add("next-late", late, "grouping", f"next: every other layer of {span_targets(late_span)[0]}..28 borrows the one before")
+    add(
+        "next-late",
+        late,
+        "grouping",
+        f"next: every other layer of {span_targets(late_span)[0]}..28 borrows the one before",
+    )
     for k in (2, 3):
-        add(f"next{k}-late", s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", late_span, "--rank", 64), "grouping",
-            f"next:{k} over {late_span}: one reference for {k} layers")
+        add(
+            f"next{k}-late",
+            s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", late_span, "--rank", 64),
+            "grouping",
+            f"next:{k} over {late_span}: one reference for {k} layers",
+        )
     for r in s.b.ranks:
         add(f"rank{r}", s.slw(f"rank{r}", *LATE, "--rank", r), "rank", f"rank {r}")
-        add(f"control-rank{r}", s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"), "rank", f"control, rank {r}")
+        add(
+            f"control-rank{r}",
+            s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"),
+            "rank",
+            f"control, rank {r}",
+        )
     add("rank64", late, "rank", "rank 64")
-    add("control-rank64", s.slw("control-rank64", *LATE, "--rank", 64, "--baseline", "lowrank"), "rank", "control, rank 64")
+    add(
+        "control-rank64",
+        s.slw("control-rank64", *LATE, "--rank", 64, "--baseline", "lowrank"),
+        "rank",
+        "control, rank 64",
+    )
     for f, tag in ((0.25, "quarter"), (4, "4x")):
         tokens = int(s.b.slw_tokens * f)
-        add(f"data-{tag}", s.slw(f"data-{tag}", *LATE, "--rank", 64, tokens=tokens), "data", f"SLW on {tokens:,} tokens")
+        add(
+            f"data-{tag}", s.slw(f"data-{tag}", *LATE, "--rank", 64, tokens=tokens), "data", f"SLW on {tokens:,} tokens"
+        )
     add("data-1x", late, "data", f"SLW on {s.b.slw_tokens:,} tokens")
     # The parameterization at a matched count: through both stages at the default targets (full),
     # or SLW on the ablation targets (--quick).
@@ -246,7 +370,12 @@ def build_variants(s: Steps) -> Dict[str, dict]:
         add("plain-slw", sharp_slw, "param", "rank 64, SLW only")
         add("plain", sharp, "param", "rank 64, SLW + SFT")
     else:
-        add("scales-slw", s.slw("scales-slw", *LATE, "--rank", 63, "--scales"), "param", "rank 63 + row/column scales, SLW only")
+        add(
+            "scales-slw",
+            s.slw("scales-slw", *LATE, "--rank", 63, "--scales"),
+            "param",
+            "rank 63 + row/column scales, SLW only",
+        )
         add("plain-slw", late, "param", "rank 64, SLW only")
 
     # A smaller model of SHARP's stored size: whole layers removed until the parameter count
@@ -260,17 +389,35 @@ def build_variants(s: Steps) -> Dict[str, dict]:
     n_sm = sm_cfg["num_hidden_layers"] - first
     r_sm = lora_rank_for(sm_cfg, budget, n_sm)
     add("smaller", small, "smaller", f"{k} layers removed, no fine-tuning")
-    add("smaller-ft", s.sft("smaller-ft", small, "--lora-rank", r_sm, "--lora-layers", n_sm), "smaller", f"{k} layers removed + LoRA r{r_sm}")
+    add(
+        "smaller-ft",
+        s.sft("smaller-ft", small, "--lora-rank", r_sm, "--lora-layers", n_sm),
+        "smaller",
+        f"{k} layers removed + LoRA r{r_sm}",
+    )
 
     # Deployment: 4-bit checkpoints (the embedded GGUF's codes; recovery at 8 bits where its rank allows).
     add("original-4bit", s.quantize("original-4bit", s.original), "deploy", "original, 4-bit (GGUF codes)")
     add("mlx-4bit", bench.mlx_4bit(ensure_default_model()), "deploy", "original, mlx_lm.convert -q (group 64)")
-    add("sharp-4bit", s.quantize("sharp-4bit", sharp, "--recovery-bits", 8), "deploy", "SHARP default, 4-bit (GGUF codes, 8-bit recovery)")
-    add("sharp-4bit-emb6", s.quantize("sharp-4bit-emb6", sharp, "--recovery-bits", 8, "--embedding-bits", 6), "deploy",
-        "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)")
-    add("sharp65-4bit", s.quantize("sharp65-4bit", v["sharp65"]["path"]), "deploy", "SHARP ~65%, 4-bit (GGUF codes, float16 recovery)")
+    add(
+        "sharp-4bit",
+        s.quantize("sharp-4bit", sharp, "--recovery-bits", 8),
+        "deploy",
+        "SHARP default, 4-bit (GGUF codes, 8-bit recovery)",
+    )
+    add(
+        "sharp-4bit-emb6",
+        s.quantize("sharp-4bit-emb6", sharp, "--recovery-bits", 8, "--embedding-bits", 6),
+        "deploy",
+        "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)",
+    )
+    add(
+        "sharp65-4bit",
+        s.quantize("sharp65-4bit", v["sharp65"]["path"]),
+        "deploy",
+        "SHARP ~65%, 4-bit (GGUF codes, float16 recovery)",
+    )
     return v
-
 
 
 def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, float]:
@@ -304,16 +451,29 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
             record(path, out)
 
     def prepare(tokenizer):
-        return {f: load_tokens(f, tokenizer)[0] for f in tests}, {f: cloze.build_items(f, tokenizer, b.cloze_items) for f in tests}
+        return {f: load_tokens(f, tokenizer)[0] for f in tests}, {
+            f: cloze.build_items(f, tokenizer, b.cloze_items) for f in tests
+        }
 
     tic = time.perf_counter()
     for path, model, (streams, items) in evaluate.over_models(todo, prepare, float_weights=True):
         key = str(path)
         log(f"[eval] {names[key][0]}")
-        out = {"ppl": {f.parent.name: evaluate.perplexity(model, streams[f], b.eval_seq, max_windows=b.eval_windows, desc=f"{f} on {path.name}")["ppl"] for f in tests},
-               "cloze": {f.parent.name: cloze.score(model, items[f], CLOZE_BATCH, desc=f"{f} on {path.name}") for f in tests} if wants_cloze[key] else {},
-               "params": header_params(path) if "quantization" not in read_config(path) else None,
-               "bytes": quantize.folder_bytes(path)}
+        out = {
+            "ppl": {
+                f.parent.name: evaluate.perplexity(
+                    model, streams[f], b.eval_seq, max_windows=b.eval_windows, desc=f"{f} on {path.name}"
+                )["ppl"]
+                for f in tests
+            },
+            "cloze": {
+                f.parent.name: cloze.score(model, items[f], CLOZE_BATCH, desc=f"{f} on {path.name}") for f in tests
+            }
+            if wants_cloze[key]
+            else {},
+            "params": header_params(path) if "quantization" not in read_config(path) else None,
+            "bytes": quantize.folder_bytes(path),
+        }
         out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
         f = cache / f"{names[key][0]}.json"
         tmp = f.with_suffix(".tmp")
@@ -366,7 +526,11 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
 
     rows = [n for n, i in v.items() if i["group"] in ("main", "aggressive", "smaller")]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [v[n]["x_geo"] for n in rows], color=["C0" if v[n]["group"] == "main" else "C1" if v[n]["group"] == "aggressive" else "C2" for n in rows])
+    ax.barh(
+        range(len(rows)),
+        [v[n]["x_geo"] for n in rows],
+        color=["C0" if v[n]["group"] == "main" else "C1" if v[n]["group"] == "aggressive" else "C2" for n in rows],
+    )
     ax.set_yticks(range(len(rows)), [f"{n} ({v[n]['group']})" for n in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -377,8 +541,15 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for prefix, label in (("rank", "SHARP (borrowed MLP + rank r)"), ("control-rank", "control (rank r, nothing borrowed)")):
-        pts = sorted((v[f"{prefix}{r}"]["params"], v[f"{prefix}{r}"]["x_geo"], r) for r in (16, 32, 64, 128) if f"{prefix}{r}" in v)
+    for prefix, label in (
+        ("rank", "SHARP (borrowed MLP + rank r)"),
+        ("control-rank", "control (rank r, nothing borrowed)"),
+    ):
+        pts = sorted(
+            (v[f"{prefix}{r}"]["params"], v[f"{prefix}{r}"]["x_geo"], r)
+            for r in (16, 32, 64, 128)
+            if f"{prefix}{r}" in v
+        )
         ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=label)
         for p in pts:
             ax.annotate(f"r{p[2]}", (p[0] / 1e6, p[1]), fontsize=7)
@@ -425,15 +596,28 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
 
 def table(v: Dict[str, dict], names: List[str], extra: Optional[Dict[str, str]] = None) -> str:
     extra = extra or {}
-    head = "| variant | " + (" | ".join(extra) + " | " if extra else "") + "params stored | stored-MLP cut | " + " | ".join(DOMAINS) + " | x orig (geo) | worst x | next-sentence acc |"
+    head = (
+        "| variant | "
+        + (" | ".join(extra) + " | " if extra else "")
+        + "params stored | stored-MLP cut | "
+        + " | ".join(DOMAINS)
+        + " | x orig (geo) | worst x | next-sentence acc |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for n in names:
         i = v[n]
         cut = f"{i['mlp_cut']:.1%}" if "mlp_cut" in i else ("-" if "targets" not in i else f"{i['targets']} layers")
         params = f"{i['params'] / 1e6:.1f}M" if i.get("params") else f"{i['bytes'] / 1e6:.1f} MB"
         cells = [extra[k](n) for k in extra] if extra else []
-        lines.append(f"| {n}: {i['label']} | " + "".join(f"{c} | " for c in cells) + f"{params} | {cut} | "
-                     + " | ".join(f"{i['ppl'][d]:,.2f}" for d in DOMAINS) + f" | {i['x_geo']:.2f} | {i['x_max']:.2f} | " + (f"{i['cloze_all']:.1%}" if "cloze_all" in i else "-") + " |")
+        lines.append(
+            f"| {n}: {i['label']} | "
+            + "".join(f"{c} | " for c in cells)
+            + f"{params} | {cut} | "
+            + " | ".join(f"{i['ppl'][d]:,.2f}" for d in DOMAINS)
+            + f" | {i['x_geo']:.2f} | {i['x_max']:.2f} | "
+            + (f"{i['cloze_all']:.1%}" if "cloze_all" in i else "-")
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -450,20 +634,30 @@ def write_report(res: dict, out: Path) -> None:
     names = lambda g: [n for n, i in v.items() if i["group"] == g]  # noqa: E731
     s = []
     s.append("# SHARP on SmolLM2-135M: results\n")
-    s.append(f"Made by `{res['command']}` on {res['date']} in {res['wall_s'] / 60:.0f} min on {res['machine']}. "
-             f"Every number below comes from that run; `{out.with_suffix('.json').name}` beside this file holds them all.\n")
-    s.append("Budgets of this run: " + ", ".join(f"{k} {v_}" for k, v_ in b.items()) + ". "
-             "SLW = Single Layer Warmup (`--slw-steps` Adam steps per layer after the activation-aware SVD init and the "
-             "closed-form down-projection fit); SFT = end-to-end fine-tuning of the recovery factors, distilled from the "
-             "original (`--loss kd`). Test perplexity: non-overlapping windows of the held-out test split of each domain; "
-             "`x orig (geo)` is the geometric mean over the five domains of the ratio to the original, `worst x` the worst "
-             "domain's ratio. Next-sentence accuracy: `python -m sharp_mlx.cloze` (pick the true next sentence of held-out text "
-             f"among 4, {b['cloze_items']} items per domain, chance 25%).\n")
+    s.append(
+        f"Made by `{res['command']}` on {res['date']} in {res['wall_s'] / 60:.0f} min on {res['machine']}. "
+        f"Every number below comes from that run; `{out.with_suffix('.json').name}` beside this file holds them all.\n"
+    )
+    s.append(
+        "Budgets of this run: " + ", ".join(f"{k} {v_}" for k, v_ in b.items()) + ". "
+        "SLW = Single Layer Warmup (`--slw-steps` Adam steps per layer after the activation-aware SVD init and the "
+        "closed-form down-projection fit); SFT = end-to-end fine-tuning of the recovery factors, distilled from the "
+        "original (`--loss kd`). Test perplexity: non-overlapping windows of the held-out test split of each domain; "
+        "`x orig (geo)` is the geometric mean over the five domains of the ratio to the original, `worst x` the worst "
+        "domain's ratio. Next-sentence accuracy: `python -m sharp_mlx.cloze` (pick the true next sentence of held-out "
+        "text "
+        f"among 4, {b['cloze_items']} items per domain, chance 25%).\n"
+    )
     if res.get("quick"):
-        s.append("**This is the `--quick` run**: budgets far below the main job's (`python -m sharp_mlx.pipeline`), so every "
-                 "recovered model is further from the original than the same recipe gets with more data; the comparisons between "
-                 "variants (same budget each) are what it shows. `python scripts/reproduce.py` runs the same at the main job's "
-                 "budgets.\n")
+        s.append(
+            "**This is the `--quick` run**: budgets far below the main job's (`python -m sharp_mlx.pipeline`), so "
+            "every "
+            "recovered model is further from the original than the same recipe gets with more data; the comparisons "
+            "between "
+            "variants (same budget each) are what it shows. `python scripts/reproduce.py` runs the same at the main "
+            "job's "
+            "budgets.\n"
+        )
 
     s.append("## Where SHARP wins and where it loses\n")
     s.extend(f"- {line}" for line in res["verdict"])
@@ -471,20 +665,33 @@ def write_report(res: dict, out: Path) -> None:
 
     a = res["analysis"]
     s.append("## 1. Adjacent-layer similarity\n")
-    s.append(f"`python -m sharp_mlx.analyze --tokens {b['analyze_tokens']}`: for each layer t, how well MLP_(t-1) predicts MLP_t on "
-             "t's real inputs (cosine, relative L2 error: 1.0 is as bad as no MLP), and the error of each projection with the "
-             "borrowed weights alone (`err@0`), after the best rank-64 correction (`err@64`) and for a rank-64 stand-in with "
-             f"nothing borrowed (`own@64`).\n\n![similarity]({rel['similarity']})\n")
+    s.append(
+        f"`python -m sharp_mlx.analyze --tokens {b['analyze_tokens']}`: for each layer t, how well MLP_(t-1) predicts "
+        "MLP_t on "
+        "t's real inputs (cosine, relative L2 error: 1.0 is as bad as no MLP), and the error of each projection with "
+        "the "
+        "borrowed weights alone (`err@0`), after the best rank-64 correction (`err@64`) and for a rank-64 stand-in "
+        "with "
+        f"nothing borrowed (`own@64`).\n\n![similarity]({rel['similarity']})\n"
+    )
     s.append("```\n" + a["table"] + "\n```\n")
-    s.append("`--share auto` (adjacent references, greedy from the lowest error) picks: " + "; ".join(f"cut {c}: {m}" for c, m in a["auto"].items()) + "\n")
+    s.append(
+        "`--share auto` (adjacent references, greedy from the lowest error) picks: "
+        + "; ".join(f"cut {c}: {m}" for c, m in a["auto"].items())
+        + "\n"
+    )
 
     s.append("## 2. In-domain perplexity\n")
-    s.append(f"Default setting `{' '.join(DEFAULT)}` (every other layer of 2..28 borrows the MLP of the layer before it). "
-             "Pruning baselines remove the same targets' MLPs (MLP pruning) or whole layers (layer pruning) and are then "
-             "fine-tuned with LoRA on every linear layer from the first target on, at SHARP's trainable budget "
-             f"({res['budget_params']:,} parameters), with the same SFT.\n")
+    s.append(
+        f"Default setting `{' '.join(DEFAULT)}` (every other layer of 2..28 borrows the MLP of the layer before it). "
+        "Pruning baselines remove the same targets' MLPs (MLP pruning) or whole layers (layer pruning) and are then "
+        "fine-tuned with LoRA on every linear layer from the first target on, at SHARP's trainable budget "
+        f"({res['budget_params']:,} parameters), with the same SFT.\n"
+    )
     s.append(table(v, names("main")) + "\n")
-    s.append(f"Aggressive setting `{' '.join(AGGRESSIVE)}` (layers 1, 5, ..., 25 each serve the three layers after them):\n")
+    s.append(
+        f"Aggressive setting `{' '.join(AGGRESSIVE)}` (layers 1, 5, ..., 25 each serve the three layers after them):\n"
+    )
     s.append(table(v, names("aggressive")) + "\n")
     s.append(f"![perplexity]({rel['perplexity']})\n")
 
@@ -494,37 +701,61 @@ def write_report(res: dict, out: Path) -> None:
 
     s.append("## 4. Ablations (after SLW, no SFT)\n")
     k_ab = b["ablation_targets"]
-    s.append(f"Targets early, in the middle or late in the stack ({k_ab} targets each, rank 64); the other ablations vary one thing "
-             f"on the late {k_ab} (`--share next --layers {span(k_ab, 'late')}`):\n")
+    s.append(
+        f"Targets early, in the middle or late in the stack ({k_ab} targets each, rank 64); the other ablations vary "
+        "one thing "
+        f"on the late {k_ab} (`--share next --layers {span(k_ab, 'late')}`):\n"
+    )
     s.append(table(v, names("position")) + "\n")
     s.append("One reference for 1, 2 or 3 following layers (rank 64):\n")
     s.append(table(v, names("grouping")) + "\n")
     s.append(f"Recovery rank, SHARP against the control at the same rank:\n\n![rank]({rel['rank']})\n")
     s.append(table(v, names("rank")) + "\n")
-    where = "through both stages at the default targets" if b["scales_full"] else f"after SLW on the late {k_ab} targets"
-    s.append(f"Parameterization at a matched parameter count, {where}: plain rank 64 against rank 63 plus a row and a column scaling "
-             "vector per projection (576 + 1536 values per projection: exactly one rank unit):\n")
+    where = (
+        "through both stages at the default targets" if b["scales_full"] else f"after SLW on the late {k_ab} targets"
+    )
+    s.append(
+        f"Parameterization at a matched parameter count, {where}: plain rank 64 against rank 63 plus a row and a "
+        "column scaling "
+        "vector per projection (576 + 1536 values per projection: exactly one rank unit):\n"
+    )
     s.append(table(v, names("param")) + "\n")
     s.append("SLW calibration data (the init, the closed-form fit and the Adam steps all see it):\n")
     s.append(table(v, names("data")) + "\n")
 
     s.append("## 5. Against a smaller model of the same size\n")
-    s.append("The original with whole layers removed (every other layer from the top, the last kept) until it stores about as "
-             "many parameters as SHARP's default, fine-tuned with LoRA at SHARP's trainable budget on the same data:\n")
+    s.append(
+        "The original with whole layers removed (every other layer from the top, the last kept) until it stores about "
+        "as "
+        "many parameters as SHARP's default, fine-tuned with LoRA at SHARP's trainable budget on the same data:\n"
+    )
     s.append(table(v, ["sharp"] + names("smaller")) + "\n")
 
     s.append("## 6. Deployment\n")
     bn = res["bench"]
-    s.append(f"`python -m sharp_mlx.bench` rows (fresh processes, alternating, {b['bench_reps']} repetitions, 1 prompt, 16 new tokens; "
-             "perplexity of 4-bit rows computed with their weights' float values):\n")
-    s.append("| row | disk MB | x mlx-lm | load s (in-process) | decode tok/s | x mlx-lm | peak GB | x orig (geo) | worst x |")
+    s.append(
+        f"`python -m sharp_mlx.bench` rows (fresh processes, alternating, {b['bench_reps']} repetitions, 1 prompt, 16 "
+        "new tokens; "
+        "perplexity of 4-bit rows computed with their weights' float values):\n"
+    )
+    s.append(
+        "| row | disk MB | x mlx-lm | load s (in-process) | decode tok/s | x mlx-lm | peak GB | x orig (geo) | worst "
+        "x |"
+    )
     s.append("|---|---|---|---|---|---|---|---|---|")
     ref = bn[bench.REFERENCE]
     for row, r in bn.items():
         n = res["bench_names"][row]
-        s.append(f"| {row} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / ref['bytes']:.2f} | {r['load_s']['median']:.3f} | {r['decode_tps']['median']:.1f} | "
-                 f"{r['decode_tps']['median'] / ref['decode_tps']['median']:.2f} | {r['peak_memory_gb']['median']:.2f} | {v[n]['x_geo']:.2f} | {v[n]['x_max']:.2f} |")
-    s.append(f"\nEvery variant, bytes on disk against perplexity (float32 folders and 4-bit ones):\n\n![pareto]({rel['pareto']})\n")
+        s.append(
+            f"| {row} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / ref['bytes']:.2f} | {r['load_s']['median']:.3f} | "
+            f"{r['decode_tps']['median']:.1f} | "
+            f"{r['decode_tps']['median'] / ref['decode_tps']['median']:.2f} | {r['peak_memory_gb']['median']:.2f} | "
+            f"{v[n]['x_geo']:.2f} | {v[n]['x_max']:.2f} |"
+        )
+    s.append(
+        "\nEvery variant, bytes on disk against perplexity (float32 folders and 4-bit "
+        f"ones):\n\n![pareto]({rel['pareto']})\n"
+    )
     s.append(table(v, names("deploy")) + "\n")
 
     s.append("## 7. Next-sentence check beyond perplexity\n")
@@ -533,27 +764,45 @@ def write_report(res: dict, out: Path) -> None:
     s.append("|---" * (len(DOMAINS) + 2) + "|")
     for n, i in v.items():
         if "cloze_all" in i:
-            s.append(f"| {n} | " + " | ".join(f"{i['cloze'][d]['accuracy']:.0%}" for d in DOMAINS) + f" | {i['cloze_all']:.1%} |")
+            s.append(
+                f"| {n} | "
+                + " | ".join(f"{i['cloze'][d]['accuracy']:.0%}" for d in DOMAINS)
+                + f" | {i['cloze_all']:.1%} |"
+            )
     n_items = sum(v["original"]["cloze"][d]["n"] for d in DOMAINS)
-    s.append(f"\n{n_items} items in all: one standard error is about {math.sqrt(0.25 / n_items):.0%} at 50% accuracy, so "
-             "differences smaller than ~2 standard errors are noise.\n")
+    s.append(
+        f"\n{n_items} items in all: one standard error is about {math.sqrt(0.25 / n_items):.0%} at 50% accuracy, so "
+        "differences smaller than ~2 standard errors are noise.\n"
+    )
 
     c = res.get("compare")
     if c:
         s.append("## Reproducibility\n")
-        s.append(f"Against an earlier run from scratch (`{c['command']}`, {c['date']}, {c['wall_s'] / 60:.0f} min): of {c['variants']} variants "
-                 f"both have, {c['ppl_identical']} have every perplexity identical; the largest difference is "
-                 + (f"{c['ppl_max_rel']:.2%} ({c['ppl_worst']})" if c["ppl_worst"] else "none")
-                 + f". Next-sentence accuracies: {c['cloze_compared'] - len(c['cloze_differ'])} of {c['cloze_compared']} variants identical"
-                 + (f"; differing: {', '.join(c['cloze_differ'])}" if c["cloze_differ"] else "") + ".\n")
+        s.append(
+            f"Against an earlier run from scratch (`{c['command']}`, {c['date']}, {c['wall_s'] / 60:.0f} min): of "
+            f"{c['variants']} variants "
+            f"both have, {c['ppl_identical']} have every perplexity identical; the largest difference is "
+            + (f"{c['ppl_max_rel']:.2%} ({c['ppl_worst']})" if c["ppl_worst"] else "none")
+            + f". Next-sentence accuracies: {c['cloze_compared'] - len(c['cloze_differ'])} of {c['cloze_compared']} variants identical"
+            + (f"; differing: {', '.join(c['cloze_differ'])}" if c["cloze_differ"] else "")
+            + ".\n"
+        )
     s.append("## Steps and wall time\n")
     s.append("| step | wall s |\n|---|---|")
     s.extend(f"| {k} | {w:.0f} |" for k, w in res["steps"].items())
     resumed = res.get("resumed")
-    s.append(f"\nTotal {res['wall_s'] / 60:.1f} min" + (
-        f": the run was resumed, so this is the last invocation's time plus the recorded times of the {len(resumed)} steps "
-        "earlier invocations did (kept in `walls.json` beside the run's log); evaluation is cached per model folder and "
-        "its row sums every folder's time, whichever invocation measured it.\n" if resumed else ", in one invocation.\n"))
+    s.append(
+        f"\nTotal {res['wall_s'] / 60:.1f} min"
+        + (
+            ": the run was resumed, so this is the last invocation's time plus the recorded times of the "
+            f"{len(resumed)} steps "
+            "earlier invocations did (kept in `walls.json` beside the run's log); evaluation is cached per model "
+            "folder and "
+            "its row sums every folder's time, whichever invocation measured it.\n"
+            if resumed
+            else ", in one invocation.\n"
+        )
+    )
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(s))
     tmp.replace(out)
@@ -567,18 +816,29 @@ def compare(res: dict, other: dict) -> dict:
     rel = {n: max(abs(a[n]["ppl"][d] - b[n]["ppl"][d]) / b[n]["ppl"][d] for d in DOMAINS) for n in common}
     worst = max(rel, key=rel.get) if rel else None
     cloze = [n for n in common if a[n].get("cloze") and b[n].get("cloze")]
-    return {"command": other["command"], "date": other["date"], "wall_s": other["wall_s"], "variants": len(common),
-            "ppl_max_rel": rel[worst] if worst else None, "ppl_worst": worst,
-            "ppl_identical": sum(r == 0 for r in rel.values()),
-            "cloze_compared": len(cloze),
-            "cloze_differ": [n for n in cloze if any(a[n]["cloze"][d]["accuracy"] != b[n]["cloze"][d]["accuracy"] for d in DOMAINS)]}
+    return {
+        "command": other["command"],
+        "date": other["date"],
+        "wall_s": other["wall_s"],
+        "variants": len(common),
+        "ppl_max_rel": rel[worst] if worst else None,
+        "ppl_worst": worst,
+        "ppl_identical": sum(r == 0 for r in rel.values()),
+        "cloze_compared": len(cloze),
+        "cloze_differ": [
+            n for n in cloze if any(a[n]["cloze"][d]["accuracy"] != b[n]["cloze"][d]["accuracy"] for d in DOMAINS)
+        ],
+    }
 
 
 def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
     out = []
-    out.append(f"Default setting ({v['sharp']['mlp_cut']:.1%} of stored MLP parameters removed, recovery counted): SHARP after SLW + SFT is "
-               f"{v['sharp']['x_geo']:.2f}x the original's perplexity (worst domain {v['sharp']['x_max']:.2f}x); the 1.25x bar is "
-               + ("met." if v["sharp"]["x_max"] <= 1.25 else "not met."))
+    out.append(
+        f"Default setting ({v['sharp']['mlp_cut']:.1%} of stored MLP parameters removed, recovery counted): SHARP "
+        "after SLW + SFT is "
+        f"{v['sharp']['x_geo']:.2f}x the original's perplexity (worst domain {v['sharp']['x_max']:.2f}x); the 1.25x "
+        "bar is " + ("met." if v["sharp"]["x_max"] <= 1.25 else "not met.")
+    )
     for other in ("control", "mlp-prune-ft", "layer-prune-ft", "smaller-ft", "sharp-sftonly", "direct"):
         if other in v:
             out.append(f"SHARP against {v[other]['label']}: {wins(v, 'sharp', other)}.")
@@ -587,25 +847,49 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
         out.append(f"Scaling vectors at a matched count: {wins(v, 'scales', 'plain')}.")
     elif "scales-slw" in v:
         out.append(f"Scaling vectors at a matched count (after SLW): {wins(v, 'scales-slw', 'plain-slw')}.")
-    out.append(f"Borrowed weights at every rank after SLW: " + "; ".join(
-        wins(v, f"rank{r}", f"control-rank{r}") for r in (16, 32, 64, 128) if f"rank{r}" in v and f"control-rank{r}" in v) + ".")
+    out.append(
+        "Borrowed weights at every rank after SLW: "
+        + "; ".join(
+            wins(v, f"rank{r}", f"control-rank{r}")
+            for r in (16, 32, 64, 128)
+            if f"rank{r}" in v and f"control-rank{r}" in v
+        )
+        + "."
+    )
     ref = bn[bench.REFERENCE]
     for row in bn:
         if names[row].startswith("sharp"):
             r = bn[row]
-            out.append(f"{row}: {r['bytes'] / ref['bytes']:.2f}x the bytes of mlx-lm's 4-bit original and {r['decode_tps']['median'] / ref['decode_tps']['median']:.2f}x its decode speed, "
-                       f"at {v[names[row]]['x_geo']:.2f}x the original's perplexity (mlx-lm's 4-bit: {v['mlx-4bit']['x_geo']:.2f}x).")
-    out.append(f"Next-sentence accuracy: original {v['original']['cloze_all']:.1%}, SHARP {v['sharp']['cloze_all']:.1%}, control {v['control']['cloze_all']:.1%}, "
-               f"MLP pruning + LoRA {v['mlp-prune-ft']['cloze_all']:.1%}, smaller model {v['smaller-ft']['cloze_all']:.1%}.")
+            out.append(
+                f"{row}: {r['bytes'] / ref['bytes']:.2f}x the bytes of mlx-lm's 4-bit original and "
+                f"{r['decode_tps']['median'] / ref['decode_tps']['median']:.2f}x its decode speed, "
+                f"at {v[names[row]]['x_geo']:.2f}x the original's perplexity (mlx-lm's 4-bit: "
+                f"{v['mlx-4bit']['x_geo']:.2f}x)."
+            )
+    out.append(
+        f"Next-sentence accuracy: original {v['original']['cloze_all']:.1%}, SHARP {v['sharp']['cloze_all']:.1%}, "
+        f"control {v['control']['cloze_all']:.1%}, "
+        f"MLP pruning + LoRA {v['mlp-prune-ft']['cloze_all']:.1%}, smaller model {v['smaller-ft']['cloze_all']:.1%}."
+    )
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small budgets (28 min on 2 quiet CPU cores)")
-    p.add_argument("--report", type=Path, help="report to write (default: docs/results/RESULTS.md with --quick, else docs/results/RESULTS-full.md)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="report to write (default: docs/results/RESULTS.md with --quick, else docs/results/RESULTS-full.md)",
+    )
     p.add_argument("--force", action="store_true", help="redo every step")
-    p.add_argument("--compare", type=Path, help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        help="an earlier run's results (its RESULTS.json) to compare this run's numbers with, in the report",
+    )
     return p
 
 
@@ -620,7 +904,10 @@ def main(argv=None) -> int:
         except (OSError, ValueError, TypeError) as e:
             missing = str(e)
         if missing:
-            raise SharpError(f"--compare {args.compare}: not a results record of this script ({missing}); pass an earlier run's RESULTS.json")
+            raise SharpError(
+                f"--compare {args.compare}: not a results record of this script ({missing}); pass an earlier run's "
+                "RESULTS.json"
+            )
     import os
     import shutil
 
@@ -659,7 +946,16 @@ def main(argv=None) -> int:
     auto = {}
     for cut in (0.25, 0.38):
         try:
-            auto[cut] = str(sharemap.parse_share("auto", analysis["config"]["num_hidden_layers"], layers="0:30", similarity=analysis, cut=cut, rank=64))
+            auto[cut] = str(
+                sharemap.parse_share(
+                    "auto",
+                    analysis["config"]["num_hidden_layers"],
+                    layers="0:30",
+                    similarity=analysis,
+                    cut=cut,
+                    rank=64,
+                )
+            )
         except SharpError as e:
             auto[cut] = str(e)
 
@@ -678,7 +974,9 @@ def main(argv=None) -> int:
         timing = json.loads(bench_file.read_text())
     else:
         log("[bench]")
-        timing = bench.time_rows(rows, bench.BenchConfig(reps=b.bench_reps, max_tokens=16, prompts=list(bench.PROMPTS[:1]), ppl_windows=0))
+        timing = bench.time_rows(
+            rows, bench.BenchConfig(reps=b.bench_reps, max_tokens=16, prompts=list(bench.PROMPTS[:1]), ppl_windows=0)
+        )
         bench_file.write_text(json.dumps(timing, indent=1))
         steps.record("bench", time.perf_counter() - t0)
 
@@ -706,7 +1004,9 @@ def main(argv=None) -> int:
     # invocation's time outside the steps it ran.
     now = time.perf_counter() - tic
     res["resumed"] = sorted(steps.earlier - {"evaluate"})
-    res["wall_s"] = now + eval_earlier_s + sum(w for k, w in steps.wall.items() if k in steps.earlier and k != "evaluate")
+    res["wall_s"] = (
+        now + eval_earlier_s + sum(w for k, w in steps.wall.items() if k in steps.earlier and k != "evaluate")
+    )
     record = json.dumps(res, indent=1)
     (runs / "results.json").write_text(record)
     report.parent.mkdir(parents=True, exist_ok=True)

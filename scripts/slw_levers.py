@@ -36,7 +36,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default: %(default)s)")
     p.add_argument("--rank", type=int, default=64, help="recovery rank (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps where a recipe uses Adam (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("docs/results/slw_levers.md"), help="report (markdown; JSON beside it)")
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/results/slw_levers.md"), help="report (markdown; JSON beside it)"
+    )
     args = p.parse_args(argv)
     tic = time.perf_counter()
     model, tokenizer = load(ensure_default_model())
@@ -50,17 +52,25 @@ def main(argv=None):
             ref = model.model.layers[t - 1].mlp if borrow else None
             start = time.perf_counter()
             errors = fit_layer(ref, model.model.layers[t].mlp, inputs[t], args.rank, cfg)["errors"]
-            results.setdefault(str(t), {})[name] = {"error": errors["final"], "direct": errors["none"], "seconds": time.perf_counter() - start}
+            results.setdefault(str(t), {})[name] = {
+                "error": errors["final"],
+                "direct": errors["none"],
+                "seconds": time.perf_counter() - start,
+            }
             print(f"layer {t} {name}: {errors['final']:.3f}", flush=True)
     lines = [
         f"# SLW levers: held-out relative error of MLP_t, rank {args.rank}",
         "",
-        f"`python scripts/slw_levers.py --layers {' '.join(map(str, args.layers))} --tokens {args.tokens} --rank {args.rank} --steps {args.steps}`"
-        f" ({windows.size} calibration tokens, 10% of rows held out; Linux x86_64, 2 cores; {time.perf_counter() - tic:.0f} s in all)",
+        f"`python scripts/slw_levers.py --layers {' '.join(map(str, args.layers))} --tokens {args.tokens} --rank "
+        f"{args.rank} --steps {args.steps}`"
+        f" ({windows.size} calibration tokens, 10% of rows held out; Linux x86_64, 2 cores; "
+        f"{time.perf_counter() - tic:.0f} s in all)",
         "",
         "| recipe | " + " | ".join(f"layer {t} <- {t - 1}" for t in args.layers) + " |",
         "|---|" + "---|" * len(args.layers),
-        "| direct sharing (no recovery) | " + " | ".join(f"{results[str(t)][next(iter(RECIPES))]['direct']:.3f}" for t in args.layers) + " |",
+        "| direct sharing (no recovery) | "
+        + " | ".join(f"{results[str(t)][next(iter(RECIPES))]['direct']:.3f}" for t in args.layers)
+        + " |",
     ]
     for name in RECIPES:
         lines.append(f"| {name} | " + " | ".join(f"{results[str(t)][name]['error']:.3f}" for t in args.layers) + " |")

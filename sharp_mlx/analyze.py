@@ -117,7 +117,14 @@ def own_lowrank_error(mlp, inputs: TargetInputs, rank: int) -> Dict[str, float]:
     return {p: _ratio(energy_beyond(w, p, inputs, rank), inputs.energy[p]) for p, w in mlp_weights(mlp).items()}
 
 
-def analyze(model, windows: mx.array, rank: int = 64, all_pairs: bool = False, batch_size: int = 4, workdir: Optional[Path] = None) -> dict:
+def analyze(
+    model,
+    windows: mx.array,
+    rank: int = 64,
+    all_pairs: bool = False,
+    batch_size: int = 4,
+    workdir: Optional[Path] = None,
+) -> dict:
     """Per-layer and per-pair metrics of an unshared model on token windows (N, L)."""
     n_layers = model.args.num_hidden_layers
     layers = model.model.layers
@@ -126,14 +133,23 @@ def analyze(model, windows: mx.array, rank: int = 64, all_pairs: bool = False, b
         per_layer, pairs = [], []
         for t in tqdm(range(n_layers), desc="layers", unit="layer", leave=False):
             inputs = target_inputs(layers[t].mlp, mx.array(np.asarray(captured["mlp_inputs"][t], dtype=np.float32)))
-            per_layer.append({
-                "layer": t,
-                "residual_cosine": captured["residual_cosine"][t],
-                "own_lowrank_error": own_lowrank_error(layers[t].mlp, inputs, rank),
-            })
+            per_layer.append(
+                {
+                    "layer": t,
+                    "residual_cosine": captured["residual_cosine"][t],
+                    "own_lowrank_error": own_lowrank_error(layers[t].mlp, inputs, rank),
+                }
+            )
             for r in range(t) if all_pairs else range(max(t - 1, 0), t):
                 pairs.append({"reference": r, "target": t, **pair_metrics(layers[r].mlp, layers[t].mlp, inputs, rank)})
-    return {"version": SCHEMA_VERSION, "rank": rank, "tokens": int(windows.size), "seq_len": int(windows.shape[1]), "layers": per_layer, "pairs": pairs}
+    return {
+        "version": SCHEMA_VERSION,
+        "rank": rank,
+        "tokens": int(windows.size),
+        "seq_len": int(windows.shape[1]),
+        "layers": per_layer,
+        "pairs": pairs,
+    }
 
 
 def table(analysis: dict) -> str:
@@ -147,14 +163,17 @@ def table(analysis: dict) -> str:
     def gud(d: Optional[dict]) -> str:
         return " ".join(f"{d[p]:4.2f}" for p in PROJECTIONS) if d else ""
 
-    rows = [f"{'t':>2} {'r':>2} {'h_cos':>6} {'cos':>6} {'rel_err':>7} | {'err@0 g/u/d':<14} | {f'err@{k} g/u/d':<14} | own@{k} g/u/d"
-            + ("  | best r (rel_err)" if all_pairs else "")]
+    rows = [
+        f"{'t':>2} {'r':>2} {'h_cos':>6} {'cos':>6} {'rel_err':>7} | {'err@0 g/u/d':<14} | {f'err@{k} g/u/d':<14} | "
+        f"own@{k} g/u/d" + ("  | best r (rel_err)" if all_pairs else "")
+    ]
     rows.append("-" * len(rows[0]))
     for t, layer in enumerate(layers):
         p = next((p for p in by_target.get(t, []) if p["reference"] == t - 1), None)
         row = f"{t:>2} {t - 1 if p else '-':>2} {layer['residual_cosine']:6.3f} "
         row += f"{p['cosine']:6.3f} {p['rel_error']:7.3f}" if p else f"{'':>6} {'':>7}"
-        row += f" | {gud(p and p['proj_error']):<14} | {gud(p and p['lowrank_error']):<14} | {gud(layer['own_lowrank_error'])}"
+        row += f" | {gud(p and p['proj_error']):<14} | {gud(p and p['lowrank_error']):<14}"
+        row += f" | {gud(layer['own_lowrank_error'])}"
         if t in by_target and all_pairs:
             best = min(by_target[t], key=lambda q: q["rel_error"])
             row += f"  | {best['reference']:>2} ({best['rel_error']:.3f})"
@@ -185,8 +204,21 @@ def plot(analysis: dict, out: Path) -> None:
     for i, proj in enumerate(PROJECTIONS):
         color = f"C{i}"
         ax.plot(targets, [p["proj_error"][proj] for p in adjacent], ":", color=color, label=f"{proj}: W_(t-1)")
-        ax.plot(targets, [p["lowrank_error"][proj] for p in adjacent], "o-", color=color, label=f"{proj}: W_(t-1) + rank {k}")
-        ax.plot(range(n_layers), [lay["own_lowrank_error"][proj] for lay in layers], "--", color=color, alpha=0.6, label=f"{proj}: rank {k} alone")
+        ax.plot(
+            targets,
+            [p["lowrank_error"][proj] for p in adjacent],
+            "o-",
+            color=color,
+            label=f"{proj}: W_(t-1) + rank {k}",
+        )
+        ax.plot(
+            range(n_layers),
+            [lay["own_lowrank_error"][proj] for lay in layers],
+            "--",
+            color=color,
+            alpha=0.6,
+            label=f"{proj}: rank {k} alone",
+        )
     ax.set(xlabel="layer t", ylabel="relative output error", title="recoverability per projection", ylim=(0, None))
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     if all_pairs:
@@ -204,16 +236,43 @@ def plot(analysis: dict, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .convert import DEFAULT_MODEL
 
-    p = ArgumentParser(prog="python -m sharp_mlx.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help=f"an unshared model folder (default: {DEFAULT_MODEL}, imported on first use)")
-    p.add_argument("--data", type=Path, nargs="+", help="calibration text files, .txt or .jsonl (default: data/*/train.jsonl of the five domains)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens, drawn evenly from the files (default: %(default)s)")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", type=Path, help=f"an unshared model folder (default: {DEFAULT_MODEL}, imported on first use)"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        help="calibration text files, .txt or .jsonl (default: data/*/train.jsonl of the five domains)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=16384,
+        help="calibration tokens, drawn evenly from the files (default: %(default)s)",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=64, help="recovery rank k of the err@k and own@k columns (default: %(default)s)")
-    p.add_argument("--all-pairs", action="store_true", help="compare every reference r < t, not only r = t-1 (about n_layers/2 times slower)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass while capturing (default: %(default)s)")
+    p.add_argument(
+        "--rank", type=int, default=64, help="recovery rank k of the err@k and own@k columns (default: %(default)s)"
+    )
+    p.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="compare every reference r < t, not only r = t-1 (about n_layers/2 times slower)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="windows per forward pass while capturing (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("runs") / "analyze", help="folder for analysis.json and similarity.png (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs") / "analyze",
+        help="folder for analysis.json and similarity.png (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print analysis.json instead of the table")
     return p
 
@@ -222,11 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if min(args.tokens, args.seq_len, args.batch_size) < 1:
-        raise SharpError(f"--tokens, --seq-len and --batch-size must be at least 1, got {args.tokens}, {args.seq_len}, {args.batch_size}")
+        raise SharpError(
+            f"--tokens, --seq-len and --batch-size must be at least 1, got {args.tokens}, {args.seq_len}, "
+            f"{args.batch_size}"
+        )
     files = args.data or corpora.files("train")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        hint = f"run `{corpora.FETCH}` to build the default data" if args.data is None else "pass existing files to --data"
+        hint = (
+            f"run `{corpora.FETCH}` to build the default data" if args.data is None else "pass existing files to --data"
+        )
         raise SharpError(f"data file(s) not found: {', '.join(missing)}: {hint}")
     if args.model is None:
         from .convert import ensure_default_model
@@ -236,19 +300,28 @@ def main(argv=None):
     if (config.get("sharp") or {}).get("share"):
         raise SharpError(f"{args.model} already shares layers: analyze the original model it was made from")
     if not 0 <= args.rank <= min(config["hidden_size"], config["intermediate_size"]):
-        raise SharpError(f"--rank must be between 0 and {min(config['hidden_size'], config['intermediate_size'])}, got {args.rank}")
+        raise SharpError(
+            f"--rank must be between 0 and {min(config['hidden_size'], config['intermediate_size'])}, got {args.rank}"
+        )
     model, tokenizer = load(args.model)
     windows = calibration_text(files, tokenizer, args.tokens, args.seq_len, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    analysis = {"model": str(args.model), "data": [str(f) for f in files], "config": config,
-                **analyze(model, windows, args.rank, args.all_pairs, args.batch_size, workdir=args.out)}
+    analysis = {
+        "model": str(args.model),
+        "data": [str(f) for f in files],
+        "config": config,
+        **analyze(model, windows, args.rank, args.all_pairs, args.batch_size, workdir=args.out),
+    }
     (args.out / "analysis.json").write_text(json.dumps(analysis, indent=1))
     plot(analysis, args.out / "similarity.png")
     if args.json:
         print(json.dumps(analysis, indent=1))
     else:
         print(table(analysis))
-        print(f"\n{analysis['tokens']} tokens from {len(files)} file(s); wrote {args.out / 'analysis.json'} and {args.out / 'similarity.png'}")
+        print(
+            f"\n{analysis['tokens']} tokens from {len(files)} file(s); wrote {args.out / 'analysis.json'} and "
+            f"{args.out / 'similarity.png'}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Load, decode and perplexity benchmark: SHARP checkpoints against mlx-lm's 4-bit original.
 
-    python -m sharp_mlx.bench --reference models/smollm2-135m-instruct --row mine=models/my-sharp-4bit --out runs/bench
-    python -m sharp_mlx.bench --row "original-4bit mlx-lm@mlx_lm=models/x-mlx-4bit" --row mine=models/mine --out runs/bench
+    python -m sharp_mlx.bench --reference models/smollm2-135m-instruct \\
+        --row mine=models/my-sharp-4bit --out runs/bench
+    python -m sharp_mlx.bench --row "original-4bit mlx-lm@mlx_lm=models/x-mlx-4bit" \\
+        --row mine=models/mine --out runs/bench
 
 (``scripts/bench_default.py`` runs the project's own rows: every SHARP setting it finds, 4-bit.)
 
@@ -10,10 +12,11 @@ even repetitions, backward on odd ones), so no row enjoys a warmer process than 
 process times its load twice: from the moment it was spawned to the weights being materialised
 (interpreter, imports and reading the weights: what a user waits for) and the weight-loading call
 alone (in-process: ``sharp_mlx.checkpoint.load_model`` or ``mlx_lm.utils.load_model``, then
-``mx.eval``); the tokenizer, the same for every row, is loaded and timed after that. It then answers every prompt greedily and reports time to first token, prompt and
-decode tokens/s, and peak memory (MLX's allocator, this process only). The report gives medians
-with min-max, and ratios against mlx-lm's 4-bit conversion of the original run by mlx-lm itself
-(``mlx_lm.load`` + ``stream_generate``), the tool a user would otherwise pick.
+``mx.eval``); the tokenizer, the same for every row, is loaded and timed after that. It then
+answers every prompt greedily and reports time to first token, prompt and decode tokens/s, and
+peak memory (MLX's allocator, this process only). The report gives medians with min-max, and
+ratios against mlx-lm's 4-bit conversion of the original run by mlx-lm itself (``mlx_lm.load`` +
+``stream_generate``), the tool a user would otherwise pick.
 
 Perplexity is measured once per row on the test split of every domain, with quantized weights
 replaced by their float values (``quantize.dequantized``: the same function; MLX's CPU quantized
@@ -47,6 +50,7 @@ PROMPTS = (
 )
 REFERENCE = "original-4bit mlx-lm"  # the row every ratio is taken against
 WORKER = Path(__file__).with_name("bench_worker.py")  # run by path: an mlx-lm row never imports sharp_mlx
+
 
 @dataclass
 class Row:
@@ -94,13 +98,21 @@ def run_worker(row: Row, cfg: BenchConfig) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if cfg.cold:
         evict(row.path)
-    cmd = [sys.executable, str(WORKER), repr(time.time()), row.loader, str(row.path), str(cfg.max_tokens), json.dumps(cfg.prompts)]
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        repr(time.time()),
+        row.loader,
+        str(row.path),
+        str(cfg.max_tokens),
+        json.dumps(cfg.prompts),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("BENCH ")), None)
     if p.returncode != 0 or line is None:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise SharpError(f"benchmark of {row.name} ({row.path}) failed: {tail}")
-    return json.loads(line[len("BENCH "):])
+    return json.loads(line[len("BENCH ") :])
 
 
 def summary(values: List[float]) -> dict:
@@ -159,12 +171,21 @@ def markdown(report: dict) -> str:
         f"Machine: {m['machine']}; one core's measured read bandwidth {m['bandwidth_gbs']:.1f} GB/s. "
         f"{report['config']['reps']} repetitions per row, each a fresh process, alternating order; "
         f"{len(report['config']['prompts'])} chat prompts, greedy, up to {report['config']['max_tokens']} new tokens. "
-        f"Load: weights only (the tokenizer, {statistics.median(r['tokenizer_s']['median'] for r in report['rows'].values()):.2f} s in every row, is loaded after)"
-        + ("; cold: the weight files were dropped from the page cache before each run, so they are read from disk. " if report["config"].get("cold")
-           else "; warm: the weight files are in the page cache. ") +
-        f"Medians, [min-max]; ratios against `{REFERENCE}` (`mlx_lm.convert -q` of the original, loaded and run by mlx-lm).",
+        "Load: weights only (the tokenizer, "
+        f"{statistics.median(r['tokenizer_s']['median'] for r in report['rows'].values()):.2f} s in every row, is "
+        "loaded after)"
+        + (
+            "; cold: the weight files were dropped from the page cache before each run, so they are read from disk. "
+            if report["config"].get("cold")
+            else "; warm: the weight files are in the page cache. "
+        )
+        + (
+            f"Medians, [min-max]; ratios against `{REFERENCE}` (`mlx_lm.convert -q` of the original, loaded and run "
+            "by mlx-lm)."
+        ),
         "",
-        "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode tok/s | x | peak GB | GB/s |",
+        "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode "
+        "tok/s | x | peak GB | GB/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -177,15 +198,22 @@ def markdown(report: dict) -> str:
             f"| {cell(r['load_spawn_s'])} | {ratio(r['load_spawn_s']['median'], ref['load_spawn_s']['median']):.2f} "
             f"| {cell(r['load_s'], '.3f')} | {ratio(r['load_s']['median'], ref['load_s']['median']):.2f} "
             f"| {cell(r['ttft_s'])} | {r['prompt_tps']['median']:.1f} | {cell(r['decode_tps'], '.1f')} "
-            f"| {ratio(r['decode_tps']['median'], ref['decode_tps']['median']):.2f} | {r['peak_memory_gb']['median']:.2f} "
+            f"| {ratio(r['decode_tps']['median'], ref['decode_tps']['median']):.2f} | "
+            f"{r['peak_memory_gb']['median']:.2f} "
             f"| {r['model_bytes'] * r['decode_tps']['median'] / 1e9:.2f} |"
         )
     ppl = report.get("perplexity")
     if ppl:
         domains = list(next(iter(ppl.values())))
-        lines += ["", f"Perplexity, test splits ({report['config']['ppl_windows']} windows of {report['config']['seq_len']} tokens per domain); "
-                  "last column: geometric mean of the ratios to the `original` row.", "",
-                  "| row | " + " | ".join(domains) + " | x original |", "|---|" + "---|" * (len(domains) + 1)]
+        lines += [
+            "",
+            f"Perplexity, test splits ({report['config']['ppl_windows']} windows of {report['config']['seq_len']} "
+            "tokens per domain); "
+            "last column: geometric mean of the ratios to the `original` row.",
+            "",
+            "| row | " + " | ".join(domains) + " | x original |",
+            "|---|" + "---|" * (len(domains) + 1),
+        ]
         base = ppl.get("original")
         for name, p in ppl.items():
             gm = math.exp(statistics.mean(math.log(p[d] / base[d]) for d in domains)) if base else float("nan")
@@ -214,7 +242,15 @@ def plot(report: dict, path: Path) -> None:
     ppl = report.get("perplexity") or {}
     if "original" in ppl:
         base = ppl["original"]
-        panels.append(("perplexity (geo. mean x original)", [math.exp(statistics.mean(math.log(ppl[n][d] / base[d]) for d in base)) if n in ppl else float("nan") for n in names]))
+        panels.append(
+            (
+                "perplexity (geo. mean x original)",
+                [
+                    math.exp(statistics.mean(math.log(ppl[n][d] / base[d]) for d in base)) if n in ppl else float("nan")
+                    for n in names
+                ],
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
     for ax, (title, values) in zip(axes, panels):
         ax.barh(names, values, color=["tab:gray" if n == REFERENCE else "tab:blue" for n in names])
@@ -244,8 +280,10 @@ def mlx_4bit(original: Path, out: Optional[Path] = None) -> Path:
 
 def reference_rows(original: Path) -> List[Row]:
     """The float original and mlx-lm's 4-bit conversion of it run by mlx-lm (every ratio's reference)."""
-    return [Row("original", original, note="float"),
-            Row(REFERENCE, mlx_4bit(original), "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm")]
+    return [
+        Row("original", original, note="float"),
+        Row(REFERENCE, mlx_4bit(original), "mlx_lm", "mlx_lm.convert -q, group 64, loaded and run by mlx-lm"),
+    ]
 
 
 def run(rows: List[Row], cfg: BenchConfig, out: Path, command: str) -> str:
@@ -253,11 +291,17 @@ def run(rows: List[Row], cfg: BenchConfig, out: Path, command: str) -> str:
     import platform
 
     if REFERENCE not in {r.name for r in rows}:
-        raise SharpError(f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original) or --reference ORIGINAL")
+        raise SharpError(
+            f"no row is named {REFERENCE!r}: add --row '{REFERENCE}@mlx_lm=FOLDER' (mlx-lm's 4-bit original) or "
+            "--reference ORIGINAL"
+        )
     tic = time.time()
     report = {
         "command": command,
-        "machine": {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "bandwidth_gbs": memory_bandwidth_gbs()},
+        "machine": {
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+            "bandwidth_gbs": memory_bandwidth_gbs(),
+        },
         "config": {k: (v if k != "data" else [str(x) for x in v]) for k, v in asdict(cfg).items()},
         "rows": time_rows(rows, cfg),
     }
@@ -289,18 +333,48 @@ def parse_row(spec: str) -> Row:
 def add_timing_flags(p: argparse.ArgumentParser) -> None:
     """The flags of what is measured and how (see ``config_from``)."""
     p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
-    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} built-in prompts to run (default: %(default)s)")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=len(PROMPTS),
+        help=f"how many of the {len(PROMPTS)} built-in prompts to run (default: %(default)s)",
+    )
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")
-    p.add_argument("--ppl-windows", type=int, default=8, help="test windows per domain for perplexity; 0 skips it (default: %(default)s)")
+    p.add_argument(
+        "--ppl-windows",
+        type=int,
+        default=8,
+        help="test windows per domain for perplexity; 0 skips it (default: %(default)s)",
+    )
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
-    p.add_argument("--cold", action="store_true", help="drop the weight files from the page cache before each run: load times of a first load, from disk (Linux)")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the weight files from the page cache before each run: load times of a first load, from disk (Linux)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--row", action="append", type=parse_row, required=True, help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER), once per row; one must be {REFERENCE!r}@mlx_lm, or pass --reference")
-    p.add_argument("--reference", type=Path, help="the float original: adds it and mlx-lm's 4-bit conversion of it (made at ORIGINAL-mlx-4bit if missing) as the reference rows")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--row",
+        action="append",
+        type=parse_row,
+        required=True,
+        help=f"NAME=FOLDER (or NAME@mlx_lm=FOLDER), once per row; one must be {REFERENCE!r}@mlx_lm, "
+        "or pass --reference",
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help=(
+            "the float original: adds it and mlx-lm's 4-bit conversion of it (made at ORIGINAL-mlx-4bit if missing) "
+            "as the reference rows"
+        ),
+    )
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json, OUT.png")
     add_timing_flags(p)
     return p
@@ -311,9 +385,18 @@ def config_from(args) -> BenchConfig:
     if min(args.reps, args.max_tokens, args.prompts) < 1:
         raise SharpError("--reps, --max-tokens and --prompts must be at least 1")
     if args.cold and not hasattr(os, "posix_fadvise"):
-        raise SharpError("--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo purge` before a warm run instead")
-    cfg = BenchConfig(reps=args.reps, max_tokens=args.max_tokens, prompts=list(PROMPTS[: args.prompts]), ppl_windows=args.ppl_windows, seq_len=args.seq_len,
-                      cold=args.cold)
+        raise SharpError(
+            "--cold drops files from the page cache with posix_fadvise, which this system lacks: on macOS run `sudo "
+            "purge` before a warm run instead"
+        )
+    cfg = BenchConfig(
+        reps=args.reps,
+        max_tokens=args.max_tokens,
+        prompts=list(PROMPTS[: args.prompts]),
+        ppl_windows=args.ppl_windows,
+        seq_len=args.seq_len,
+        cold=args.cold,
+    )
     if args.data:
         missing = [str(f) for f in args.data if not f.is_file()]
         if missing:

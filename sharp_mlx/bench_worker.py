@@ -37,20 +37,37 @@ def main(spawned: float, loader: str, path: str, max_tokens: int, prompts: list)
     runs = []
     for prompt in prompts:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
         else:
             ids = tokenizer.encode(prompt)
         mx.reset_peak_memory()
         tic, ttft, tokens, last = time.perf_counter(), None, [], None
-        for r in stream_generate(model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
+        for r in stream_generate(
+            model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=make_sampler(temp=0.0)
+        ):
             ttft = ttft if ttft is not None else time.perf_counter() - tic
             tokens.append(r.token)
             last = r
-        runs.append({"ttft_s": ttft, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
-                     "generation_tokens": last.generation_tokens, "decode_tps": last.generation_tps,
-                     "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens})
-    return {"load_spawn_s": from_spawn, "load_s": in_process, "tokenizer_s": tokenizer_s, "runs": runs,
-                                 "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters()))}
+        runs.append(
+            {
+                "ttft_s": ttft,
+                "prompt_tokens": last.prompt_tokens,
+                "prompt_tps": last.prompt_tps,
+                "generation_tokens": last.generation_tokens,
+                "decode_tps": last.generation_tps,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "tokens": tokens,
+            }
+        )
+    return {
+        "load_spawn_s": from_spawn,
+        "load_s": in_process,
+        "tokenizer_s": tokenizer_s,
+        "runs": runs,
+        "model_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+    }
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def capture_mlp_inputs(
             store[i] = np.zeros((n * length, dim), dtype=np.float16)
         else:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            store[i] = np.lib.format.open_memmap(Path(out_dir) / f"mlp_in_{i}.npy", mode="w+", dtype=np.float16, shape=(n * length, dim))
+            store[i] = np.lib.format.open_memmap(
+                Path(out_dir) / f"mlp_in_{i}.npy", mode="w+", dtype=np.float16, shape=(n * length, dim)
+            )
     cos_sum = np.zeros(model.args.num_hidden_layers)
     for start in tqdm(range(0, n, batch_size), desc="capture", unit="batch", leave=False):
         batch = windows[start : start + batch_size]

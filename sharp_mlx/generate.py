@@ -75,11 +75,21 @@ def check_request(model, tokens: List[int], max_tokens: int) -> None:
         raise SharpError("the prompt is empty: pass some text with --prompt")
     context = model.args.max_position_embeddings
     if context and len(tokens) + max_tokens > context:
-        raise SharpError(f"prompt ({len(tokens)} tokens) plus --max-tokens {max_tokens} exceeds the model's context of {context}: shorten the prompt or lower --max-tokens")
+        raise SharpError(
+            f"prompt ({len(tokens)} tokens) plus --max-tokens {max_tokens} exceeds the model's context of {context}: "
+            "shorten the prompt or lower --max-tokens"
+        )
 
 
 def stream(
-    model, tokenizer, tokens: List[int], max_tokens: int, temp: float = 0.0, top_p: float = 1.0, seed: int = 0, load_s: float = 0.0
+    model,
+    tokenizer,
+    tokens: List[int],
+    max_tokens: int,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    load_s: float = 0.0,
 ) -> Iterator[Tuple[str, Optional[Timing]]]:
     """Yield (text segment, None) as tokens arrive, then ("", Timing) once at the end."""
     check_request(model, tokens, max_tokens)
@@ -93,36 +103,52 @@ def stream(
             ttft = time.perf_counter() - tic
         last = r
         yield r.text, None
-    yield "", Timing(
-        load_s=load_s,
-        ttft_s=ttft,
-        prompt_tokens=last.prompt_tokens,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        decode_tps=last.generation_tps,
-        peak_memory_gb=last.peak_memory,
-        model_bytes=parameter_bytes(model),
+    yield (
+        "",
+        Timing(
+            load_s=load_s,
+            ttft_s=ttft,
+            prompt_tokens=last.prompt_tokens,
+            prompt_tps=last.prompt_tps,
+            generation_tokens=last.generation_tokens,
+            decode_tps=last.generation_tps,
+            peak_memory_gb=last.peak_memory,
+            model_bytes=parameter_bytes(model),
+        ),
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .convert import DEFAULT_MODEL
 
-    p = ArgumentParser(prog="python -m sharp_mlx.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, help=f"model folder (default: {DEFAULT_MODEL}, imported on first use)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     p.add_argument("--system", help="a system message for chat models")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables it (default: %(default)s)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables it (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
 
-def answer(model_dir: Path, prompt: str = DEFAULT_PROMPT, max_tokens: int = 128, temp: float = 0.0, top_p: float = 1.0, seed: int = 0,
-           chat: bool = True, system: Optional[str] = None, echo: Optional[Callable[[str], None]] = None) -> Tuple[str, "Timing"]:
+def answer(
+    model_dir: Path,
+    prompt: str = DEFAULT_PROMPT,
+    max_tokens: int = 128,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = True,
+    system: Optional[str] = None,
+    echo: Optional[Callable[[str], None]] = None,
+) -> Tuple[str, "Timing"]:
     """Load ``model_dir`` and answer ``prompt``; returns the text and its timing (``echo``: called
     with each piece of text as it is generated)."""
     from transformers.utils import logging as hf_logging
@@ -146,7 +172,17 @@ def main(argv=None):
 
         args.model = ensure_default_model()
     echo = None if args.json else lambda text: print(text, end="", flush=True)
-    text, timing = answer(args.model, args.prompt, args.max_tokens, args.temp, args.top_p, args.seed, not args.no_chat_template, args.system, echo)
+    text, timing = answer(
+        args.model,
+        args.prompt,
+        args.max_tokens,
+        args.temp,
+        args.top_p,
+        args.seed,
+        not args.no_chat_template,
+        args.system,
+        echo,
+    )
     if args.json:
         print(json.dumps({"text": text, **asdict(timing), "gb_per_s": timing.gb_per_s}))
     else:

@@ -39,7 +39,10 @@ def open_gguf(path: Path):
         raise SharpError(f"{path} is not a readable GGUF file ({e}): check the file or download it again")
     arch = field(reader, "general.architecture")
     if arch != "llama":
-        raise SharpError(f"{path} holds a {arch!r} model; sharp_mlx imports Llama-family GGUFs (general.architecture = 'llama'): pass a Llama GGUF")
+        raise SharpError(
+            f"{path} holds a {arch!r} model; sharp_mlx imports Llama-family GGUFs (general.architecture = 'llama'): "
+            "pass a Llama GGUF"
+        )
     return reader
 
 

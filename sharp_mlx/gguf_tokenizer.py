@@ -27,10 +27,15 @@ LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # tokenizer.ggml.pre -> the regex its merges were learned on (the Llama-family ones)
-PRE_SPLITS = {name: LLAMA3_SPLIT for name in (
-    "llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")}
-SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-               "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+PRE_SPLITS = {
+    name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")
+}
+SPECIAL_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def byte_alphabet() -> Dict[int, str]:
@@ -47,24 +52,41 @@ def metadata(reader) -> dict:
         if key.startswith("tokenizer."):
             out[key.removeprefix("tokenizer.").removeprefix("ggml.")] = f.contents()
     if "tokens" not in out:
-        raise SharpError("this GGUF has no tokenizer (no tokenizer.ggml.tokens): import a GGUF that carries one, or a Hugging Face folder")
+        raise SharpError(
+            "this GGUF has no tokenizer (no tokenizer.ggml.tokens): import a GGUF that carries one, or a Hugging Face "
+            "folder"
+        )
     return out
 
 
 def byte_level_bpe(meta: dict) -> Tokenizer:
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(meta["tokens"])}
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(meta["tokens"])
+    }
     merges = [tuple(m.split(" ")) for m in meta.get("merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                               end_of_word_suffix="", fuse_unk=False))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     split = PRE_SPLITS.get(meta.get("pre"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -75,7 +97,9 @@ def derived_merges(tokens: List[str], scores: List[float]) -> List[tuple]:
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for token, score in zip(tokens, scores):
-        pieces = [(token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        pieces = [
+            (token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab
+        ]
         merges.extend(sorted(pieces, key=lambda p: (vocab[p[0]], vocab[p[1]])))
     merges.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
@@ -90,8 +114,9 @@ def sentencepiece_bpe(meta: dict) -> Tokenizer:
         merges = derived_merges(tokens, meta.get("scores") or [0.0] * len(tokens))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
     return tok
 
 
@@ -102,17 +127,28 @@ def build(meta: dict) -> Tokenizer:
     """The ``tokenizers.Tokenizer`` the metadata describes, with its added tokens."""
     kind = meta.get("model")
     if kind not in BUILDERS:
-        raise SharpError(f"GGUF tokenizer type {kind!r} is not supported (supported: {', '.join(BUILDERS)}): import the model from a Hugging Face folder instead")
+        raise SharpError(
+            f"GGUF tokenizer type {kind!r} is not supported (supported: {', '.join(BUILDERS)}): import the model from "
+            "a Hugging Face folder instead"
+        )
     tok = BUILDERS[kind](meta)
     types = meta.get("token_type") or []
     alphabet = set(byte_alphabet().values()) if kind == "gpt2" else None
     # A control token spelled outside a byte-level alphabet is a llama.cpp mislabel: left out.
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(meta["tokens"], types)
-               if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(meta["tokens"], types)
+        if ty == CONTROL and (alphabet is None or set(t) <= alphabet)
+    ]
     tok.add_special_tokens(control)
     vocab = tok.get_vocab()
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(meta["tokens"], types)
-                    if ty == USER_DEFINED and t in vocab])
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(meta["tokens"], types)
+            if ty == USER_DEFINED and t in vocab
+        ]
+    )
     return tok
 
 
@@ -120,8 +156,12 @@ def tokenizer_config(meta: dict, tok: Tokenizer) -> dict:
     add_bos = bool(meta.get("add_bos_token", meta.get("model") == "llama"))
     add_eos = bool(meta.get("add_eos_token", False))
     cfg = {name: meta["tokens"][meta[key]] if meta.get(key) is not None else None for name, key in SPECIAL_IDS.items()}
-    cfg.update(add_bos_token=add_bos, add_eos_token=add_eos, clean_up_tokenization_spaces=False,
-               tokenizer_class="PreTrainedTokenizerFast")
+    cfg.update(
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        tokenizer_class="PreTrainedTokenizerFast",
+    )
     if meta.get("chat_template"):
         cfg["chat_template"] = meta["chat_template"]
     return cfg
@@ -129,9 +169,11 @@ def tokenizer_config(meta: dict, tok: Tokenizer) -> dict:
 
 def post_processor(cfg: dict, tok: Tokenizer) -> processors.TemplateProcessing:
     """BOS / EOS around each sequence as the config asks (what transformers sets on load)."""
-    ends = [(cfg[name], tok.token_to_id(cfg[name])) for name, on in (("bos_token", cfg["add_bos_token"]),
-                                                                     ("eos_token", cfg["add_eos_token"]))
-            if on and cfg[name] is not None]
+    ends = [
+        (cfg[name], tok.token_to_id(cfg[name]))
+        for name, on in (("bos_token", cfg["add_bos_token"]), ("eos_token", cfg["add_eos_token"]))
+        if on and cfg[name] is not None
+    ]
     bos = f"{cfg['bos_token']}:0 " if cfg["add_bos_token"] and cfg["bos_token"] else ""
     eos = f" {cfg['eos_token']}:0" if cfg["add_eos_token"] and cfg["eos_token"] else ""
     single = f"{bos}$A:0{eos}"

@@ -36,7 +36,10 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     bit stream, code i in bits [i*bits, (i+1)*bits), read as uint32 words."""
     q = np.asarray(q, dtype=np.uint32)
     if q.shape[-1] * bits % 32:
-        raise SharpError(f"{q.shape[-1]} codes of {bits} bits do not fill whole 32-bit words: use a row length that is a multiple of 32")
+        raise SharpError(
+            f"{q.shape[-1]} codes of {bits} bits do not fill whole 32-bit words: use a row length that is a multiple "
+            "of 32"
+        )
     stream = ((q[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8).reshape(*q.shape[:-1], -1)
     return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
 
@@ -51,15 +54,25 @@ def inverse_factor(hessian: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray,
     return np.linalg.cholesky(np.linalg.inv(h)).T, dead
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = 0.01, dtype=np.float16,
-         factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    dtype=np.float16,
+    factor: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes (rows, cols) ints, scales and biases (rows, cols / group_size) in ``dtype``) of
     ``w`` (rows, cols), for inputs whose second moment is ``hessian`` (cols, cols):
     ``scales * codes + biases`` (per group) approximates ``w`` so that ``w @ x`` changes least.
     ``factor``: ``inverse_factor(hessian, damp)``, if already computed."""
     rows, cols = w.shape
     if cols % group_size or hessian.shape != (cols, cols):
-        raise SharpError(f"GPTQ needs a weight whose row length is a multiple of the group size and a {cols}x{cols} Hessian, got {w.shape} and {hessian.shape}")
+        raise SharpError(
+            f"GPTQ needs a weight whose row length is a multiple of the group size and a {cols}x{cols} Hessian, got "
+            f"{w.shape} and {hessian.shape}"
+        )
     top = 2**bits - 1
     w = np.array(w, dtype=np.float64)
     u, dead = factor if factor is not None else inverse_factor(hessian, damp)  # u: upper Cholesky factor of H^-1
@@ -82,12 +95,24 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: f
     return codes, scales, biases
 
 
-def gptq_codes(w: mx.array, hessian: np.ndarray, bits: int, group_size: int, dtype=mx.float16,
-               factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[mx.array, mx.array, mx.array]:
+def gptq_codes(
+    w: mx.array,
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int,
+    dtype=mx.float16,
+    factor: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
     """``gptq`` as MLX affine codes: (packed weight uint32, scales, biases), ready for
     ``mx.dequantize(..., group_size, bits)``."""
-    codes, scales, biases = gptq(np.array(w.astype(mx.float32)), hessian, bits, group_size, dtype=np.dtype(np.float16 if dtype == mx.float16 else np.float32),
-                                 factor=factor)
+    codes, scales, biases = gptq(
+        np.array(w.astype(mx.float32)),
+        hessian,
+        bits,
+        group_size,
+        dtype=np.dtype(np.float16 if dtype == mx.float16 else np.float32),
+        factor=factor,
+    )
     return mx.array(pack(codes, bits)), mx.array(scales), mx.array(biases)
 
 
@@ -113,9 +138,13 @@ def output_hessian(model, tokenizer, files: Sequence[Path], windows: int, seq_le
 # Linear layers of a Llama block, each with the input it reads: q/k/v read one input and
 # gate/up another, so each of those inputs has one Hessian, captured once.
 BLOCK_LINEARS = {
-    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+    "self_attn.q_proj": "self_attn.q_proj",
+    "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj",
     "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.gate_proj",
+    "mlp.down_proj": "mlp.down_proj",
 }
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (packed weight, scales, biases)
 
@@ -166,7 +195,9 @@ def block_hessians(block: nn.Module, inputs: Sequence[mx.array], mask=None) -> D
     return {name: np.array(acc.value, dtype=np.float64) for name, acc in sums.items()}
 
 
-def dequantize_codes(code: Tuple[mx.array, mx.array, mx.array], group_size: int, bits: int, dtype=mx.float32) -> mx.array:
+def dequantize_codes(
+    code: Tuple[mx.array, mx.array, mx.array], group_size: int, bits: int, dtype=mx.float32
+) -> mx.array:
     w, s, b = code
     return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits).astype(dtype)
 
@@ -190,7 +221,9 @@ def quantize_block(block: nn.Module, prefix: str, hessians: Dict[str, np.ndarray
     return codes
 
 
-def sequential_gptq(model, windows: mx.array, params: Dict[str, dict], batch_size: int = 8, progress: bool = True) -> Codes:
+def sequential_gptq(
+    model, windows: mx.array, params: Dict[str, dict], batch_size: int = 8, progress: bool = True
+) -> Codes:
     """GPTQ of the Linear layers of an mlx-lm Llama (``model.model.layers``, each block called
     ``block(x, mask)``), in GPTQ's order: block i's inputs are those of the model with blocks < i
     already replaced by their codes, captured on the token windows (N, L); q/k/v share one
@@ -213,8 +246,15 @@ def sequential_gptq(model, windows: mx.array, params: Dict[str, dict], batch_siz
     return codes
 
 
-def mlp_sensitivity(model, windows: mx.array, bits: int, group_size: int, hessian_windows: Optional[mx.array] = None, batch_size: int = 8,
-                    progress: bool = True) -> List[float]:
+def mlp_sensitivity(
+    model,
+    windows: mx.array,
+    bits: int,
+    group_size: int,
+    hessian_windows: Optional[mx.array] = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> List[float]:
     """For each block, the increase of the mean next-token loss on ``windows`` (N, L) when that
     block's MLP alone is quantized by GPTQ to ``bits`` (its Hessians from the float model's inputs
     on ``hessian_windows``, default ``windows``), the rest of the model unchanged."""
@@ -222,7 +262,11 @@ def mlp_sensitivity(model, windows: mx.array, bits: int, group_size: int, hessia
 
     inner = model.model
     batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-    calib = batches if hessian_windows is None else [hessian_windows[i : i + batch_size] for i in range(0, hessian_windows.shape[0], batch_size)]
+    calib = (
+        batches
+        if hessian_windows is None
+        else [hessian_windows[i : i + batch_size] for i in range(0, hessian_windows.shape[0], batch_size)]
+    )
     xs = [inner.embed_tokens(b[:, :-1]) for b in batches]
     hs = [inner.embed_tokens(b) for b in calib]
     mask, hmask = create_attention_mask(xs[0], None), create_attention_mask(hs[0], None)
@@ -232,7 +276,11 @@ def mlp_sensitivity(model, windows: mx.array, bits: int, group_size: int, hessia
         for x, b in zip(states, batches):
             for block in inner.layers[start:]:
                 x = block(x, mask)
-            logits = inner.embed_tokens.as_linear(inner.norm(x)) if model.args.tie_word_embeddings else model.lm_head(inner.norm(x))
+            logits = (
+                inner.embed_tokens.as_linear(inner.norm(x))
+                if model.args.tie_word_embeddings
+                else model.lm_head(inner.norm(x))
+            )
             loss = nn.losses.cross_entropy(logits.astype(mx.float32), b[:, 1:], reduction="sum")
             total, count = total + loss.item(), count + b[:, 1:].size
         return total / count
@@ -240,10 +288,17 @@ def mlp_sensitivity(model, windows: mx.array, bits: int, group_size: int, hessia
     base = loss_from(0, xs)
     out = []
     names = [n for n in BLOCK_LINEARS if n.startswith("mlp.")]
-    for i, block in enumerate(tqdm(inner.layers, desc=f"MLP sensitivity at {bits} bits", unit="block", leave=False, disable=not progress)):
+    for i, block in enumerate(
+        tqdm(inner.layers, desc=f"MLP sensitivity at {bits} bits", unit="block", leave=False, disable=not progress)
+    ):
         prefix = f"model.layers.{i}"
         saved = {n: _module(block, n).weight for n in names}
-        quantize_block(block, prefix, block_hessians(block, hs, hmask), {f"{prefix}.{n}": {"bits": bits, "group_size": group_size} for n in names})
+        quantize_block(
+            block,
+            prefix,
+            block_hessians(block, hs, hmask),
+            {f"{prefix}.{n}": {"bits": bits, "group_size": group_size} for n in names},
+        )
         out.append(loss_from(i, xs) - base)
         for n, w in saved.items():
             _module(block, n).weight = w

@@ -30,7 +30,6 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 
-
 PROJECTIONS = ("gate", "up", "down")
 
 
@@ -126,9 +125,14 @@ class SharpArgs:
             if not 0 <= r < num_layers:
                 raise ValueError(f"share map reference {r} (for target {t}) is out of range 0..{num_layers - 1}")
             if r >= t:
-                raise ValueError(f"share map target {t} borrows from layer {r}, which is not before it: use a reference < {t}")
+                raise ValueError(
+                    f"share map target {t} borrows from layer {r}, which is not before it: use a reference < {t}"
+                )
             if r in self.share:
-                raise ValueError(f"share map reference {r} (for target {t}) is itself a target: point {t} at a layer that keeps its MLP")
+                raise ValueError(
+                    f"share map reference {r} (for target {t}) is itself a target: point {t} at a layer that keeps "
+                    "its MLP"
+                )
         max_rank = min(hidden_size, intermediate_size)
         ranks = self.rank.items() if isinstance(self.rank, dict) else [(t, self.rank) for t in self.share]
         for t, k in ranks:
@@ -140,9 +144,15 @@ class SharpArgs:
         if kind.name != "plain":
             for t, r in sorted(self.share.items()):
                 if r is None and kind.needs_reference:
-                    raise ValueError(f"recovery {kind.name} transforms borrowed weights, but target {t} borrows none (reference null): give it a reference or use recovery plain")
+                    raise ValueError(
+                        f"recovery {kind.name} transforms borrowed weights, but target {t} borrows none (reference "
+                        "null): give it a reference or use recovery plain"
+                    )
                 if self.rank_of(t) == 0:
-                    raise ValueError(f"recovery {kind.name} sits beside the low-rank factors, but target {t} has rank 0: give it a rank >= 1 or use recovery plain")
+                    raise ValueError(
+                        f"recovery {kind.name} sits beside the low-rank factors, but target {t} has rank 0: give it a "
+                        "rank >= 1 or use recovery plain"
+                    )
 
 
 @dataclass
@@ -164,7 +174,14 @@ def lowrank(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
 FACTORS = tuple(f"{name}_{f}" for name in PROJECTIONS for f in ("a", "b"))
 
 
-def recovered_mlp(x: mx.array, borrowed: Optional[Callable], delta: Optional[Callable], p=None, kind: str = "plain", hidden: bool = False):
+def recovered_mlp(
+    x: mx.array,
+    borrowed: Optional[Callable],
+    delta: Optional[Callable],
+    p=None,
+    kind: str = "plain",
+    hidden: bool = False,
+):
     """What a target layer computes, the one definition the model, SLW and the dense export use:
     each projection is ``delta(name, x)`` (the low-rank recovery, None: none) plus, when there is a
     borrowed MLP, ``borrowed(name, x)`` = x W_r^T as the recovery kind transforms it (its vectors
@@ -234,10 +251,21 @@ class QuantizedRecovery(Recovery):
     float (they are tiny). (``code_bits``, not ``bits``: mlx-lm takes a module with ``bits`` for
     a QuantizedLinear.)"""
 
-    def __init__(self, dim: int, hidden_dim: int, rank: int, group_size: int = 64, bits: int = 8, mode: str = "affine", kind: str = "plain"):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        rank: int,
+        group_size: int = 64,
+        bits: int = 8,
+        mode: str = "affine",
+        kind: str = "plain",
+    ):
         nn.Module.__init__(self)
         if rank % group_size or dim % group_size or hidden_dim % group_size:
-            raise ValueError(f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}")
+            raise ValueError(
+                f"recovery rank {rank} and sizes {dim}, {hidden_dim} must be multiples of the group size {group_size}"
+            )
         self.group_size, self.code_bits, self.mode, self._kind = group_size, bits, mode, kind
         for name, (n_in, n_out) in projection_shapes(dim, hidden_dim).items():
             self._set(f"{name}_a", mx.zeros((rank, n_in)))
@@ -265,7 +293,10 @@ class QuantizedRecovery(Recovery):
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine", **_) -> "QuantizedRecovery":
         """Already quantized: ``mlx_lm.load`` calls this for every path its config lists."""
         if (group_size, bits, mode) != (self.group_size, self.code_bits, self.mode):
-            raise ValueError(f"recovery quantized with group size {self.group_size}, {self.code_bits} bits cannot become group size {group_size}, {bits} bits")
+            raise ValueError(
+                f"recovery quantized with group size {self.group_size}, {self.code_bits} bits cannot become group "
+                f"size {group_size}, {bits} bits"
+            )
         return self
 
     def dequantized(self) -> Recovery:
@@ -281,7 +312,9 @@ class QuantizedRecovery(Recovery):
 
     def factor(self, key: str) -> mx.array:
         """One factor dequantized, in its float layout ((in, rank) or (rank, out))."""
-        return mx.dequantize(self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode).T
+        return mx.dequantize(
+            self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), self.group_size, self.code_bits, mode=self.mode
+        ).T
 
     def factors(self, name: str):
         return self.factor(f"{name}_a"), self.factor(f"{name}_b")
@@ -289,8 +322,16 @@ class QuantizedRecovery(Recovery):
     def delta(self, x: mx.array, name: str) -> mx.array:
         for f in ("a", "b"):
             key = f"{name}_{f}"
-            x = mx.quantized_matmul(x, self[key], self[f"{key}_scales"], self.get(f"{key}_biases"), transpose=True,
-                                    group_size=self.group_size, bits=self.code_bits, mode=self.mode)
+            x = mx.quantized_matmul(
+                x,
+                self[key],
+                self[f"{key}_scales"],
+                self.get(f"{key}_biases"),
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.code_bits,
+                mode=self.mode,
+            )
         return x
 
 
@@ -304,7 +345,15 @@ class Block(llama.TransformerBlock):
             rank, kind = args.sharp_args.rank_of(layer), args.sharp_args.kind
             q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
             if rank > 0 and q:
-                self.recovery = QuantizedRecovery(args.hidden_size, args.intermediate_size, rank, q["group_size"], q["bits"], q.get("mode", "affine"), kind)
+                self.recovery = QuantizedRecovery(
+                    args.hidden_size,
+                    args.intermediate_size,
+                    rank,
+                    q["group_size"],
+                    q["bits"],
+                    q.get("mode", "affine"),
+                    kind,
+                )
             elif rank > 0:
                 self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, kind)
 
@@ -328,7 +377,9 @@ class LlamaModel(llama.LlamaModel):
         owner = self.mlp_owner[layer]
         return None if owner is None else self.layers[owner]["mlp"]
 
-    def run(self, h: mx.array, start: int = 0, stop: Optional[int] = None, cache=None, hook: Optional[Callable] = None) -> mx.array:
+    def run(
+        self, h: mx.array, start: int = 0, stop: Optional[int] = None, cache=None, hook: Optional[Callable] = None
+    ) -> mx.array:
         """Hidden states after blocks start..stop-1, from the hidden states entering ``start``.
 
         ``hook(i, block, h, mask, cache, mlp)``, if given, runs each block instead of

@@ -46,16 +46,39 @@ def step(name: str, out: Path, run: Callable[[bool], object], force: bool, what:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="the recipe whose budgets the flags below override (default: %(default)s)")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="the recipe whose budgets the flags below override (default: %(default)s)",
+    )
     d = PRESETS["default"]
     # Every recipe flag defaults to the preset's value: only the flags given reach the namespace.
-    for name, kind in (("share", str), ("layers", str), ("cut", float), ("rank", int), ("tokens", int),
-                       ("slw_steps", int), ("sft_steps", int), ("eval_windows", int),
-                       ("recovery_bits", bits_or_none), ("embedding_bits", bits_or_none), ("max_tokens", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                       help=f"{Recipe.help(name)} (default preset: {getattr(d, name)})")
-    p.add_argument("--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)")
+    for name, kind in (
+        ("share", str),
+        ("layers", str),
+        ("cut", float),
+        ("rank", int),
+        ("tokens", int),
+        ("slw_steps", int),
+        ("sft_steps", int),
+        ("eval_windows", int),
+        ("recovery_bits", bits_or_none),
+        ("embedding_bits", bits_or_none),
+        ("max_tokens", int),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{Recipe.help(name)} (default preset: {getattr(d, name)})",
+        )
+    p.add_argument(
+        "--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)"
+    )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
     return p
@@ -75,17 +98,54 @@ def main(argv=None):
     layers = r.layers if r.share.startswith("next") or "layers" in vars(args) else None
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    slw = train.SLWRun(model=original, out=slw_out, share=r.share, layers=layers, cut=r.cut, rank=r.rank, tokens=r.tokens, slw_steps=r.slw_steps,
-                       seq_len=r.seq_len, data=corpora.files("train", args.data))
-    step("slw", slw_out, lambda force: train.run_stage(slw, force), args.force, f"{slw.share} {slw.layers or ''} rank {slw.rank} -> {slw_out}")
+    slw = train.SLWRun(
+        model=original,
+        out=slw_out,
+        share=r.share,
+        layers=layers,
+        cut=r.cut,
+        rank=r.rank,
+        tokens=r.tokens,
+        slw_steps=r.slw_steps,
+        seq_len=r.seq_len,
+        data=corpora.files("train", args.data),
+    )
+    step(
+        "slw",
+        slw_out,
+        lambda force: train.run_stage(slw, force),
+        args.force,
+        f"{slw.share} {slw.layers or ''} rank {slw.rank} -> {slw_out}",
+    )
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    config = SFTConfig(steps=r.sft_steps, batch_size=r.batch_size, seq_len=r.seq_len, eval_every=r.sft_eval_every, save_every=r.sft_eval_every,
-                       eval_windows=r.sft_eval_windows)
-    sft = train.SFTRun(model=slw_out, out=final, sft=config, teacher=original, data=corpora.files("train", args.data), valid=corpora.files("valid", args.data),
-                       max_train_tokens=r.max_train_tokens, run_dir=run_dir, resume=(run_dir / "checkpoint.json").exists())  # an interrupted SFT continues
-    step("sft", final, lambda force: train.run_stage(sft, force), args.force, f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens -> {final}")
+    config = SFTConfig(
+        steps=r.sft_steps,
+        batch_size=r.batch_size,
+        seq_len=r.seq_len,
+        eval_every=r.sft_eval_every,
+        save_every=r.sft_eval_every,
+        eval_windows=r.sft_eval_windows,
+    )
+    sft = train.SFTRun(
+        model=slw_out,
+        out=final,
+        sft=config,
+        teacher=original,
+        data=corpora.files("train", args.data),
+        valid=corpora.files("valid", args.data),
+        max_train_tokens=r.max_train_tokens,
+        run_dir=run_dir,
+        resume=(run_dir / "checkpoint.json").exists(),
+    )  # an interrupted SFT continues
+    step(
+        "sft",
+        final,
+        lambda force: train.run_stage(sft, force),
+        args.force,
+        f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens -> {final}",
+    )
     tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -97,14 +157,25 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {x:.2f}x" for d, x in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    options = quantize.QuantizeOptions(recovery_bits=r.recovery_bits, embedding_bits=r.embedding_bits, calibration_windows=r.calibration_windows,
-                                       calibration=corpora.files("train", args.data) if r.embedding_bits else None)
-    step("quantize", q4, lambda force: print(quantize.summary(quantize.quantize_model_folder(final, q4, options, force=force))), args.force, f"{options} -> {q4}")
+    options = quantize.QuantizeOptions(
+        recovery_bits=r.recovery_bits,
+        embedding_bits=r.embedding_bits,
+        calibration_windows=r.calibration_windows,
+        calibration=corpora.files("train", args.data) if r.embedding_bits else None,
+    )
+    step(
+        "quantize",
+        q4,
+        lambda force: print(quantize.summary(quantize.quantize_model_folder(final, q4, options, force=force))),
+        args.force,
+        f"{options} -> {q4}",
+    )
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)
         _, timing = generate.answer(model, max_tokens=r.max_tokens, echo=lambda text: print(text, end="", flush=True))
         print(f"\n{timing.line()}", flush=True)
     print(f"\npipeline done in {(time.perf_counter() - tic) / 60:.1f} min; recovered model: {final}, 4-bit: {q4}")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,7 @@
 """Quantize a model folder (SHARP or plain) to MLX affine 4- or 8-bit, keeping GGUF codes where they fit.
 
-    python -m sharp_mlx.quantize --model models/smollm2-135m-instruct-sharp --out models/smollm2-135m-instruct-sharp-4bit
+    python -m sharp_mlx.quantize --model models/smollm2-135m-instruct-sharp \\
+        --out models/smollm2-135m-instruct-sharp-4bit
     python -m sharp_mlx.quantize --model DIR --out DIR --bits 8 --group-size 64 --from-gguf none
 
 Every Linear and Embedding that the model stores is quantized once: a shared MLP lives at one
@@ -70,7 +71,10 @@ def gguf_codes(path: Union[str, Path], model: nn.Module, config: dict) -> Tuple[
     try:
         tensors = mx.load(str(path))
     except (ValueError, RuntimeError) as e:
-        raise SharpError(f"cannot read quantized tensors from {path} ({str(e).splitlines()[0]}): pass a GGUF with Q4_0/Q4_1/Q8_0 weights, or --from-gguf none")
+        raise SharpError(
+            f"cannot read quantized tensors from {path} ({str(e).splitlines()[0]}): pass a GGUF with Q4_0/Q4_1/Q8_0 "
+            "weights, or --from-gguf none"
+        )
     heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
     weights = dict(tree_flatten(model.parameters()))
     codes, mismatched = {}, 0
@@ -105,8 +109,14 @@ def code_params(weight: mx.array, scales: mx.array, in_dims: int) -> dict:
     return {"group_size": in_dims // scales.shape[-1], "bits": weight.shape[-1] * 32 // in_dims, "mode": "affine"}
 
 
-def check_options(bits: int, group_size: int, recovery_dtype: str, recovery_bits: Optional[int] = None, embedding_bits: Optional[int] = None,
-                  scales_dtype: str = "float16") -> None:
+def check_options(
+    bits: int,
+    group_size: int,
+    recovery_dtype: str,
+    recovery_bits: Optional[int] = None,
+    embedding_bits: Optional[int] = None,
+    scales_dtype: str = "float16",
+) -> None:
     for flag, b in (("--bits", bits), ("--recovery-bits", recovery_bits), ("--embedding-bits", embedding_bits)):
         if b is not None and b not in BITS:
             raise SharpError(f"{flag} {b} is not supported: use {', '.join(map(str, BITS))}")
@@ -122,12 +132,17 @@ def recovery_group(rank: int, group_size: int, asked: Optional[int] = None) -> i
     """``asked`` if it divides the rank, else the largest supported group size <= ``group_size`` that does."""
     if asked is not None:
         if rank % asked:
-            raise SharpError(f"--recovery-group-size {asked} does not divide the recovery rank {rank}: use 32, 64 or 128 dividing it")
+            raise SharpError(
+                f"--recovery-group-size {asked} does not divide the recovery rank {rank}: use 32, 64 or 128 dividing it"
+            )
         return asked
     for g in (128, 64, 32):
         if g <= group_size and rank % g == 0:
             return g
-    raise SharpError(f"recovery rank {rank} is not a multiple of 32, so its factors cannot be quantized: keep them float (drop --recovery-bits)")
+    raise SharpError(
+        f"recovery rank {rank} is not a multiple of 32, so its factors cannot be quantized: keep them float (drop "
+        "--recovery-bits)"
+    )
 
 
 def quantize(
@@ -157,10 +172,18 @@ def quantize(
     codes = dict(codes or {})
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
-    recovery = {} if recovery_bits is None else {
-        f"model.layers.{i}.recovery": {"group_size": recovery_group(layers[i].recovery.gate_a.shape[1], group_size, recovery_group_size), "bits": recovery_bits, "mode": "affine"}
-        for i in targets
-    }
+    recovery = (
+        {}
+        if recovery_bits is None
+        else {
+            f"model.layers.{i}.recovery": {
+                "group_size": recovery_group(layers[i].recovery.gate_a.shape[1], group_size, recovery_group_size),
+                "bits": recovery_bits,
+                "mode": "affine",
+            }
+            for i in targets
+        }
+    )
     params = {}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized"):
@@ -180,10 +203,15 @@ def quantize(
         if q:
             layers[i].recovery = QuantizedRecovery.from_recovery(layers[i].recovery, **q)
         else:
-            layers[i].recovery.update(tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layers[i].recovery.parameters()))
+            layers[i].recovery.update(
+                tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layers[i].recovery.parameters())
+            )
     nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
     # Lazy: the codes replace the re-quantized weights before those are ever computed.
-    model.load_weights([(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)], strict=False)
+    model.load_weights(
+        [(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)],
+        strict=False,
+    )
     dt = SCALES_DTYPES[scales_dtype]
     for path, module in model.named_modules():  # the codes made here (the GGUF's keep their own)
         if path not in codes:
@@ -246,22 +274,36 @@ class QuantizeOptions:
         """What config.json records ("sharp_quantize") about how the folder was made, so it can
         be told apart from one made with other options."""
         c = self.calibration
-        return {"bits": self.bits, "group_size": self.group_size, "recovery": self.recovery_bits or self.recovery_dtype,
-                "recovery_group_size": self.recovery_group_size, "embedding_bits": self.embedding_bits,
-                "embedding_fit": ("gptq" if c else "round") if self.embedding_bits else None,
-                "calibration": [str(f) for f in c] if c else None, "calibration_windows": self.calibration_windows if c else None,
-                "scales_dtype": self.scales_dtype}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "recovery": self.recovery_bits or self.recovery_dtype,
+            "recovery_group_size": self.recovery_group_size,
+            "embedding_bits": self.embedding_bits,
+            "embedding_fit": ("gptq" if c else "round") if self.embedding_bits else None,
+            "calibration": [str(f) for f in c] if c else None,
+            "calibration_windows": self.calibration_windows if c else None,
+            "scales_dtype": self.scales_dtype,
+        }
 
     def check(self) -> None:
         """Raise SharpError naming the first option that cannot work."""
-        check_options(self.bits, self.group_size, self.recovery_dtype, self.recovery_bits, self.embedding_bits, self.scales_dtype)
+        check_options(
+            self.bits, self.group_size, self.recovery_dtype, self.recovery_bits, self.embedding_bits, self.scales_dtype
+        )
         if self.calibration and self.embedding_bits is None:
-            raise SharpError("--calibration fits the embedding's re-quantized codes: pass --embedding-bits too (5 is within 2% on SmolLM2)")
+            raise SharpError(
+                "--calibration fits the embedding's re-quantized codes: pass --embedding-bits too (5 is within 2% on "
+                "SmolLM2)"
+            )
         if self.calibration and self.calibration_windows < 1:
             raise SharpError(f"--calibration-windows must be at least 1, got {self.calibration_windows}")
         for f in self.calibration or ():
             if not Path(f).is_file():
-                raise SharpError(f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python -m sharp_mlx.corpora makes them)")
+                raise SharpError(
+                    f"calibration file {f} does not exist: pass text files such as data/*/train.jsonl (python -m "
+                    "sharp_mlx.corpora makes them)"
+                )
 
 
 def options_record(**options) -> dict:
@@ -269,7 +311,13 @@ def options_record(**options) -> dict:
     return QuantizeOptions(**options).record()
 
 
-def quantize_model_folder(model_dir: Union[str, Path], out: Union[str, Path], options: Optional[QuantizeOptions] = None, force: bool = False, **fields) -> dict:
+def quantize_model_folder(
+    model_dir: Union[str, Path],
+    out: Union[str, Path],
+    options: Optional[QuantizeOptions] = None,
+    force: bool = False,
+    **fields,
+) -> dict:
     """Quantize the model folder ``model_dir`` into ``out`` as ``options`` say (or a
     ``QuantizeOptions`` of ``fields``); returns what was done, with bytes on disk. With
     ``calibration`` the tied embedding's ``embedding_bits`` codes are fitted by GPTQ
@@ -283,15 +331,26 @@ def quantize_model_folder(model_dir: Union[str, Path], out: Union[str, Path], op
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
     model, config = load_model(model_dir)
     if o.calibration and not config.get("tie_word_embeddings", True):
-        raise SharpError(f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied embedding only; drop it")
+        raise SharpError(
+            f"{model_dir} has its own output layer (tie_word_embeddings is false): --calibration fits a tied "
+            "embedding only; drop it"
+        )
     if is_quantized(model, config):
         q = config.get("quantization", {})
-        raise SharpError(f"{model_dir} is already quantized ({q.get('bits')}-bit, group size {q.get('group_size')}): quantize the float model it came from")
+        raise SharpError(
+            f"{model_dir} is already quantized ({q.get('bits')}-bit, group size {q.get('group_size')}): quantize the "
+            "float model it came from"
+        )
     gguf = resolve_gguf(o.from_gguf)
     codes, mismatched = gguf_codes(gguf, model, config) if gguf is not None else ({}, 0)
     if gguf is not None and o.from_gguf != "auto" and not codes:
-        raise SharpError(f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or --from-gguf none")
-    n_gguf = len(codes) - (o.embedding_bits is not None and "model.embed_tokens" in codes)  # a re-quantized embedding drops its code
+        raise SharpError(
+            f"no weight of {model_dir} matches the codes in {gguf}: pass the GGUF the model was imported from, or "
+            "--from-gguf none"
+        )
+    n_gguf = len(codes) - (
+        o.embedding_bits is not None and "model.embed_tokens" in codes
+    )  # a re-quantized embedding drops its code
     fit_seconds = None
     if o.calibration:  # the embedding gets GPTQ's codes, which quantize() then keeps like a GGUF's
         from mlx_lm.utils import load_tokenizer
@@ -299,11 +358,25 @@ def quantize_model_folder(model_dir: Union[str, Path], out: Union[str, Path], op
         from .gptq import gptq_codes, output_hessian
 
         tic = time.perf_counter()
-        hessian = output_hessian(model, load_tokenizer(model_dir), [Path(f) for f in o.calibration], o.calibration_windows)
-        codes["model.embed_tokens"] = gptq_codes(model.model.embed_tokens.weight, hessian, o.embedding_bits, o.group_size, SCALES_DTYPES[o.scales_dtype])
+        hessian = output_hessian(
+            model, load_tokenizer(model_dir), [Path(f) for f in o.calibration], o.calibration_windows
+        )
+        codes["model.embed_tokens"] = gptq_codes(
+            model.model.embed_tokens.weight, hessian, o.embedding_bits, o.group_size, SCALES_DTYPES[o.scales_dtype]
+        )
         fit_seconds = round(time.perf_counter() - tic, 1)
-    model, config = quantize(model, config, o.bits, o.group_size, o.recovery_dtype, codes, o.recovery_bits, None if o.calibration else o.embedding_bits,
-                             o.scales_dtype, o.recovery_group_size)
+    model, config = quantize(
+        model,
+        config,
+        o.bits,
+        o.group_size,
+        o.recovery_dtype,
+        codes,
+        o.recovery_bits,
+        None if o.calibration else o.embedding_bits,
+        o.scales_dtype,
+        o.recovery_group_size,
+    )
     config["sharp_quantize"] = o.record()
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
@@ -324,19 +397,76 @@ def quantize_model_folder(model_dir: Union[str, Path], out: Union[str, Path], op
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, required=True, help="float model folder (SHARP or plain)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--bits", type=int, default=QuantizeOptions.bits, help="bits per weight not taken from GGUF codes (default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=QuantizeOptions.group_size, help="quantization group size for weights not taken from GGUF codes (default: %(default)s)")
-    p.add_argument("--recovery-dtype", choices=sorted(RECOVERY_DTYPES), default=QuantizeOptions.recovery_dtype, help="dtype of float recovery factors (default: %(default)s)")
-    p.add_argument("--recovery-bits", type=int, help="quantize the recovery factors too, to this many bits (default: keep them float)")
-    p.add_argument("--recovery-group-size", type=int, choices=(32, 64, 128), help="group size of the recovery codes (default: the largest up to --group-size that divides the rank)")
-    p.add_argument("--embedding-bits", type=int, help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)")
-    p.add_argument("--scales-dtype", choices=sorted(SCALES_DTYPES), default=QuantizeOptions.scales_dtype, help="dtype of the scales and biases of codes made here (default: %(default)s)")
-    p.add_argument("--calibration", type=Path, nargs="+", metavar="FILE", help="with --embedding-bits: fit the tied embedding's codes by GPTQ on these files' text (e.g. data/*/train.jsonl) instead of rounding to nearest")
-    p.add_argument("--calibration-windows", type=int, default=QuantizeOptions.calibration_windows, help="windows of 256 tokens per calibration file (default: %(default)s)")
-    p.add_argument("--from-gguf", default=QuantizeOptions.from_gguf, metavar="FILE|auto|none", help="keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': re-quantize everything (default: %(default)s)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=QuantizeOptions.bits,
+        help="bits per weight not taken from GGUF codes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=QuantizeOptions.group_size,
+        help="quantization group size for weights not taken from GGUF codes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recovery-dtype",
+        choices=sorted(RECOVERY_DTYPES),
+        default=QuantizeOptions.recovery_dtype,
+        help="dtype of float recovery factors (default: %(default)s)",
+    )
+    p.add_argument(
+        "--recovery-bits",
+        type=int,
+        help="quantize the recovery factors too, to this many bits (default: keep them float)",
+    )
+    p.add_argument(
+        "--recovery-group-size",
+        type=int,
+        choices=(32, 64, 128),
+        help="group size of the recovery codes (default: the largest up to --group-size that divides the rank)",
+    )
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)",
+    )
+    p.add_argument(
+        "--scales-dtype",
+        choices=sorted(SCALES_DTYPES),
+        default=QuantizeOptions.scales_dtype,
+        help="dtype of the scales and biases of codes made here (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help=(
+            "with --embedding-bits: fit the tied embedding's codes by GPTQ on these files' text (e.g. "
+            "data/*/train.jsonl) instead of rounding to nearest"
+        ),
+    )
+    p.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=QuantizeOptions.calibration_windows,
+        help="windows of 256 tokens per calibration file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--from-gguf",
+        default=QuantizeOptions.from_gguf,
+        metavar="FILE|auto|none",
+        help=(
+            "keep the codes of this GGUF for every weight they match; 'auto': the embedded model's GGUF; 'none': "
+            "re-quantize everything (default: %(default)s)"
+        ),
+    )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
@@ -344,13 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summary(r: dict, seconds: Optional[float] = None) -> str:
     """What ``quantize_model_folder`` did, in lines a person reads."""
-    source = f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it" if r["gguf"] else "no GGUF codes kept"
-    lines = [f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}" + (f"; {seconds:.1f} s)" if seconds is not None else ")")]
+    source = (
+        f"{r['gguf_codes']} keep the codes of {r['gguf']}, {r['gguf_mismatched']} differ from it"
+        if r["gguf"]
+        else "no GGUF codes kept"
+    )
+    lines = [
+        f"quantized {r['quantized']} weights of {r['model']} -> {r['out']} ({source}"
+        + (f"; {seconds:.1f} s)" if seconds is not None else ")")
+    ]
     if r["embedding_fit_s"] is not None:
         o = r["options"]
-        lines.append(f"embedding: {o['embedding_bits']}-bit codes fitted by GPTQ on {o['calibration_windows']} windows of each of {len(o['calibration'])} files "
-                     f"({r['embedding_fit_s']} s)")
-    lines.append(f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)")
+        lines.append(
+            f"embedding: {o['embedding_bits']}-bit codes fitted by GPTQ on {o['calibration_windows']} windows of each "
+            f"of {len(o['calibration'])} files "
+            f"({r['embedding_fit_s']} s)"
+        )
+    lines.append(
+        f"bytes on disk: {r['bytes_before']:,} -> {r['bytes_after']:,} ({r['bytes_after'] / r['bytes_before']:.3f}x)"
+    )
     return "\n".join(lines)
 
 

@@ -32,7 +32,9 @@ class Recipe:
     max_train_tokens: int = option(100_000, "SFT reads at most this many tokens of each training file")
     eval_windows: int = option(8, "test windows per domain in the perplexity table")
     recovery_bits: Optional[int] = option(8, "bits of the recovery factors in the 4-bit checkpoint (None: float16)")
-    embedding_bits: Optional[int] = option(5, "bits of the embedding, fitted by GPTQ on the training splits (None: its GGUF codes)")
+    embedding_bits: Optional[int] = option(
+        5, "bits of the embedding, fitted by GPTQ on the training splits (None: its GGUF codes)"
+    )
     calibration_windows: int = option(8, "GPTQ calibration windows of 256 tokens per training file")
     max_tokens: int = option(128, "tokens each model generates at the end")
 
@@ -47,9 +49,21 @@ PRESETS = {
     "half": Recipe(share="next:2", layers="2:29"),
     "aggressive": Recipe(share="next:3", layers="1:29", rank=32),
     # every stage at the smallest budget that still runs it: a check that the path works, not a model
-    "smoke": Recipe(layers="26:29", rank=32, tokens=256, slw_steps=2, sft_steps=1, batch_size=1, seq_len=32,
-                    sft_eval_every=1, sft_eval_windows=1, max_train_tokens=2000, eval_windows=1,
-                    calibration_windows=1, max_tokens=4),
+    "smoke": Recipe(
+        layers="26:29",
+        rank=32,
+        tokens=256,
+        slw_steps=2,
+        sft_steps=1,
+        batch_size=1,
+        seq_len=32,
+        sft_eval_every=1,
+        sft_eval_windows=1,
+        max_train_tokens=2000,
+        eval_windows=1,
+        calibration_windows=1,
+        max_tokens=4,
+    ),
 }
 
 

@@ -92,11 +92,15 @@ class SFTConfig:
         if self.kd_temperature <= 0:
             raise SharpError(f"kd_temperature must be positive, got {self.kd_temperature}")
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.learning_rate <= 0:
-            raise SharpError(f"lora_rank and warmup_steps must be >= 0 and learning_rate > 0, got {self.lora_rank}, {self.warmup_steps}, {self.learning_rate}")
+            raise SharpError(
+                f"lora_rank and warmup_steps must be >= 0 and learning_rate > 0, got {self.lora_rank}, "
+                f"{self.warmup_steps}, {self.learning_rate}"
+            )
 
 
 def trainable_count(model: nn.Module) -> int:
-    """Number of trainable scalars (after ``prepare``: the recovery factors and any scaling vectors, and LoRA if asked)."""
+    """Number of trainable scalars (after ``prepare``: the recovery factors and any scaling
+    vectors, and LoRA if asked)."""
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
@@ -106,7 +110,10 @@ def prepare(model: nn.Module, config: SFTConfig) -> int:
     layers = model.model.layers
     targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
     if not targets and config.lora_rank <= 0:
-        raise SharpError("the model has no recovery factors to train: give its share map a rank > 0, or fine-tune it with LoRA (--lora-rank R)")
+        raise SharpError(
+            "the model has no recovery factors to train: give its share map a rank > 0, or fine-tune it with LoRA "
+            "(--lora-rank R)"
+        )
     model.freeze()
     if config.lora_rank > 0:
         # By default LoRA covers the blocks from the first target on (every block without targets).
@@ -139,7 +146,9 @@ def _checkpointed(i, layer, h, mask, cache, mlp) -> mx.array:
     return mx.checkpoint(inner)([m.trainable_parameters() for m in owners], h)
 
 
-def run_blocks(model: nn.Module, h: mx.array, start: int, stop: Optional[int] = None, checkpoint: bool = False) -> mx.array:
+def run_blocks(
+    model: nn.Module, h: mx.array, start: int, stop: Optional[int] = None, checkpoint: bool = False
+) -> mx.array:
     """Hidden states (B, L, D) after blocks start..stop-1, from the hidden states entering ``start``."""
     return model.model.run(h, start, stop, hook=_checkpointed if checkpoint else None)
 
@@ -195,11 +204,23 @@ def sft_loss(model, inputs, targets, mask, config: SFTConfig, start: int, teache
 
 def _check_teacher(model, teacher, start: int) -> None:
     """A teacher continues from the student's prefix, so their first blocks must be the same."""
-    mine = tree_flatten({"embed": model.model.embed_tokens.parameters(), "layers": [l.parameters() for l in model.model.layers[:start]]})
-    theirs = dict(tree_flatten({"embed": teacher.model.embed_tokens.parameters(), "layers": [l.parameters() for l in teacher.model.layers[:start]]}))
+    mine = tree_flatten(
+        {"embed": model.model.embed_tokens.parameters(), "layers": [b.parameters() for b in model.model.layers[:start]]}
+    )
+    theirs = dict(
+        tree_flatten(
+            {
+                "embed": teacher.model.embed_tokens.parameters(),
+                "layers": [b.parameters() for b in teacher.model.layers[:start]],
+            }
+        )
+    )
     for name, value in mine:
         if name not in theirs or theirs[name].shape != value.shape or not mx.array_equal(theirs[name], value).item():
-            raise SharpError(f"the teacher's {name} differs from the student's: pass the original model the shared one was made from (or turn off frozen_prefix, --no-frozen-prefix)")
+            raise SharpError(
+                f"the teacher's {name} differs from the student's: pass the original model the shared one was made "
+                "from (or turn off frozen_prefix, --no-frozen-prefix)"
+            )
 
 
 class _Validator:
@@ -208,7 +229,10 @@ class _Validator:
     def __init__(self, model, valid_tokens, config: SFTConfig, start: int):
         wins = windows(valid_tokens, config.seq_len)[0][: config.eval_windows]
         if wins.shape[0] == 0:
-            raise SharpError(f"the validation data ({len(valid_tokens)} tokens) is shorter than one window of {config.seq_len}+1 tokens: use more validation data or a smaller --seq-len")
+            raise SharpError(
+                f"the validation data ({len(valid_tokens)} tokens) is shorter than one window of {config.seq_len}+1 "
+                "tokens: use more validation data or a smaller --seq-len"
+            )
         self.model, self.start = model, start
         self.batches = []
         for i in range(0, wins.shape[0], config.batch_size):
@@ -234,7 +258,10 @@ def _replace(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> None:
     names = {"adapters": f"adapters-{step:07d}.safetensors", "optimizer": f"optimizer-{step:07d}.safetensors"}
-    _replace(out_dir / names["adapters"], lambda p: mx.save_safetensors(str(p), dict(tree_flatten(model.trainable_parameters()))))
+    _replace(
+        out_dir / names["adapters"],
+        lambda p: mx.save_safetensors(str(p), dict(tree_flatten(model.trainable_parameters()))),
+    )
     _replace(out_dir / names["optimizer"], lambda p: mx.save_safetensors(str(p), dict(tree_flatten(optimizer.state))))
     state = {**state, **names, "step": step, "rng": mx.random.state[0].tolist()}
     _replace(out_dir / CHECKPOINT, lambda p: p.write_text(json.dumps(state, indent=1)))
@@ -247,18 +274,29 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
     """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
     path = out_dir / CHECKPOINT
     if not path.exists():
-        raise SharpError(f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run")
+        raise SharpError(
+            f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run"
+        )
     state = json.loads(path.read_text())
     saved, wanted = state["config"], asdict(config)
     changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
     if changed:
-        raise SharpError(f"cannot resume {out_dir}: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)} in its checkpoint, {', '.join(f'{k}={wanted[k]!r}' for k in changed)} now; use the same settings")
+        raise SharpError(
+            f"cannot resume {out_dir}: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)} in its checkpoint, "
+            f"{', '.join(f'{k}={wanted[k]!r}' for k in changed)} now; use the same settings"
+        )
     if state.get("processes", 1) != processes:
-        raise SharpError(f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has {processes}; resume with the same number (the global batch depends on it)")
+        raise SharpError(
+            f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has "
+            f"{processes}; resume with the same number (the global batch depends on it)"
+        )
     params = mx.load(str(out_dir / state["adapters"]))
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if set(params) != expected:
-        raise SharpError(f"{out_dir / state['adapters']} holds other parameters than this model trains: resume with the same model and share map")
+        raise SharpError(
+            f"{out_dir / state['adapters']} holds other parameters than this model trains: resume with the same model "
+            "and share map"
+        )
     model.load_weights(list(params.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(out_dir / state["optimizer"])).items()))
     key = state["rng"]
@@ -289,14 +327,29 @@ def plot_losses(path: Path, train: list, valid: list, tokens_per_step: int, loss
 
 def make_optimizer(config: SFTConfig) -> optim.Optimizer:
     """AdamW with linear warmup to the peak learning rate, then cosine decay to the minimum."""
-    schedule = optim.cosine_decay(config.learning_rate, max(config.steps - config.warmup_steps, 1), config.min_learning_rate)
+    schedule = optim.cosine_decay(
+        config.learning_rate, max(config.steps - config.warmup_steps, 1), config.min_learning_rate
+    )
     if config.warmup_steps > 0:  # from lr / (warmup + 1), so the first update already moves
-        warmup = optim.linear_schedule(config.learning_rate / (config.warmup_steps + 1), config.learning_rate, config.warmup_steps)
+        warmup = optim.linear_schedule(
+            config.learning_rate / (config.warmup_steps + 1), config.learning_rate, config.warmup_steps
+        )
         schedule = optim.join_schedules([warmup, schedule], [config.warmup_steps])
     return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
 
 
-def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, out_dir: Path, teacher=None, resume: bool = False, log: Callable[[str], None] = print, group=None) -> dict:
+def train_sft(
+    model,
+    train_tokens,
+    train_mask,
+    valid_tokens,
+    config: SFTConfig,
+    out_dir: Path,
+    teacher=None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    group=None,
+) -> dict:
     """Fine-tune ``model`` in place (see the module docstring); return a summary of the run.
 
     ``group``: the ``mx.distributed`` group to train data-parallel in (None: this process alone)."""
@@ -307,9 +360,13 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
     if not main:
         log = lambda line: None  # noqa: E731  (rank 0 speaks for all)
     if config.loss != "ce" and teacher is None:
-        raise SharpError(f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'")
+        raise SharpError(
+            f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'"
+        )
     if not resume and (out_dir / CHECKPOINT).exists():
-        raise SharpError(f"{out_dir} already holds an SFT checkpoint: pass --resume to continue it, or choose another --run-dir")
+        raise SharpError(
+            f"{out_dir} already holds an SFT checkpoint: pass --resume to continue it, or choose another --run-dir"
+        )
     mx.random.seed(config.seed)
     first = prepare(model, config)
     log(f"trainable parameters: {trainable_count(model):,} (blocks {first}..{len(model.model.layers) - 1})")
@@ -330,7 +387,9 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
     saved_step = step if resume else None
     validate = _Validator(model, valid_tokens, config, start)
     try:
-        data = batches(train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size))
+        data = batches(
+            train_tokens, train_mask, config.batch_size, config.seq_len, config.seed, start=position, shard=(rank, size)
+        )
     except DataError as e:
         raise DataError(f"the training data: {e}")
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * size
@@ -358,7 +417,9 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
 
     mx.reset_peak_memory()
     train_time, wall_start, first_step = 0.0, time.perf_counter(), step
-    bar = tqdm(range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main)
+    bar = tqdm(
+        range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main
+    )
     for step in bar:
         tic = time.perf_counter()
         grad, count, total, tokens = None, None, 0.0, 0.0
@@ -377,7 +438,10 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         if not math.isfinite(loss):
             bar.close()
             kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
-            raise SharpError(f"training loss is {loss} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate or check the data")
+            raise SharpError(
+                f"training loss is {loss} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate or "
+                "check the data"
+            )
         train_history.append((step, loss))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step - first_step) * tokens_per_step / train_time:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
@@ -386,7 +450,13 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
         if step % config.save_every == 0 or step == config.steps:
             if main:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                history = {"batch": position, "processes": size, "train_history": train_history, "valid_history": valid_history, "config": asdict(config)}
+                history = {
+                    "batch": position,
+                    "processes": size,
+                    "train_history": train_history,
+                    "valid_history": valid_history,
+                    "config": asdict(config),
+                }
                 save_checkpoint(out_dir, step, model, optimizer, history)
                 plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)
             saved_step = step

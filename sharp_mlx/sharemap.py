@@ -43,10 +43,16 @@ def parse_layers(layers: Optional[str], num_layers: int) -> range:
     except ValueError:
         raise SharpError(f"layer range {layers!r} is not of the form A:B (a Python slice such as 14:30, -16: or :)")
     if any(b is not None and not -num_layers <= b <= num_layers for b in bounds):
-        raise SharpError(f"layer range {layers!r} reaches outside the model's layers 0..{num_layers - 1}: use bounds within -{num_layers}..{num_layers}")
+        raise SharpError(
+            f"layer range {layers!r} reaches outside the model's layers 0..{num_layers - 1}: use bounds within "
+            f"-{num_layers}..{num_layers}"
+        )
     start, stop, _ = slice(*bounds).indices(num_layers)
     if stop - start < 2:
-        raise SharpError(f"layer range {layers!r} holds {max(stop - start, 0)} layer(s) of 0..{num_layers - 1}; a reference and a target need at least two, e.g. {num_layers // 2}:{num_layers}")
+        raise SharpError(
+            f"layer range {layers!r} holds {max(stop - start, 0)} layer(s) of 0..{num_layers - 1}; a reference and a "
+            f"target need at least two, e.g. {num_layers // 2}:{num_layers}"
+        )
     return range(start, stop)
 
 
@@ -58,7 +64,9 @@ def next_map(span: range, k: int = 1) -> ShareMap:
 def _group_size(spec: str) -> int:
     k = spec.partition(":")[2]
     if not k.isdigit() or int(k) < 1:
-        raise SharpError(f"share spec {spec!r}: K in next:K must be a whole number >= 1 (layers served per reference), e.g. next:2")
+        raise SharpError(
+            f"share spec {spec!r}: K in next:K must be a whole number >= 1 (layers served per reference), e.g. next:2"
+        )
     return int(k)
 
 
@@ -73,15 +81,22 @@ def json_map(spec: str) -> ShareMap:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SharpError(f"{source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): write it like {{\"15\": 14, \"17\": 16}}")
+        raise SharpError(
+            f'{source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): write it like {{"15": 14, '
+            f'"17": 16}}'
+        )
     if not isinstance(raw, dict):
-        raise SharpError(f"{source} is a JSON {type(raw).__name__}, not an object: write it like {{\"15\": 14, \"17\": 16}}")
+        raise SharpError(
+            f'{source} is a JSON {type(raw).__name__}, not an object: write it like {{"15": 14, "17": 16}}'
+        )
     share = {}
     for t, r in raw.items():
         if not re.fullmatch(r"\d+", t.strip()):
-            raise SharpError(f"{source}: target {t!r} is not a layer number; keys are target layers like \"15\"")
+            raise SharpError(f'{source}: target {t!r} is not a layer number; keys are target layers like "15"')
         if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
-            raise SharpError(f"{source}: reference {r!r} of target {t} must be a layer number or null (no borrowed MLP)")
+            raise SharpError(
+                f"{source}: reference {r!r} of target {t} must be a layer number or null (no borrowed MLP)"
+            )
         share[int(t)] = r
     return share
 
@@ -89,7 +104,7 @@ def json_map(spec: str) -> ShareMap:
 def check_share(share: ShareMap, num_layers: int) -> None:
     """Raise SharpError naming the first problem of ``share`` for a model of num_layers layers."""
     if not share:
-        raise SharpError("the share map is empty: name at least one target layer, e.g. {\"15\": 14}")
+        raise SharpError('the share map is empty: name at least one target layer, e.g. {"15": 14}')
     try:
         # Ranks are checked against the model's sizes when the model is built; here only the map.
         SharpArgs(share=share).validate(num_layers, hidden_size=1, intermediate_size=1)
@@ -112,13 +127,16 @@ def parse_share(
 
     ``similarity``, ``cut``, ``rank``, ``adjacent_only``, ``keep_ends`` and ``kind`` only serve
     ``auto``: the analysis (a dict or the path of analysis.json), the fraction of stored MLP
-    parameters to remove net of the rank-``rank`` recovery (of recovery kind ``kind``), whether a reference must be the layer right before its target, and whether the
-    first and last layers stay unshared.
+    parameters to remove net of the rank-``rank`` recovery (of recovery kind ``kind``), whether a
+    reference must be the layer right before its target, and whether the first and last layers
+    stay unshared.
     """
     how = share_kind(spec)
     if not how.takes_layers and layers is not None:
         raise SharpError(f"a layer range ({layers}) applies to next, next:K and auto, not to an explicit share map")
-    options = dict(similarity=similarity, cut=cut, rank=rank, adjacent_only=adjacent_only, keep_ends=keep_ends, recovery=kind)
+    options = dict(
+        similarity=similarity, cut=cut, rank=rank, adjacent_only=adjacent_only, keep_ends=keep_ends, recovery=kind
+    )
     share = how.build(spec.strip(), num_layers, parse_layers(layers, num_layers) if how.takes_layers else None, options)
     check_share(share, num_layers)
     return share
@@ -137,15 +155,26 @@ class ShareKind:
 
 
 def _auto(spec: str, num_layers: int, span: range, o: dict) -> ShareMap:
-    return auto_map(o["similarity"], num_layers, o["cut"], o["rank"], span, o["adjacent_only"], o["keep_ends"], o["recovery"])
+    return auto_map(
+        o["similarity"], num_layers, o["cut"], o["rank"], span, o["adjacent_only"], o["keep_ends"], o["recovery"]
+    )
 
 
 # A new share-map kind is one ShareKind here (tried in order).
 SHARE_KINDS = (
-    ShareKind("next", True, lambda s: s == "next" or s.startswith("next:"),
-              lambda s, n, span, o: next_map(span, 1 if s == "next" else _group_size(s))),
+    ShareKind(
+        "next",
+        True,
+        lambda s: s == "next" or s.startswith("next:"),
+        lambda s, n, span, o: next_map(span, 1 if s == "next" else _group_size(s)),
+    ),
     ShareKind("auto", True, lambda s: s == "auto", _auto),
-    ShareKind("json", False, lambda s: s.startswith("{") or s.endswith(".json") or Path(s).is_file(), lambda s, n, span, o: json_map(s)),
+    ShareKind(
+        "json",
+        False,
+        lambda s: s.startswith("{") or s.endswith(".json") or Path(s).is_file(),
+        lambda s, n, span, o: json_map(s),
+    ),
 )
 
 
@@ -161,7 +190,10 @@ def share_kind(spec: str) -> ShareKind:
 def read_analysis(similarity: Union[None, dict, str, Path]) -> dict:
     """The analysis ``auto`` ranks pairs by: a dict or the path of analysis.json."""
     if similarity is None:
-        raise SharpError("share spec 'auto' needs a similarity analysis: run `python -m sharp_mlx.analyze` and pass its analysis.json")
+        raise SharpError(
+            "share spec 'auto' needs a similarity analysis: run `python -m sharp_mlx.analyze` and pass its "
+            "analysis.json"
+        )
     if not isinstance(similarity, dict):
         path = Path(similarity)
         if not path.is_file():
@@ -171,21 +203,42 @@ def read_analysis(similarity: Union[None, dict, str, Path]) -> dict:
         except json.JSONDecodeError as e:
             raise SharpError(f"analysis file {path} is not valid JSON ({e.msg}): rerun `python -m sharp_mlx.analyze`")
     pairs = similarity.get("pairs") if isinstance(similarity, dict) else None
-    if not isinstance(pairs, list) or not isinstance(similarity.get("config"), dict) or not all(isinstance(p, dict) and {"reference", "target", "rel_error"} <= p.keys() for p in pairs):
-        raise SharpError("the similarity given to 'auto' is not an analysis from `python -m sharp_mlx.analyze` (it needs \"config\" and \"pairs\" with reference, target, rel_error)")
+    if (
+        not isinstance(pairs, list)
+        or not isinstance(similarity.get("config"), dict)
+        or not all(isinstance(p, dict) and {"reference", "target", "rel_error"} <= p.keys() for p in pairs)
+    ):
+        raise SharpError(
+            "the similarity given to 'auto' is not an analysis from `python -m sharp_mlx.analyze` (it needs "
+            '"config" and "pairs" with reference, target, rel_error)'
+        )
     return similarity
 
 
-def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span: range, adjacent_only: bool, keep_ends: bool, kind: str = "plain") -> ShareMap:
+def auto_map(
+    similarity,
+    num_layers: int,
+    cut: Optional[float],
+    rank: int,
+    span: range,
+    adjacent_only: bool,
+    keep_ends: bool,
+    kind: str = "plain",
+) -> ShareMap:
     """Greedy: take (reference, target) pairs from the lowest relative MLP error up, skipping a
     target already taken or used as a reference and a reference that is a target, until the
     stored-MLP cut net of recovery reaches ``cut``."""
     analysis = read_analysis(similarity)
     config = analysis["config"]
     if config.get("num_hidden_layers") != num_layers:
-        raise SharpError(f"the analysis is of a {config.get('num_hidden_layers')}-layer model, this one has {num_layers}: rerun `python -m sharp_mlx.analyze --model` on this model")
+        raise SharpError(
+            f"the analysis is of a {config.get('num_hidden_layers')}-layer model, this one has {num_layers}: rerun "
+            "`python -m sharp_mlx.analyze --model` on this model"
+        )
     if cut is None or not 0 < cut < 1:
-        raise SharpError(f"share spec 'auto' needs a cut between 0 and 1 (fraction of stored MLP parameters to remove), got {cut}")
+        raise SharpError(
+            f"share spec 'auto' needs a cut between 0 and 1 (fraction of stored MLP parameters to remove), got {cut}"
+        )
     pairs = sorted(analysis["pairs"], key=lambda p: p["rel_error"])
     share: ShareMap = {}
     for p in pairs:
@@ -200,8 +253,10 @@ def auto_map(similarity, num_layers: int, cut: Optional[float], rank: int, span:
             return share
     reached = savings(config, share, rank, kind)["mlp_cut"] if share else 0.0
     raise SharpError(
-        f"auto reaches only a {reached:.1%} stored-MLP cut (at rank {rank}, {len(share)} targets, adjacent_only={adjacent_only}) short of the {cut:.1%} asked: "
-        "ask for a smaller cut or rank, a wider layer range, or references anywhere earlier (analyze with --all-pairs, adjacent_only=False)"
+        f"auto reaches only a {reached:.1%} stored-MLP cut (at rank {rank}, {len(share)} targets, "
+        f"adjacent_only={adjacent_only}) short of the {cut:.1%} asked: "
+        "ask for a smaller cut or rank, a wider layer range, or references anywhere earlier (analyze with "
+        "--all-pairs, adjacent_only=False)"
     )
 
 
@@ -210,7 +265,9 @@ def allocate_ranks(weights: Dict[int, float], total: int, step: int = 16) -> Dic
     in multiples of ``step``, each target at least ``step``; largest remainders round up."""
     units = total // step
     if units < len(weights):
-        raise SharpError(f"a total rank of {total} cannot give each of {len(weights)} targets at least {step}: raise --rank")
+        raise SharpError(
+            f"a total rank of {total} cannot give each of {len(weights)} targets at least {step}: raise --rank"
+        )
     spare, norm = units - len(weights), sum(weights.values())
     exact = {t: spare * (w / norm if norm > 0 else 1 / len(weights)) for t, w in weights.items()}
     alloc = {t: 1 + int(x) for t, x in exact.items()}
@@ -270,23 +327,33 @@ def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sha
     s = savings(config, share, rank if b.recovered else 0, kind)
     if b.removes_layers:
         removed = s["targets"] * _param_counts(config)[3] + s["mlp_params"] - s["mlp_params_stored"]
-        return f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params -{removed / s['params_before']:.1%}"
+        return (
+            f"{s['targets']} of {s['layers']} layers removed (attention and MLP): all params "
+            f"-{removed / s['params_before']:.1%}"
+        )
     what = "MLPs shared with scaling vectors" if b.name == "sharp" and kind == "scaled" else b.what
-    return (f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
-            f"all params -{s['total_cut']:.1%}")
+    return (
+        f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
+        f"all params -{s['total_cut']:.1%}"
+    )
 
 
 def _require_plain(model, config: dict, what: str) -> Dict[str, mx.array]:
     """The weights of an unshared float model, by Hugging Face name."""
     if (config.get("sharp") or {}).get("share"):
-        raise SharpError(f"{what} needs the original model; this one already shares layers {sorted(int(t) for t in config['sharp']['share'])}")
+        raise SharpError(
+            f"{what} needs the original model; this one already shares layers "
+            f"{sorted(int(t) for t in config['sharp']['share'])}"
+        )
     weights = dict(tree_flatten(model.parameters()))
     if any(k.endswith(".scales") for k in weights):
         raise SharpError(f"{what} needs a float model: apply it to the unquantized model, then quantize the result")
     return weights
 
 
-def share_model(original_model, original_config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> Tuple[Model, dict]:
+def share_model(
+    original_model, original_config: dict, share: ShareMap, rank: Rank, kind: str = "plain"
+) -> Tuple[Model, dict]:
     """The shared model built from a loaded original: the same weights minus the targets' MLPs,
     fresh recovery factors (b = 0, and the kind's vectors at their neutral values, so it starts
     as direct sharing), config with a "sharp" section."""
@@ -342,17 +409,22 @@ class Baseline:
     def targets(self, share: ShareMap) -> ShareMap:
         return dict(share) if self.borrows else {t: None for t in share}
 
-    def build(self, original_model, config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> Tuple[Model, dict]:
+    def build(
+        self, original_model, config: dict, share: ShareMap, rank: Rank, kind: str = "plain"
+    ) -> Tuple[Model, dict]:
         if self.removes_layers:
             return prune_layers(original_model, config, sorted(share))
         return share_model(original_model, config, self.targets(share), rank if self.recovered else 0, kind)
 
 
 # A new baseline is one Baseline here (and, if it builds something new, its build method).
-BASELINES = {b.name: b for b in (
-    Baseline("sharp", "MLPs shared", recovered=True, borrows=True),
-    Baseline("direct", "MLPs shared, no recovery", recovered=False, borrows=True),
-    Baseline("mlp-prune", "MLPs removed (no MLP at the targets)", recovered=False, borrows=False),
-    Baseline("layer-prune", "layers removed", recovered=False, borrows=False, removes_layers=True),
-    Baseline("lowrank", "MLPs replaced by low-rank factors, nothing borrowed", recovered=True, borrows=False),
-)}
+BASELINES = {
+    b.name: b
+    for b in (
+        Baseline("sharp", "MLPs shared", recovered=True, borrows=True),
+        Baseline("direct", "MLPs shared, no recovery", recovered=False, borrows=True),
+        Baseline("mlp-prune", "MLPs removed (no MLP at the targets)", recovered=False, borrows=False),
+        Baseline("layer-prune", "layers removed", recovered=False, borrows=False, removes_layers=True),
+        Baseline("lowrank", "MLPs replaced by low-rank factors, nothing borrowed", recovered=True, borrows=False),
+    )
+}

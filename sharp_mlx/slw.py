@@ -35,7 +35,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from . import distributed
-from .model import PROJECTIONS as PROJ, Recovery, lowrank, projection_shapes, recovered_mlp, recovery_kind
+from .model import PROJECTIONS as PROJ
+from .model import Recovery, lowrank, projection_shapes, recovered_mlp, recovery_kind
 
 
 @dataclass
@@ -56,12 +57,22 @@ def weights_of(mlp) -> Dict[str, np.ndarray]:
     out = {}
     for p in PROJ:
         lin = getattr(mlp, f"{p}_proj")
-        w = mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits) if hasattr(lin, "scales") else lin.weight
+        w = (
+            mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits)
+            if hasattr(lin, "scales")
+            else lin.weight
+        )
         out[p] = np.array(w.astype(mx.float32))
     return out
 
 
-def mlp_apply(w: Dict[str, mx.array], x: mx.array, rec: Optional[Dict[str, mx.array]] = None, return_hidden: bool = False, kind: str = "plain"):
+def mlp_apply(
+    w: Dict[str, mx.array],
+    x: mx.array,
+    rec: Optional[Dict[str, mx.array]] = None,
+    return_hidden: bool = False,
+    kind: str = "plain",
+):
     """``model.recovered_mlp`` on weight dicts: borrowed (out, in) weights ``w`` (None weights:
     recovery only) and recovery parameters ``rec`` of ``kind`` (None: the MLP alone)."""
     borrowed = None if w.get("gate") is None else (lambda name, v: v @ w[name].T)
@@ -111,7 +122,14 @@ def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: fl
     return (m_ols @ v).astype(np.float32), v.T.astype(np.float32)
 
 
-def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.ndarray], x: np.ndarray, rank: int, cfg: SLWConfig, kind: str = "plain") -> Dict[str, np.ndarray]:
+def init_recovery(
+    ref: Optional[Dict[str, np.ndarray]],
+    target: Dict[str, np.ndarray],
+    x: np.ndarray,
+    rank: int,
+    cfg: SLWConfig,
+    kind: str = "plain",
+) -> Dict[str, np.ndarray]:
     """Initial factors by cfg.init (and the kind's vectors at their neutral values); x are fit
     rows (n, D) of the target's real inputs."""
     if cfg.init == "zero":
@@ -122,8 +140,13 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
     asvd = cfg.init == "asvd"
     x_roots = _sqrt_cov(x, cfg.damping) if asvd else None  # gate and up share their inputs
     for p in PROJ:
-        if p == "down" and cfg.closed_form_down:  # refit_down solves down exactly from what gate and up do: start it at zero
-            rec["down_a"], rec["down_b"] = np.zeros((target["down"].shape[1], rank), np.float32), np.zeros((rank, x.shape[1]), np.float32)
+        if (
+            p == "down" and cfg.closed_form_down
+        ):  # refit_down solves down exactly from what gate and up do: start it at zero
+            rec["down_a"], rec["down_b"] = (
+                np.zeros((target["down"].shape[1], rank), np.float32),
+                np.zeros((rank, x.shape[1]), np.float32),
+            )
             continue
         delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
         if not asvd:
@@ -139,7 +162,9 @@ def init_recovery(ref: Optional[Dict[str, np.ndarray]], target: Dict[str, np.nda
     return rec
 
 
-def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig, kind: str = "plain") -> Dict[str, np.ndarray]:
+def refit_down(
+    ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig, kind: str = "plain"
+) -> Dict[str, np.ndarray]:
     """Down factors solved exactly on the student's own hidden activations."""
     xm = mx.array(x)
     y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm)
@@ -150,14 +175,24 @@ def refit_down(ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int
     return {**rec, "down_a": a, "down_b": b}
 
 
-def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg: SLWConfig, progress: Optional[Callable] = None, kind: str = "plain") -> Dict[str, np.ndarray]:
+def adam_refine(
+    ref,
+    target,
+    x_fit: np.ndarray,
+    rec: Dict[str, np.ndarray],
+    cfg: SLWConfig,
+    progress: Optional[Callable] = None,
+    kind: str = "plain",
+) -> Dict[str, np.ndarray]:
     """cfg.steps of Adam on the relative L2 error over random minibatches of rows; every entry
     of ``rec`` (factors and any scaling vectors) is trained."""
     tw = {p: mx.array(v) for p, v in target.items()}
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
     warmup = min(cfg.warmup, cfg.steps // 2)  # a short run still reaches the peak rate
-    schedule = optim.join_schedules([optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup])
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup]
+    )
     opt = optim.Adam(learning_rate=schedule)
     rng = np.random.default_rng(cfg.seed)
 
@@ -180,7 +215,15 @@ def adam_refine(ref, target, x_fit: np.ndarray, rec: Dict[str, np.ndarray], cfg:
     return {k: np.array(v) for k, v in params.items()}
 
 
-def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray, rank: int, cfg: SLWConfig, progress: Optional[Callable] = None, kind: str = "plain") -> Dict[str, object]:
+def fit_layer(
+    ref_mlp: Optional[nn.Module],
+    target_mlp: nn.Module,
+    x: np.ndarray,
+    rank: int,
+    cfg: SLWConfig,
+    progress: Optional[Callable] = None,
+    kind: str = "plain",
+) -> Dict[str, object]:
     """Fit one target's factors (and its kind's vectors) on its captured inputs
     x (n, D); returns them and the held-out relative error after each stage ({"none", "init",
     "closed_form_down", "adam"}, and "final" for the parameters kept). With closed_form_down,
@@ -197,7 +240,11 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
 
     def err(rec):
-        return rel_error(mlp_apply(rw, xh, {k: mx.array(v) for k, v in rec.items()} if rec else None, kind=kind), y_hold) if (ref is not None or rec) else 1.0
+        return (
+            rel_error(mlp_apply(rw, xh, {k: mx.array(v) for k, v in rec.items()} if rec else None, kind=kind), y_hold)
+            if (ref is not None or rec)
+            else 1.0
+        )
 
     errors = {"none": err(None)}
     with threadpool_limits(limits=1, user_api="blas"):
@@ -216,7 +263,9 @@ def fit_layer(ref_mlp: Optional[nn.Module], target_mlp: nn.Module, x: np.ndarray
     return {"factors": rec, "errors": errors}
 
 
-def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print, group=None) -> Dict[int, Dict[str, float]]:
+def run_slw(
+    model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print, group=None
+) -> Dict[int, Dict[str, float]]:
     """Fit every target of ``model`` (a shared Model) against ``original``'s MLPs on captured
     inputs {target: rows}; writes the factors (and any scaling vectors) into ``model`` and
     returns the per-layer errors.
@@ -239,11 +288,16 @@ def run_slw(model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, kind=layer.recovery.kind)
+        out = fit_layer(
+            inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, kind=layer.recovery.kind
+        )
         bar.close()
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
         report[t] = out["errors"]
-        log(f"layer {t:2d} <- {inner.mlp_owner[t]}: rel. error " + ", ".join(f"{k} {v:.3f}" for k, v in out["errors"].items()))
+        log(
+            f"layer {t:2d} <- {inner.mlp_owner[t]}: rel. error "
+            + ", ".join(f"{k} {v:.3f}" for k, v in out["errors"].items())
+        )
     if group is not None and group.size() > 1:
         for t, layer in enumerate(inner.layers):
             if "recovery" in layer:

@@ -33,6 +33,7 @@ from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_mod
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
 from .model import RECOVERY_KINDS, SharpArgs
+from .sft import SFTConfig
 from .slw import SLWConfig, run_slw
 
 SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
@@ -92,7 +93,7 @@ class SFTRun:
 
     model: Path  # a shared model folder
     out: Path
-    sft: "SFTConfig"
+    sft: SFTConfig
     teacher: Optional[Path] = None  # the original, for distillation
     data: Optional[List[Path]] = None  # training files (None: data/*/train.jsonl)
     valid: Optional[List[Path]] = None  # validation files (None: data/*/valid.jsonl)
@@ -105,7 +106,9 @@ def default_data(split: str) -> list:
     files = corpora.files(split)
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise SharpError(f"training data {missing[0]} is missing: run `python -m sharp_mlx.corpora`, or pass --data FILE...")
+        raise SharpError(
+            f"training data {missing[0]} is missing: run `python -m sharp_mlx.corpora`, or pass --data FILE..."
+        )
     return files
 
 
@@ -135,14 +138,27 @@ def save_stage(out: Path, model, config: dict, source: Path, record: dict, force
 def stage_slw(args) -> dict:
     config = read_config(args.model)
     if config.get("sharp", {}).get("share"):
-        raise SharpError(f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model")
+        raise SharpError(
+            f"{args.model} is already a shared model: --stage slw starts from the original (unshared) model"
+        )
     if args.slw_batch_rows < 1:
         raise SharpError(f"--slw-batch-rows must be at least 1, got {args.slw_batch_rows}")
     n = config["num_hidden_layers"]
-    layers = args.layers if args.layers is not None or not sharemap.share_kind(args.share).takes_layers else DEFAULT_LAYERS
+    layers = (
+        args.layers if args.layers is not None or not sharemap.share_kind(args.share).takes_layers else DEFAULT_LAYERS
+    )
     similarity = _similarity(args)
     kind = args.recovery
-    share = sharemap.parse_share(args.share, n, layers=layers, rank=args.rank, cut=args.cut, similarity=similarity, adjacent_only=args.references == "adjacent", kind=kind)
+    share = sharemap.parse_share(
+        args.share,
+        n,
+        layers=layers,
+        rank=args.rank,
+        cut=args.cut,
+        similarity=similarity,
+        adjacent_only=args.references == "adjacent",
+        kind=kind,
+    )
     baseline = sharemap.BASELINES[args.baseline]
     fits = baseline.recovered and args.slw_steps >= 0 and not args.no_slw  # builds recovery factors and fits them here
     if baseline.recovered:
@@ -157,8 +173,13 @@ def stage_slw(args) -> dict:
         windows = calibration_text(args.data or default_data("train"), tokenizer, args.tokens, args.seq_len, args.seed)
     if baseline.recovered and args.rank_allocation == "sensitivity":
         damage = sensitivity(original, config, share, windows[:SENSITIVITY_WINDOWS])
-        rank = sharemap.allocate_ranks(damage, args.rank * len(share), step=min(16, args.rank))  # the same total rank, spread by damage
-        say(distributed.group(), "loss increase without each target's MLP: " + ", ".join(f"{t}: {d:+.3f}" for t, d in damage.items()))
+        rank = sharemap.allocate_ranks(
+            damage, args.rank * len(share), step=min(16, args.rank)
+        )  # the same total rank, spread by damage
+        say(
+            distributed.group(),
+            "loss increase without each target's MLP: " + ", ".join(f"{t}: {d:+.3f}" for t, d in damage.items()),
+        )
         say(distributed.group(), "ranks by target: " + ", ".join(f"{t}: {k}" for t, k in rank.items()))
         for k in rank.values():
             check_rank(k, config)
@@ -176,11 +197,31 @@ def stage_slw(args) -> dict:
         say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
         cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
         captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
-        cfg = SLWConfig(init=args.init, closed_form_down=not args.no_closed_form, steps=args.slw_steps, lr=args.slw_lr, batch_rows=args.slw_batch_rows, seed=args.seed)
-        report = run_slw(model, original, captured["mlp_inputs"], cfg, log=lambda line: say(group, line, every_rank=True), group=group)
+        cfg = SLWConfig(
+            init=args.init,
+            closed_form_down=not args.no_closed_form,
+            steps=args.slw_steps,
+            lr=args.slw_lr,
+            batch_rows=args.slw_batch_rows,
+            seed=args.seed,
+        )
+        report = run_slw(
+            model,
+            original,
+            captured["mlp_inputs"],
+            cfg,
+            log=lambda line: say(group, line, every_rank=True),
+            group=group,
+        )
     say(distributed.group(), sharemap.savings_line(config, share, rank, args.baseline, kind))
-    record = {"stage": "slw", "baseline": args.baseline, "share": {str(k): v for k, v in share.items()}, "rank": SharpArgs(rank=rank).to_dict()["rank"],
-              "recovery": kind, "layers": {str(k): v for k, v in report.items()}}
+    record = {
+        "stage": "slw",
+        "baseline": args.baseline,
+        "share": {str(k): v for k, v in share.items()},
+        "rank": SharpArgs(rank=rank).to_dict()["rank"],
+        "recovery": kind,
+        "layers": {str(k): v for k, v in report.items()},
+    }
     return {"model": model, "config": new_config, "record": record}
 
 
@@ -188,16 +229,27 @@ def check_rank(rank: int, config: dict) -> None:
     """A recovery rank fits between 1 and the smaller of the model's hidden and MLP sizes."""
     top = min(config["hidden_size"], config["intermediate_size"])
     if not 1 <= rank <= top:
-        raise SharpError(f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in that range (--baseline direct shares without recovery)")
+        raise SharpError(
+            f"--rank {rank} is outside 1..{top} (the smaller of the model's hidden and MLP sizes): pass a rank in "
+            "that range (--baseline direct shares without recovery)"
+        )
 
 
 def check_kind(baseline, kind: str, share: dict, rank: int, config: dict) -> None:
     """A recovery kind other than plain transforms borrowed weights: SHARP targets with a reference and a rank only."""
     if baseline.name != "sharp":
-        why = "borrows no weights, so there is nothing to transform" if not baseline.borrows else "has no recovery parameters"
-        raise SharpError(f"--recovery {kind} applies to --baseline sharp; --baseline {baseline.name} {why}: use --recovery plain")
+        why = (
+            "borrows no weights, so there is nothing to transform"
+            if not baseline.borrows
+            else "has no recovery parameters"
+        )
+        raise SharpError(
+            f"--recovery {kind} applies to --baseline sharp; --baseline {baseline.name} {why}: use --recovery plain"
+        )
     try:
-        SharpArgs(share=share, rank=rank, kind=kind).validate(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"])
+        SharpArgs(share=share, rank=rank, kind=kind).validate(
+            config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]
+        )
     except ValueError as e:
         raise SharpError(f"--recovery {kind}: {e}")
 
@@ -211,7 +263,9 @@ def sensitivity(original, config: dict, share: dict, windows) -> dict:
     from .evaluate import window_losses
 
     def loss(model) -> float:  # per token, 4 windows at a time
-        return sum(window_losses(model, windows[i : i + 4]).sum().item() for i in range(0, len(windows), 4)) / (windows.size - len(windows))
+        return sum(window_losses(model, windows[i : i + 4]).sum().item() for i in range(0, len(windows), 4)) / (
+            windows.size - len(windows)
+        )
 
     base = loss(original)
     damage = {}
@@ -225,7 +279,10 @@ def _similarity(args):
         return None
     path = args.analysis or Path("runs/analyze/analysis.json")
     if not path.exists():
-        raise SharpError(f"--share auto needs a layer analysis at {path}: run `python -m sharp_mlx.analyze` first, or pass --analysis FILE")
+        raise SharpError(
+            f"--share auto needs a layer analysis at {path}: run `python -m sharp_mlx.analyze` first, or pass "
+            "--analysis FILE"
+        )
     return json.loads(path.read_text())
 
 
@@ -236,7 +293,10 @@ def stage_sft(args: SFTRun) -> dict:
     sharp = SharpArgs.from_dict(config.get("sharp"))
     if not any(sharp.rank_of(t) > 0 for t in sharp.share) and not args.sft.lora_rank > 0:
         what = "shares no layers" if not sharp.share else "has rank-0 targets (a pruned MLP)"
-        raise SharpError(f"{args.model} {what}, so it has no recovery factors to train: make a shared model with --stage slw first, or fine-tune this one with LoRA (--lora-rank R)")
+        raise SharpError(
+            f"{args.model} {what}, so it has no recovery factors to train: make a shared model with --stage slw "
+            "first, or fine-tune this one with LoRA (--lora-rank R)"
+        )
     model, tokenizer = load(args.model)
     teacher = load(args.teacher)[0] if args.teacher else None
     cfg = args.sft
@@ -247,7 +307,9 @@ def stage_sft(args: SFTRun) -> dict:
     tokens, mask = (np.concatenate([s[i] for s in train]) for i in (0, 1))
     valid_tokens = np.concatenate([s for s, _ in valid])
     run_dir = args.run_dir or Path("runs") / args.out.name
-    summary = train_sft(model, tokens, mask, valid_tokens, cfg, run_dir, teacher=teacher, resume=args.resume, group=distributed.group())
+    summary = train_sft(
+        model, tokens, mask, valid_tokens, cfg, run_dir, teacher=teacher, resume=args.resume, group=distributed.group()
+    )
     if cfg.lora_rank > 0:
         merge_lora(model)  # LoRA folded into plain weights: the folder keeps its config's names
     return {"model": model, "config": config, "record": {"stage": "sft", "config": asdict(cfg), "summary": summary}}
@@ -256,33 +318,98 @@ def stage_sft(args: SFTRun) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .sft import SFTConfig
 
-    p = ArgumentParser(prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("slw", "sft"), required=True, help="slw: build + warm up from the original; sft: fine-tune a shared model")
-    p.add_argument("--model", type=Path, required=True, help="input model folder (the original for slw, a shared model for sft)")
+    p = ArgumentParser(
+        prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--stage",
+        choices=("slw", "sft"),
+        required=True,
+        help="slw: build + warm up from the original; sft: fine-tune a shared model",
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="input model folder (the original for slw, a shared model for sft)"
+    )
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", type=Path, nargs="+", help="training / calibration files (default: data/*/train.jsonl)")
     p.add_argument("--seed", type=int, default=SLWRun.seed, help="random seed (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=SLWRun.seq_len, help="tokens per window (default: %(default)s)")
     g = p.add_argument_group("share map (slw)")
-    g.add_argument("--share", default=SLWRun.share, help="next | next:K | auto | JSON map or file (default: %(default)s)")
+    g.add_argument(
+        "--share", default=SLWRun.share, help="next | next:K | auto | JSON map or file (default: %(default)s)"
+    )
     g.add_argument("--layers", help=f"layer range A:B for next, next:K and auto (default: {DEFAULT_LAYERS})")
     g.add_argument("--cut", type=float, help="stored-MLP fraction to remove, for --share auto")
-    g.add_argument("--analysis", type=Path, help="analysis.json from sharp_mlx.analyze, for --share auto (default: runs/analyze/analysis.json)")
-    g.add_argument("--references", choices=("adjacent", "any"), default=SLWRun.references, help="--share auto: a reference is the layer right before its target, or any earlier layer the analysis measured (analyze --all-pairs) (default: %(default)s)")
+    g.add_argument(
+        "--analysis",
+        type=Path,
+        help="analysis.json from sharp_mlx.analyze, for --share auto (default: runs/analyze/analysis.json)",
+    )
+    g.add_argument(
+        "--references",
+        choices=("adjacent", "any"),
+        default=SLWRun.references,
+        help=(
+            "--share auto: a reference is the layer right before its target, or any earlier layer the analysis "
+            "measured (analyze --all-pairs) (default: %(default)s)"
+        ),
+    )
     g.add_argument("--rank", type=int, default=SLWRun.rank, help="recovery rank per target (default: %(default)s)")
-    g.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default=SLWRun.rank_allocation, help="uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: %(default)s)")
-    g.add_argument("--baseline", choices=list(sharemap.BASELINES), default=SLWRun.baseline, help="what to build at the targets (default: %(default)s)")
-    g.add_argument("--recovery", choices=list(RECOVERY_KINDS), default=SLWRun.recovery, help="recovery kind: plain (W_t ~= W_r + B A) or scaled (also a row and a column scaling vector per borrowed weight, W_t ~= diag(out) W_r diag(in) + B A: one rank's worth of parameters, so --rank 63 --recovery scaled matches --rank 64) (default: %(default)s)")
-    g.add_argument("--scales", dest="recovery", action="store_const", const="scaled", help="the same as --recovery scaled")
+    g.add_argument(
+        "--rank-allocation",
+        choices=("uniform", "sensitivity"),
+        default=SLWRun.rank_allocation,
+        help=(
+            "uniform: --rank at every target; sensitivity: the same total rank split in steps of 16 (or --rank, if "
+            "smaller) by how much the loss on calibration text rises when each target's MLP is removed (default: "
+            "%(default)s)"
+        ),
+    )
+    g.add_argument(
+        "--baseline",
+        choices=list(sharemap.BASELINES),
+        default=SLWRun.baseline,
+        help="what to build at the targets (default: %(default)s)",
+    )
+    g.add_argument(
+        "--recovery",
+        choices=list(RECOVERY_KINDS),
+        default=SLWRun.recovery,
+        help=(
+            "recovery kind: plain (W_t ~= W_r + B A) or scaled (also a row and a column scaling vector per borrowed "
+            "weight, W_t ~= diag(out) W_r diag(in) + B A: one rank's worth of parameters, so --rank 63 --recovery "
+            "scaled matches --rank 64) (default: %(default)s)"
+        ),
+    )
+    g.add_argument(
+        "--scales", dest="recovery", action="store_const", const="scaled", help="the same as --recovery scaled"
+    )
     g = p.add_argument_group("single layer warmup (slw)")
     g.add_argument("--tokens", type=int, default=SLWRun.tokens, help="calibration tokens (default: %(default)s)")
-    g.add_argument("--init", choices=("zero", "svd", "asvd"), default=SLWRun.init, help="factor initialisation (default: %(default)s)")
+    g.add_argument(
+        "--init",
+        choices=("zero", "svd", "asvd"),
+        default=SLWRun.init,
+        help="factor initialisation (default: %(default)s)",
+    )
     g.add_argument("--no-closed-form", action="store_true", help="skip the exact down-projection fit")
-    g.add_argument("--slw-steps", type=int, default=SLWRun.slw_steps, help="Adam steps per layer after the closed-form fits (default: %(default)s)")
+    g.add_argument(
+        "--slw-steps",
+        type=int,
+        default=SLWRun.slw_steps,
+        help="Adam steps per layer after the closed-form fits (default: %(default)s)",
+    )
     g.add_argument("--slw-lr", type=float, default=SLWRun.slw_lr, help="SLW Adam learning rate (default: %(default)s)")
-    g.add_argument("--slw-batch-rows", type=int, default=SLWRun.slw_batch_rows, help="token rows per SLW Adam step (default: %(default)s)")
-    g.add_argument("--no-slw", action="store_true", help="build the shared model with fresh factors only (the SFT-only baseline)")
+    g.add_argument(
+        "--slw-batch-rows",
+        type=int,
+        default=SLWRun.slw_batch_rows,
+        help="token rows per SLW Adam step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-slw", action="store_true", help="build the shared model with fresh factors only (the SFT-only baseline)"
+    )
     g.add_argument("--cache-dir", type=Path, help="where captured inputs go (default: in memory)")
     g = p.add_argument_group("supervised fine-tuning (sft)")
     g.add_argument("--teacher", type=Path, help="the original model, for distillation")
@@ -296,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = type(f.default) if f.default is not None else int
         if kind is bool:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"SFT: {SFT_HELP[f.name]} (default: {f.default})")
+            g.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                help=f"SFT: {SFT_HELP[f.name]} (default: {f.default})",
+            )
         else:
             g.add_argument(flag, dest=f.name, type=kind, help=f"SFT: {SFT_HELP[f.name]} (default: {f.default})")
     return p
@@ -322,8 +454,13 @@ def run_from_args(args):
     if args.stage == "slw":
         return SLWRun(**{f.name: getattr(args, f.name) for f in fields(SLWRun)})
     if args.recovery != "plain":
-        raise SharpError(f"--recovery applies to --stage slw, which builds the shared model; SFT trains whatever recovery parameters its model has: drop --recovery {args.recovery}")
-    sft = SFTConfig(**{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None})
+        raise SharpError(
+            "--recovery applies to --stage slw, which builds the shared model; SFT trains whatever recovery "
+            f"parameters its model has: drop --recovery {args.recovery}"
+        )
+    sft = SFTConfig(
+        **{f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None}
+    )
     return SFTRun(sft=sft, **{f.name: getattr(args, f.name) for f in fields(SFTRun) if f.name != "sft"})
 
 

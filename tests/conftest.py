@@ -29,7 +29,11 @@ def tiny_model(share=None, rank=0, seed=0, scales=False, **overrides):
     from sharp_mlx.model import Model, ModelArgs
 
     mx.random.seed(seed)
-    config = {**TINY, **overrides, "sharp": {"share": share or {}, "rank": rank, **({"recovery": "scaled"} if scales else {})}}
+    config = {
+        **TINY,
+        **overrides,
+        "sharp": {"share": share or {}, "rank": rank, **({"recovery": "scaled"} if scales else {})},
+    }
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     return model, config

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model  # noqa: E402
+
 from sharp_mlx import distributed, sharemap  # noqa: E402
 from sharp_mlx.sft import SFTConfig, train_sft  # noqa: E402
 from sharp_mlx.slw import SLWConfig, run_slw  # noqa: E402
@@ -36,7 +37,14 @@ def main(out: Path, batch_size: int) -> None:
     tic = time.perf_counter()
     rows = {t: np.random.default_rng(t).normal(size=(600, 64)).astype(np.float16) for t in SHARE}
     mine = distributed.shard(sorted(SHARE), group)
-    report = run_slw(model, original, {t: rows[t] for t in mine}, SLWConfig(steps=30, batch_rows=128), log=lambda s: None, group=group)
+    report = run_slw(
+        model,
+        original,
+        {t: rows[t] for t in mine},
+        SLWConfig(steps=30, batch_rows=128),
+        log=lambda s: None,
+        group=group,
+    )
     result = {"slw_report": {str(t): e for t, e in report.items()}, "slw_s": time.perf_counter() - tic}
     if main_rank:
         np.savez(out / "slw.npz", **factors(model))
@@ -45,9 +53,20 @@ def main(out: Path, batch_size: int) -> None:
     rng = np.random.default_rng(0)
     train = rng.integers(0, 101, 16 * 32 + 1).astype(np.int32)  # 16 windows of 32+1
     valid = rng.integers(0, 101, 4 * 32 + 1).astype(np.int32)
-    cfg = SFTConfig(steps=6, batch_size=batch_size, seq_len=32, loss="kd", learning_rate=1e-2, warmup_steps=1,
-                    eval_every=3, eval_windows=2, save_every=3)
-    mask = (rng.random(len(train)) < np.repeat(rng.random(len(train) // 32 + 1), 32)[: len(train)]).astype(np.int32)  # uneven per window
+    cfg = SFTConfig(
+        steps=6,
+        batch_size=batch_size,
+        seq_len=32,
+        loss="kd",
+        learning_rate=1e-2,
+        warmup_steps=1,
+        eval_every=3,
+        eval_windows=2,
+        save_every=3,
+    )
+    mask = (rng.random(len(train)) < np.repeat(rng.random(len(train) // 32 + 1), 32)[: len(train)]).astype(
+        np.int32
+    )  # uneven per window
     summary = train_sft(model, train, mask, valid, cfg, out / "run", teacher=original, log=lambda s: None, group=group)
     result.update(sft_history=summary["train_history"], processes=summary["processes"], sft_s=time.perf_counter() - tic)
     if main_rank:

@@ -7,11 +7,11 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import FIXTURES, TINY, tiny_model
 from mlx_lm.models import llama
 
 from sharp_mlx import analyze
 from sharp_mlx.sharemap import parse_share
-from conftest import FIXTURES, TINY, tiny_model
 
 PROJ = ("gate", "up", "down")
 
@@ -93,7 +93,19 @@ def test_all_pairs_table_plot_and_auto(tmp_path):
 def test_cli_on_real_model(real_model_dir, tmp_path, capsys):
     out = tmp_path / "an"
     # The fixture, not data/: the test must pass on a fresh clone that has fetched no corpora.
-    argv = ["--model", str(real_model_dir), "--data", str(FIXTURES / "prose.txt"), "--tokens", "640", "--seq-len", "128", "--out", str(out), "--json"]
+    argv = [
+        "--model",
+        str(real_model_dir),
+        "--data",
+        str(FIXTURES / "prose.txt"),
+        "--tokens",
+        "640",
+        "--seq-len",
+        "128",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert analyze.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((out / "analysis.json").read_text())
@@ -118,11 +130,15 @@ def test_cli_errors(real_model_dir, tmp_path, capsys, monkeypatch):
         return lines[0]
 
     assert "nope.jsonl" in error(["--model", str(real_model_dir), "--data", "nope.jsonl"])
-    assert "--rank must be between 0 and 576" in error(["--model", str(real_model_dir), "--data", str(FIXTURES / "prose.txt"), "--rank", "600"])
+    assert "--rank must be between 0 and 576" in error(
+        ["--model", str(real_model_dir), "--data", str(FIXTURES / "prose.txt"), "--rank", "600"]
+    )
     model, config = tiny_model(share={3: 2}, rank=2)
     from sharp_mlx import save
 
     save(tmp_path / "shared", model, config)
-    assert "already shares layers" in error(["--model", str(tmp_path / "shared"), "--data", str(FIXTURES / "prose.txt")])
+    assert "already shares layers" in error(
+        ["--model", str(tmp_path / "shared"), "--data", str(FIXTURES / "prose.txt")]
+    )
     monkeypatch.chdir(tmp_path)
     assert "python -m sharp_mlx.corpora" in error([])

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from tiny_folder import write_text_data, write_tiny_model
 
 from sharp_mlx import bench
 from sharp_mlx.errors import SharpError
 from sharp_mlx.quantize import quantize_model_folder
-from tiny_folder import write_text_data, write_tiny_model
 
 
 def test_bench_reports_every_row_against_mlx_lm(tmp_path):
@@ -16,8 +16,26 @@ def test_bench_reports_every_row_against_mlx_lm(tmp_path):
     q = quantize_model_folder(plain, tmp_path / "plain-8bit", bits=8, group_size=32, from_gguf="none")["out"]
     data = write_text_data(tmp_path / "test.jsonl")
     out = tmp_path / "report" / "bench"
-    argv = ["--row", f"{bench.REFERENCE}@mlx_lm={q}", "--row", f"same folder={q}", "--row", f"shared={float_dir}",
-            "--reps", "1", "--max-tokens", "3", "--seq-len", "16", "--ppl-windows", "2", "--data", str(data), "--out", str(out)]
+    argv = [
+        "--row",
+        f"{bench.REFERENCE}@mlx_lm={q}",
+        "--row",
+        f"same folder={q}",
+        "--row",
+        f"shared={float_dir}",
+        "--reps",
+        "1",
+        "--max-tokens",
+        "3",
+        "--seq-len",
+        "16",
+        "--ppl-windows",
+        "2",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) in (None, 0)
     report = json.loads(out.with_suffix(".json").read_text())
     rows = report["rows"]
@@ -53,7 +71,21 @@ def test_cold_runs_read_the_weights_from_disk(tmp_path):
     plain = write_tiny_model(tmp_path / "plain")
     q = quantize_model_folder(plain, tmp_path / "plain-8bit", bits=8, group_size=32, from_gguf="none")["out"]
     out = tmp_path / "bench"
-    argv = ["--row", f"{bench.REFERENCE}@mlx_lm={q}", "--reps", "1", "--prompts", "1", "--max-tokens", "2", "--ppl-windows", "0", "--cold", "--out", str(out)]
+    argv = [
+        "--row",
+        f"{bench.REFERENCE}@mlx_lm={q}",
+        "--reps",
+        "1",
+        "--prompts",
+        "1",
+        "--max-tokens",
+        "2",
+        "--ppl-windows",
+        "0",
+        "--cold",
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) in (None, 0)
     assert json.loads(out.with_suffix(".json").read_text())["config"]["cold"] is True
     assert "cold: the weight files were dropped" in out.with_suffix(".md").read_text()
@@ -62,7 +94,22 @@ def test_cold_runs_read_the_weights_from_disk(tmp_path):
 def test_reference_adds_the_original_and_mlx_lms_4bit_of_it(tmp_path):
     plain = write_tiny_model(tmp_path / "plain")
     out = tmp_path / "bench"
-    argv = ["--reference", str(plain), "--row", f"mine={plain}", "--reps", "1", "--prompts", "1", "--max-tokens", "2", "--ppl-windows", "0", "--out", str(out)]
+    argv = [
+        "--reference",
+        str(plain),
+        "--row",
+        f"mine={plain}",
+        "--reps",
+        "1",
+        "--prompts",
+        "1",
+        "--max-tokens",
+        "2",
+        "--ppl-windows",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) in (None, 0)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert list(rows) == ["original", bench.REFERENCE, "mine"]

@@ -8,15 +8,22 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY, tiny_model
 from tiny_folder import write_gguf
+
 from sharp_mlx import convert, evaluate, generate
 
 
 def run_module(module, *args, env=None):
     """Run ``python -m module args`` in a fresh process; (returncode, stdout, stderr)."""
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -30,7 +37,19 @@ def test_generate_cli_answers_and_times(real_model_dir, capsys):
 
 
 def test_generate_cli_samples_reproducibly(real_model_dir, capsys):
-    args = ["--model", str(real_model_dir), "--max-tokens", "12", "--temp", "0.9", "--top-p", "0.9", "--seed", "7", "--json"]
+    args = [
+        "--model",
+        str(real_model_dir),
+        "--max-tokens",
+        "12",
+        "--temp",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--json",
+    ]
     generate.main(args)
     first = json.loads(capsys.readouterr().out)["text"]
     generate.main(args)
@@ -67,7 +86,9 @@ def test_broken_model_folders_are_one_line_errors(tmp_path):
 
     good = save(tmp_path / "good", model, config)
     (tmp_path / "empty").mkdir()
-    one_line_error(*run_module("sharp_mlx.evaluate", "--model", tmp_path / "empty", "--data", "x.txt"), "no config.json")
+    one_line_error(
+        *run_module("sharp_mlx.evaluate", "--model", tmp_path / "empty", "--data", "x.txt"), "no config.json"
+    )
 
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
@@ -98,7 +119,9 @@ def test_convert_refuses_to_overwrite(real_model_dir):
 
 
 def test_convert_hub_id_offline_is_clear(tmp_path):
-    rc, out, err = run_module("sharp_mlx.convert", "--source", "some-org/some-model", "--out", tmp_path / "m", env={"HF_HUB_OFFLINE": "1"})
+    rc, out, err = run_module(
+        "sharp_mlx.convert", "--source", "some-org/some-model", "--out", tmp_path / "m", env={"HF_HUB_OFFLINE": "1"}
+    )
     one_line_error(rc, out, err, "could not download", "some-org/some-model")
 
 

@@ -9,43 +9,61 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from tiny_folder import write_tiny_model
 
 import sharp_mlx
 from sharp_mlx import cloze
 from sharp_mlx.data import DataError
-from tiny_folder import write_tiny_model
 
 # Five short texts on unrelated topics: a model that follows the context tells the true next
 # sentence from ones of the other texts; one that does not is right a quarter of the time.
 TOPICS = [
-    "To bake a simple loaf of bread, you need flour, water, salt and yeast. First, dissolve the yeast in a cup of warm water. "
-    "Then mix the flour and the salt in a large bowl. Pour the water into the flour and stir until a rough dough forms. "
+    "To bake a simple loaf of bread, you need flour, water, salt and yeast. First, dissolve the yeast in a cup of "
+    "warm water. "
+    "Then mix the flour and the salt in a large bowl. Pour the water into the flour and stir until a rough dough "
+    "forms. "
     "Knead the dough on a floured table for about ten minutes. It should become smooth and elastic under your hands. "
-    "Put the dough back in the bowl and cover it with a damp cloth. Let it rise in a warm place until it doubles in size. "
-    "Shape the dough into a loaf and place it on a baking tray. Bake it in a hot oven for forty minutes until the crust is brown. "
+    "Put the dough back in the bowl and cover it with a damp cloth. Let it rise in a warm place until it doubles in "
+    "size. "
+    "Shape the dough into a loaf and place it on a baking tray. Bake it in a hot oven for forty minutes until the "
+    "crust is brown. "
     "Let the bread cool on a rack before you cut the first slice.",
     "The solar system has eight planets that orbit the sun. Mercury is the smallest planet and the closest to the sun. "
     "Venus is covered by thick clouds of sulfuric acid. Earth is the only planet known to support life. "
-    "Mars is a cold desert world with a thin atmosphere of carbon dioxide. Jupiter is the largest planet, a giant ball of gas. "
+    "Mars is a cold desert world with a thin atmosphere of carbon dioxide. Jupiter is the largest planet, a giant "
+    "ball of gas. "
     "Its famous red spot is a storm larger than the whole Earth. Saturn is known for its bright rings of ice and rock. "
-    "Uranus rotates on its side, perhaps because of an ancient collision. Neptune is the farthest planet and has the strongest winds. "
+    "Uranus rotates on its side, perhaps because of an ancient collision. Neptune is the farthest planet and has the "
+    "strongest winds. "
     "Beyond Neptune lies the Kuiper belt, home to Pluto and many icy bodies.",
-    "The home team started the match with great energy in front of a full stadium. In the tenth minute their striker shot from the edge of the box. "
-    "The goalkeeper dived to his left and pushed the ball around the post. From the corner kick the captain headed the ball into the net. "
-    "The visitors slowly took control of the midfield after the first goal. Just before half time they equalised with a low shot. "
-    "In the second half both teams created several chances but missed them. With five minutes left the referee awarded a penalty. "
-    "The young winger stepped up and calmly scored his first goal of the season. The fans sang loudly until the final whistle. "
+    "The home team started the match with great energy in front of a full stadium. In the tenth minute their striker "
+    "shot from the edge of the box. "
+    "The goalkeeper dived to his left and pushed the ball around the post. From the corner kick the captain headed "
+    "the ball into the net. "
+    "The visitors slowly took control of the midfield after the first goal. Just before half time they equalised with "
+    "a low shot. "
+    "In the second half both teams created several chances but missed them. With five minutes left the referee "
+    "awarded a penalty. "
+    "The young winger stepped up and calmly scored his first goal of the season. The fans sang loudly until the final "
+    "whistle. "
     "After the game the coach praised the spirit of his players.",
-    "To start a new Python project, first create a virtual environment. Run python -m venv .venv in the project folder. "
-    "Then activate the environment with the activate script in its bin folder. Your shell prompt now shows the name of the environment. "
-    "Install the packages you need with pip install followed by their names. Write the installed versions to a requirements file with pip freeze. "
-    "Commit the requirements file so that others can install the same versions. When you are done working, type deactivate to leave the environment. "
+    "To start a new Python project, first create a virtual environment. Run python -m venv .venv in the project "
+    "folder. "
+    "Then activate the environment with the activate script in its bin folder. Your shell prompt now shows the name "
+    "of the environment. "
+    "Install the packages you need with pip install followed by their names. Write the installed versions to a "
+    "requirements file with pip freeze. "
+    "Commit the requirements file so that others can install the same versions. When you are done working, type "
+    "deactivate to leave the environment. "
     "Never commit the virtual environment folder itself to the repository. Add it to the gitignore file instead.",
-    "An old fisherman lived alone in a small hut by the sea. Every morning before sunrise he pushed his wooden boat into the water. "
+    "An old fisherman lived alone in a small hut by the sea. Every morning before sunrise he pushed his wooden boat "
+    "into the water. "
     "He rowed far beyond the rocks where the big fish were hiding. One day he felt a heavy pull on his line. "
     "He held the line with both hands for many hours. The fish dragged the little boat further and further out to sea. "
-    "At last, as the sun went down, the great fish rose to the surface. It was longer than the boat and shone like silver. "
-    "The old man tied the fish to the side of his boat and turned toward home. But on the way back the sharks came and ate it piece by piece. "
+    "At last, as the sun went down, the great fish rose to the surface. It was longer than the boat and shone like "
+    "silver. "
+    "The old man tied the fish to the side of his boat and turned toward home. But on the way back the sharks came "
+    "and ate it piece by piece. "
     "When he reached the shore only the skeleton was left.",
 ]
 WORDS = "the a model layer shares its weights with low rank factors and small cost while we train every block of text".split()
@@ -85,14 +103,20 @@ def brute_force(model, item):
         seq = item["context"] + choice
         logp = nn.log_softmax(model(mx.array([seq[:-1]])).astype(mx.float32), axis=-1)[0]  # (T-1, vocab)
         targets = np.array(seq[1:])
-        out.append(float(np.array(logp)[np.arange(len(targets)), targets][-len(choice):].mean()))
+        out.append(float(np.array(logp)[np.arange(len(targets)), targets][-len(choice) :].mean()))
     return out
 
 
 def test_sentence_rule():
-    text = "Mr. Smith went home. He slept well!\nThen \"Why?\" she asked.  Dr. J. Watson came\n\nlater"
+    text = 'Mr. Smith went home. He slept well!\nThen "Why?" she asked.  Dr. J. Watson came\n\nlater'
     assert [text[s:e] for s, e in cloze.sentence_spans(text)] == [
-        "Mr. Smith went home.", "He slept well!", 'Then "Why?"', "she asked.", "Dr. J. Watson came", "later"]
+        "Mr. Smith went home.",
+        "He slept well!",
+        'Then "Why?"',
+        "she asked.",
+        "Dr. J. Watson came",
+        "later",
+    ]
     assert cloze.usable("one two three four") and not cloze.usable("one two three") and not cloze.usable("w " * 41)
 
 
@@ -100,7 +124,9 @@ def test_items_are_seeded_and_honest(tiny):
     _, tokenizer, path = tiny
     items = cloze.build_items(path, tokenizer, 12, choices=4, context_tokens=16, seed=0)
     assert items == cloze.build_items(path, tokenizer, 12, choices=4, context_tokens=16, seed=0)
-    assert [i["choice_texts"] for i in items] != [i["choice_texts"] for i in cloze.build_items(path, tokenizer, 12, 4, 16, seed=1)]
+    assert [i["choice_texts"] for i in items] != [
+        i["choice_texts"] for i in cloze.build_items(path, tokenizer, 12, 4, 16, seed=1)
+    ]
     file_text = "".join(json.loads(line)["text"] + "\n" for line in path.read_text().splitlines())
     sentences = {file_text[s:e] for s, e in cloze.sentence_spans(file_text)}
     assert len({i["source"] for i in items}) == 12
@@ -110,7 +136,9 @@ def test_items_are_seeded_and_honest(tiny):
         assert len(texts) == 4 and texts.count(true) == 1 and len(set(texts)) == 4
         # The true sentence follows its context in the file (the character tokenizer reads a run of
         # newlines as one unknown token).
-        assert re.search(re.escape(item["context_text"]).replace(re.escape("<unk>"), "\n+") + re.escape(true), file_text)
+        assert re.search(
+            re.escape(item["context_text"]).replace(re.escape("<unk>"), "\n+") + re.escape(true), file_text
+        )
         assert len(item["context"]) == 16
         for text, ids in zip(texts, item["choices"]):
             assert tokenizer.decode(ids) == text  # the scored tokens are the choice's text
@@ -135,7 +163,9 @@ def test_scores_equal_one_sequence_at_a_time(tiny):
 
 def test_real_model_beats_chance(real_model, tmp_path):
     model, tokenizer = real_model
-    items = cloze.build_items(write_topics(tmp_path / "topics.jsonl"), tokenizer, 8, choices=4, context_tokens=32, seed=0)
+    items = cloze.build_items(
+        write_topics(tmp_path / "topics.jsonl"), tokenizer, 8, choices=4, context_tokens=32, seed=0
+    )
     assert {i["source"].split(":")[1] for i in items} != {"0"}  # the items span the texts
     result = cloze.score(model, items)
     # It gets 6 of 8 at seeds 0-3; at chance (1/4), 5 or more of 8 happens with probability 2.7%.

@@ -5,15 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sharp_mlx.data import (DataError, batches, load_records, load_tokens, tokenize_record,
-                            windows)
+from sharp_mlx import corpora
+from sharp_mlx.data import DataError, batches, load_records, load_tokens, tokenize_record, windows
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "models" / "smollm2-135m-instruct"
-
-from sharp_mlx import corpora
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +20,7 @@ def tokenizer():
     if not (TOKENIZER / "tokenizer.json").exists():
         pytest.skip(f"no tokenizer at {TOKENIZER}")
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
@@ -31,37 +31,49 @@ def write(path: Path, lines) -> Path:
 
 # ---------------------------------------------------------------------------- fetch parsing
 
+
 def test_strip_gutenberg_keeps_only_the_body():
-    text = ("The Project Gutenberg EBook of Hamlet\r\nRelease Date: 1998\r\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
-            "HAMLET\r\n\r\nTo be, or not to be.\r\n\r\n"
-            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nLicence text.\r\n")
+    text = (
+        "The Project Gutenberg EBook of Hamlet\r\nRelease Date: 1998\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
+        "HAMLET\r\n\r\nTo be, or not to be.\r\n\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nLicence text.\r\n"
+    )
     assert corpora.strip_gutenberg(text) == "HAMLET\n\nTo be, or not to be."
     assert corpora.strip_gutenberg("\nNo markers here.\n") == "No markers here."
 
 
 def test_brown_to_text_strips_tags_and_fixes_spacing():
-    tagged = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, (/( yes/rb )/) "
-              "./.\n\tIt/pps was/bedz cut/vbn ;/. ;/.\n\n\n\tWhy/wrb ?/. ?/.\n")
-    assert corpora.brown_to_text(tagged) == (
-        'The jury said "no evidence", (yes). It was cut;\n\nWhy?')
+    tagged = (
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, (/( yes/rb )/) "
+        "./.\n\tIt/pps was/bedz cut/vbn ;/. ;/.\n\n\n\tWhy/wrb ?/. ?/.\n"
+    )
+    assert corpora.brown_to_text(tagged) == ('The jury said "no evidence", (yes). It was cut;\n\nWhy?')
 
 
 def test_recover_json_array_drops_only_the_truncated_tail():
     records = [{"id": f"a_{i}", "v": "x, ]} {"} for i in range(3)]
     text = json.dumps(records, indent=2)
     assert corpora.recover_json_array(text) == records
-    cut = text[:text.rindex('"x, ]} {"')]  # inside the last record
+    cut = text[: text.rindex('"x, ]} {"')]  # inside the last record
     assert corpora.recover_json_array(cut) == records[:2]
 
 
 def test_sharegpt_messages_maps_roles_and_trims():
-    turns = [{"from": "gpt", "value": "leading"}, {"from": "system", "value": "sys"},
-             {"from": "human", "value": "q1"}, {"from": "human", "value": " q2 "},
-             {"from": "bing", "value": "other"}, {"from": "gpt", "value": ""},
-             {"from": "gpt", "value": "a"}, {"from": "human", "value": "unanswered"}]
+    turns = [
+        {"from": "gpt", "value": "leading"},
+        {"from": "system", "value": "sys"},
+        {"from": "human", "value": "q1"},
+        {"from": "human", "value": " q2 "},
+        {"from": "bing", "value": "other"},
+        {"from": "gpt", "value": ""},
+        {"from": "gpt", "value": "a"},
+        {"from": "human", "value": "unanswered"},
+    ]
     assert corpora.sharegpt_messages(turns) == [
-        {"role": "user", "content": "q1\n\nq2"}, {"role": "assistant", "content": "a"}]
+        {"role": "user", "content": "q1\n\nq2"},
+        {"role": "assistant", "content": "a"},
+    ]
     assert corpora.sharegpt_messages([{"from": "human", "value": "q"}]) == []
 
 
@@ -86,8 +98,10 @@ def test_chunk_text_keeps_every_character_within_limit(parts):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, max_size=8), st.integers(1, 50_000), max_size=60),
-       st.randoms(use_true_random=False))
+@given(
+    st.dictionaries(st.text(min_size=1, max_size=8), st.integers(1, 50_000), max_size=60),
+    st.randoms(use_true_random=False),
+)
 def test_assign_splits_is_order_free_disjoint_and_filled(sizes, rng):
     splits = corpora.assign_splits(sizes, max_train_chars=100_000)
     shuffled = list(sizes.items())
@@ -105,9 +119,13 @@ def test_assign_splits_is_order_free_disjoint_and_filled(sizes, rng):
 
 # ---------------------------------------------------------------------------- loading
 
+
 def test_load_records_detects_each_format(tmp_path):
-    cases = {"text": {"text": "hi"}, "completions": {"prompt": "p", "completion": "c"},
-             "chat": {"messages": [{"role": "user", "content": "u"}]}}
+    cases = {
+        "text": {"text": "hi"},
+        "completions": {"prompt": "p", "completion": "c"},
+        "chat": {"messages": [{"role": "user", "content": "u"}]},
+    }
     for fmt, record in cases.items():
         path = write(tmp_path / f"{fmt}.jsonl", [json.dumps(record), "", json.dumps(record)])
         assert load_records(path) == (fmt, [record, record])
@@ -115,15 +133,18 @@ def test_load_records_detects_each_format(tmp_path):
     assert load_records(tmp_path / "book.txt") == ("text", [{"text": "line one\n\nline two\n"}])
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([], "is empty"),
-    (["", "  "], "is empty"),
-    (['{"text": "a"}', '{"text": "b"}', '{"text": oops}'], ":3: malformed JSON"),
-    (['{"input": "a"}'], ':1: unknown record format with keys [\'input\']; expected {"text"}'),
-    (['{"text": "a"}', '{"prompt": "p", "completion": "c"}'], ":2: expected string field"),
-    (['["text"]'], ":1: expected a JSON object, got list"),
-    (['{"messages": [{"role": "user"}]}'], ':1: expected "messages" to be a non-empty list'),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], "is empty"),
+        (["", "  "], "is empty"),
+        (['{"text": "a"}', '{"text": "b"}', '{"text": oops}'], ":3: malformed JSON"),
+        (['{"input": "a"}'], ":1: unknown record format with keys ['input']; expected {\"text\"}"),
+        (['{"text": "a"}', '{"prompt": "p", "completion": "c"}'], ":2: expected string field"),
+        (['["text"]'], ":1: expected a JSON object, got list"),
+        (['{"messages": [{"role": "user"}]}'], ':1: expected "messages" to be a non-empty list'),
+    ],
+)
 def test_load_records_errors_name_the_problem(tmp_path, lines, message):
     path = write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError) as info:
@@ -142,6 +163,7 @@ def test_load_records_missing_file_and_bad_encoding(tmp_path):
 
 # ---------------------------------------------------------------------------- tokenizing
 
+
 def test_text_records_end_with_eos_and_train_everything(tokenizer):
     tokens, mask = tokenize_record(tokenizer, {"text": "To be, or not to be."}, "text")
     assert tokens[-1] == tokenizer.eos_token_id and mask == [1] * len(tokens)
@@ -149,11 +171,13 @@ def test_text_records_end_with_eos_and_train_everything(tokenizer):
 
 
 def test_chat_mask_covers_only_assistant_turns(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Name a prime."},
-                {"role": "assistant", "content": "Seven."},
-                {"role": "user", "content": "Another?"},
-                {"role": "assistant", "content": "Eleven, then thirteen."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Eleven, then thirteen."},
+    ]
     tokens, mask = tokenize_record(tokenizer, {"messages": messages}, "chat")
     tokens, mask = np.array(tokens), np.array(mask)
     trained = tokenizer.decode(tokens[mask == 1])
@@ -166,6 +190,7 @@ def test_chat_mask_covers_only_assistant_turns(tokenizer):
 
 class CharTokenizer:
     """One token per character, and a template "<role>content</>" (no model files needed)."""
+
     chat_template, eos_token_id = "<role>content</>", 0
 
     def __init__(self, count_prefix=False):
@@ -181,8 +206,12 @@ class CharTokenizer:
 
 
 def test_chat_mask_with_a_char_tokenizer():
-    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                {"role": "tool", "content": "T"}, {"role": "assistant", "content": "A2"}]
+    messages = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "tool", "content": "T"},
+        {"role": "assistant", "content": "A2"},
+    ]
     tokens, mask = tokenize_record(CharTokenizer(), {"messages": messages}, "chat")
     text = "".join(chr(t) for t in tokens)
     assert text == "<user>Q1</><assistant>A1</><tool>T</><assistant>A2</>"
@@ -206,6 +235,7 @@ def test_completion_mask_covers_only_the_completion(tokenizer, tmp_path):
 
 # ---------------------------------------------------------------------------- packing
 
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 300), st.integers(1, 40))
 def test_windows_score_each_target_once(n, length):
@@ -215,7 +245,7 @@ def test_windows_score_each_target_once(n, length):
     assert scored == max(n - 1, 0) // length * length == rows.shape[0] * length
     if scored:
         assert rows.shape[1] == length + 1
-        assert np.array_equal(rows[:, 1:].reshape(-1), tokens[1:scored + 1])
+        assert np.array_equal(rows[:, 1:].reshape(-1), tokens[1 : scored + 1])
         assert np.array_equal(rows[:, 0], tokens[0:scored:length])
 
 

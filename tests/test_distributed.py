@@ -6,12 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import distributed_worker
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import distributed_worker
 from conftest import ROOT
+
 from sharp_mlx import distributed
 
 LAUNCH = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
@@ -48,8 +48,18 @@ def test_two_ring_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     # Two processes of batch 2 together take the same global batches as one process of batch 4.
-    cmd = [LAUNCH, "--backend", "ring", "--hosts", "127.0.0.1,127.0.0.1", "--python", sys.executable,
-           str(ROOT / "tests" / "distributed_worker.py"), str(two), "2"]
+    cmd = [
+        LAUNCH,
+        "--backend",
+        "ring",
+        "--hosts",
+        "127.0.0.1,127.0.0.1",
+        "--python",
+        sys.executable,
+        str(ROOT / "tests" / "distributed_worker.py"),
+        str(two),
+        "2",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
     if p.returncode != 0 and "ring" in p.stderr.lower() and not (two / "result.json").exists():
         pytest.skip(f"the ring backend could not start here: {p.stderr.strip().splitlines()[-1]}")

@@ -12,17 +12,54 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import pytest
-
 from conftest import ROOT
-from sharp_mlx import convert, evaluate, generate, quantize, train
 from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
-MAINS = {"train": train.main, "convert": convert.main, "evaluate": evaluate.main, "generate": generate.main, "quantize": quantize.main}
+from sharp_mlx import convert, evaluate, generate, quantize, train
+
+MAINS = {
+    "train": train.main,
+    "convert": convert.main,
+    "evaluate": evaluate.main,
+    "generate": generate.main,
+    "quantize": quantize.main,
+}
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
 LONG_PROMPT = "a" * 300  # the tiny model's context is 256 tokens, one a character
-SLW = ["--stage", "slw", "--model", "orig", "--out", "out", "--data", "train.jsonl", "--seq-len", "32", "--tokens", "256", "--layers", "1:6"]
-SFT = ["--stage", "sft", "--model", "shared", "--out", "out", "--run-dir", "run", "--loss", "ce", "--seq-len", "32",
-       "--batch-size", "2", "--eval-windows", "2"]
+SLW = [
+    "--stage",
+    "slw",
+    "--model",
+    "orig",
+    "--out",
+    "out",
+    "--data",
+    "train.jsonl",
+    "--seq-len",
+    "32",
+    "--tokens",
+    "256",
+    "--layers",
+    "1:6",
+]
+SFT = [
+    "--stage",
+    "sft",
+    "--model",
+    "shared",
+    "--out",
+    "out",
+    "--run-dir",
+    "run",
+    "--loss",
+    "ce",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--eval-windows",
+    "2",
+]
 DATA = ["--data", "train.jsonl", "--valid", "train.jsonl"]
 
 
@@ -82,7 +119,11 @@ CASES = [
     Case("data-shorter-than-a-batch", "train", SFT + ["--data", "short.jsonl", "--valid", "train.jsonl"]),
     Case("valid-shorter-than-a-window", "train", SFT + ["--data", "train.jsonl", "--valid", "short.jsonl"]),
     Case("eval-shorter-than-a-window", "evaluate", ["--model", "orig", "--data", "short.jsonl", "--seq-len", "64"]),
-    Case("calibration-shorter-than-a-window", "train", SLW[:6] + ["--data", "short.jsonl", "--seq-len", "64", "--layers", "1:6"]),
+    Case(
+        "calibration-shorter-than-a-window",
+        "train",
+        SLW[:6] + ["--data", "short.jsonl", "--seq-len", "64", "--layers", "1:6"],
+    ),
     # SFT
     Case("sft-kd-without-teacher", "train", SFT[:8] + ["--loss", "kd"] + SFT[10:] + DATA),
     Case("sft-unshared-model", "train", SFT[:2] + ["--model", "orig"] + SFT[4:] + DATA),
@@ -92,15 +133,31 @@ CASES = [
     Case("flag-bad-value", "train", SFT + DATA + ["--steps", "ten"]),
     Case("sft-run-dir-holds-a-checkpoint", "train", SFT[:6] + ["--run-dir", "run-done"] + SFT[8:] + DATA),
     Case("sft-resume-without-checkpoint", "train", SFT + DATA + ["--resume"]),
-    Case("sft-resume-changed-settings", "train", SFT[:6] + ["--run-dir", "run-done"] + SFT[8:] + DATA + ["--resume", "--seed", "1"]),
+    Case(
+        "sft-resume-changed-settings",
+        "train",
+        SFT[:6] + ["--run-dir", "run-done"] + SFT[8:] + DATA + ["--resume", "--seed", "1"],
+    ),
     # generate, quantize
     Case("max-tokens-zero", "generate", ["--model", "orig", "--max-tokens", "0"]),
-    Case("prompt-longer-than-context", "generate", ["--model", "orig", "--prompt", LONG_PROMPT, "--max-tokens", "4"],
-         shown="python -m sharp_mlx.generate --model orig --prompt 'aaa...a (300 characters)' --max-tokens 4",
-         subprocess=True),
-    Case("quantize-already-quantized", "quantize", ["--model", "quantized", "--out", "requantized", "--from-gguf", "none"]),
+    Case(
+        "prompt-longer-than-context",
+        "generate",
+        ["--model", "orig", "--prompt", LONG_PROMPT, "--max-tokens", "4"],
+        shown="python -m sharp_mlx.generate --model orig --prompt 'aaa...a (300 characters)' --max-tokens 4",
+        subprocess=True,
+    ),
+    Case(
+        "quantize-already-quantized",
+        "quantize",
+        ["--model", "quantized", "--out", "requantized", "--from-gguf", "none"],
+    ),
     Case("quantize-output-exists", "quantize", ["--model", "orig", "--out", "existing", "--from-gguf", "none"]),
-    Case("quantize-calibration-without-bits", "quantize", ["--model", "orig", "--out", "q", "--from-gguf", "none", "--calibration", "train.jsonl"]),
+    Case(
+        "quantize-calibration-without-bits",
+        "quantize",
+        ["--model", "orig", "--out", "q", "--from-gguf", "none", "--calibration", "train.jsonl"],
+    ),
 ]
 
 
@@ -140,16 +197,35 @@ def world(tmp_path_factory):
     (w / "remote" / "modeling_custom.py").write_text("raise SystemExit('this code must never run')\n")
     (w / "existing").mkdir()
     (w / "existing" / "keep.txt").write_text("an earlier result\n")
-    assert quantize.main(["--model", str(orig), "--out", str(w / "quantized"), "--from-gguf", "none", "--group-size", "32"]) == 0
-    done = SFT[:4] + ["--out", str(w / "done"), "--run-dir", str(w / "run-done")] + SFT[8:] + DATA + ["--steps", "2", "--save-every", "1"]
-    assert train.main([a.replace("shared", str(w / "shared")).replace("train.jsonl", str(w / "train.jsonl")) for a in done]) == 0
+    assert (
+        quantize.main(
+            ["--model", str(orig), "--out", str(w / "quantized"), "--from-gguf", "none", "--group-size", "32"]
+        )
+        == 0
+    )
+    done = (
+        SFT[:4]
+        + ["--out", str(w / "done"), "--run-dir", str(w / "run-done")]
+        + SFT[8:]
+        + DATA
+        + ["--steps", "2", "--save-every", "1"]
+    )
+    assert (
+        train.main(
+            [a.replace("shared", str(w / "shared")).replace("train.jsonl", str(w / "train.jsonl")) for a in done]
+        )
+        == 0
+    )
     return w
 
 
 def snapshot(folder: Path) -> dict:
     """Every path under folder: a hash of its bytes, or "dir"."""
-    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if "__pycache__" not in p.parts
+    }
 
 
 def read_catalogue() -> dict:
@@ -173,12 +249,20 @@ def test_catalogue_lists_every_case_and_no_other():
         assert rows[case.id]["input"] and rows[case.id]["fix"], case.id
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=False, reason=c.xfail)] if c.xfail else []) for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=False, reason=c.xfail)] if c.xfail else [])
+        for c in CASES
+    ],
+)
 def test_bad_input_answers_one_line_and_writes_nothing(case, world, monkeypatch, capsys):
     monkeypatch.chdir(world)
     before = snapshot(world)
     if case.subprocess:
-        p = subprocess.run([sys.executable, "-m", f"sharp_mlx.{case.module}", *case.args], capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", f"sharp_mlx.{case.module}", *case.args], capture_output=True, text=True, timeout=120
+        )
         status, err = p.returncode, p.stderr
     else:
         status = MAINS[case.module](case.args)

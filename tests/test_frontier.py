@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.utils import load_model
+from tiny_folder import write_tiny_model
 
 from sharp_mlx.frontier import allocate_bits, main, markdown, pareto, plot, report, save_folder, with_codes
 from sharp_mlx.gptq import BLOCK_LINEARS, mlp_sensitivity, sequential_gptq
-from tiny_folder import write_tiny_model
 
 LAYERS = 6  # conftest.TINY
 
@@ -22,7 +22,9 @@ def tiny(tmp_path):
 
 
 def every_linear(bits, group_size, layers=range(LAYERS)):
-    return {f"model.layers.{i}.{name}": {"bits": bits, "group_size": group_size} for i in layers for name in BLOCK_LINEARS}
+    return {
+        f"model.layers.{i}.{name}": {"bits": bits, "group_size": group_size} for i in layers for name in BLOCK_LINEARS
+    }
 
 
 def windows(n=8, length=32, seed=0):
@@ -38,7 +40,10 @@ def test_sequential_gptq_folder_opens_in_mlx_lm_with_the_same_logits(tiny, tmp_p
     tokens = windows(1, 24, seed=1)
     dequantized_logits = model(tokens)  # every weight is now its codes' float values
     model, config = with_codes(model, config, codes)
-    assert isinstance(model.model.layers[2].mlp.down_proj, nn.QuantizedLinear) and model.model.layers[2].mlp.down_proj.bits == 3
+    assert (
+        isinstance(model.model.layers[2].mlp.down_proj, nn.QuantizedLinear)
+        and model.model.layers[2].mlp.down_proj.bits == 3
+    )
     save_folder(tmp_path / "q", model, config, tiny)
     loaded, _ = mlx_lm_load(str(tmp_path / "q"))
     assert mx.array_equal(loaded(tokens), model(tokens))
@@ -62,9 +67,16 @@ def test_sequential_gptq_moves_the_outputs_less_than_rounding_to_nearest(tiny, b
 def test_mixed_precision_config_round_trips_through_mlx_lm_load(tiny, tmp_path):
     model, config = load_model(tiny)
     mlp_bits = [2, 3, 4, 3, 2, 4]
-    params = {p: v for p, v in every_linear(4, 32, range(1, LAYERS)).items() if ".self_attn." in p}  # block 0's attention stays float
+    params = {
+        p: v for p, v in every_linear(4, 32, range(1, LAYERS)).items() if ".self_attn." in p
+    }  # block 0's attention stays float
     for i, b in enumerate(mlp_bits):
-        params.update({f"model.layers.{i}.mlp.{n}": {"bits": b, "group_size": 32 if b != 3 else 64} for n in ("gate_proj", "up_proj")})
+        params.update(
+            {
+                f"model.layers.{i}.mlp.{n}": {"bits": b, "group_size": 32 if b != 3 else 64}
+                for n in ("gate_proj", "up_proj")
+            }
+        )
         params[f"model.layers.{i}.mlp.down_proj"] = {"bits": b, "group_size": 32}
     codes = sequential_gptq(model, windows(), params, progress=False)
     model, config = with_codes(model, config, codes)
@@ -91,11 +103,18 @@ def test_mlp_sensitivity_is_the_loss_increase_of_quantizing_that_mlp_alone(tiny)
     calib = windows(8, 33)
     before = [mx.array(b.mlp.down_proj.weight) for b in model.model.layers]
     two, eight = (mlp_sensitivity(model, calib, bits, 32, progress=False) for bits in (2, 8))
-    assert all(mx.array_equal(a, b.mlp.down_proj.weight) for a, b in zip(before, model.model.layers))  # every weight restored
+    assert all(
+        mx.array_equal(a, b.mlp.down_proj.weight) for a, b in zip(before, model.model.layers)
+    )  # every weight restored
     assert max(abs(s) for s in eight) < 1e-3 < max(abs(s) for s in two)
     # Block 3's number is what the whole model loses with block 3's MLP alone GPTQ'd to 2 bits.
     base = mean_loss(model, calib)
-    sequential_gptq(model, calib, {f"model.layers.3.mlp.{n}": {"bits": 2, "group_size": 32} for n in ("gate_proj", "up_proj", "down_proj")}, progress=False)
+    sequential_gptq(
+        model,
+        calib,
+        {f"model.layers.3.mlp.{n}": {"bits": 2, "group_size": 32} for n in ("gate_proj", "up_proj", "down_proj")},
+        progress=False,
+    )
     assert abs(two[3] - (mean_loss(model, calib) - base)) < 1e-4
 
 
@@ -121,8 +140,18 @@ def test_report_marks_the_frontier_and_writes_the_table_and_plot(tmp_path):
     def row(name, kind, mb, x):
         return {"name": name, "kind": kind, "path": name, "bytes": mb * 1e6, "ppl": {d: v * x for d, v in base.items()}}
 
-    rep = report(original, [row("mlx-q4g64", "quantization", 80, 1.4), row("g3", "quantization", 60, 1.3), row("s", "sharp", 50, 2.0),
-                            row("big", "quantization", 90, 1.5)], "python -m sharp_mlx.frontier", 1.0, {"windows": 8, "seq_len": 256})
+    rep = report(
+        original,
+        [
+            row("mlx-q4g64", "quantization", 80, 1.4),
+            row("g3", "quantization", 60, 1.3),
+            row("s", "sharp", 50, 2.0),
+            row("big", "quantization", 90, 1.5),
+        ],
+        "python -m sharp_mlx.frontier",
+        1.0,
+        {"windows": 8, "seq_len": 256},
+    )
     marks = {r["name"]: (r["frontier"], r["frontier_quantization"]) for r in rep["points"]}
     assert marks == {"s": (True, False), "g3": (True, True), "mlx-q4g64": (False, False), "big": (False, False)}
     assert [r["name"] for r in rep["points"]] == ["s", "g3", "mlx-q4g64", "big"]

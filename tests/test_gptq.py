@@ -6,12 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny_folder import write_text_data, write_tiny_model
 
 from sharp_mlx.checkpoint import load, load_model
 from sharp_mlx.errors import SharpError
 from sharp_mlx.gptq import gptq, gptq_codes, output_hessian, pack
 from sharp_mlx.quantize import BITS, main, options_record, quantize_model_folder
-from tiny_folder import write_text_data, write_tiny_model
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -41,7 +41,9 @@ def test_gptq_codes_dequantize_to_their_affine_values_and_beat_rounding_on_the_o
     h = x.T @ x
     packed, scales, biases = gptq_codes(mx.array(w), h, 3, 32)
     assert scales.dtype == biases.dtype == mx.float16
-    w_gptq = np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=3))
+    w_gptq = np.array(
+        mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=3)
+    )
     codes, s, b = gptq(w, h, 3, 32)
     assert codes.min() >= 0 and codes.max() <= 7
     affine = np.repeat(s.astype(np.float32), 32, 1) * codes + np.repeat(b.astype(np.float32), 32, 1)
@@ -73,12 +75,35 @@ def calibrated(tmp_path):
 
 def test_quantize_fits_the_tied_embedding_by_gptq_on_the_calibration_text(calibrated, tmp_path, capsys):
     folder, data = calibrated
-    assert main(["--model", str(folder), "--out", str(tmp_path / "q"), "--bits", "8", "--group-size", "32", "--from-gguf", "none",
-                 "--embedding-bits", "3", "--calibration", str(data), "--calibration-windows", "2"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(folder),
+                "--out",
+                str(tmp_path / "q"),
+                "--bits",
+                "8",
+                "--group-size",
+                "32",
+                "--from-gguf",
+                "none",
+                "--embedding-bits",
+                "3",
+                "--calibration",
+                str(data),
+                "--calibration-windows",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "fitted by GPTQ on 2 windows of each of 1 files" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"]["model.embed_tokens"] == {"group_size": 32, "bits": 3, "mode": "affine"}
-    assert config["sharp_quantize"] == options_record(bits=8, group_size=32, embedding_bits=3, calibration=[data], calibration_windows=2)
+    assert config["sharp_quantize"] == options_record(
+        bits=8, group_size=32, embedding_bits=3, calibration=[data], calibration_windows=2
+    )
     assert config["sharp_quantize"]["embedding_fit"] == "gptq"
     # The stored codes are GPTQ's for the Hessian of the float model's final hidden states.
     model, tokenizer = load(folder)
@@ -100,5 +125,7 @@ def test_calibration_needs_embedding_bits_and_existing_files(calibrated, tmp_pat
     with pytest.raises(SharpError, match="fewer than 256 tokens"):
         short = tmp_path / "short.txt"
         short.write_text("too short")
-        quantize_model_folder(folder, tmp_path / "q", group_size=32, from_gguf="none", embedding_bits=4, calibration=[short])
+        quantize_model_folder(
+            folder, tmp_path / "q", group_size=32, from_gguf="none", embedding_bits=4, calibration=[short]
+        )
     assert not (tmp_path / "q").exists()

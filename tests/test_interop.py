@@ -9,19 +9,19 @@ from typing import List, Tuple
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model as mlx_lm_load_model
+from test_model import TOKENS, randomize_recovery
 
 import sharp_mlx
 from sharp_mlx import fuse, generate
 from sharp_mlx.errors import SharpError
 from sharp_mlx.quantize import quantize_model_folder
 from sharp_mlx.sharemap import share_model
-from conftest import ROOT, TINY, tiny_model
-from test_model import TOKENS, randomize_recovery
 
 PROMPT = "What is the capital of France?"
 MAX_TOKENS = 8
@@ -62,14 +62,34 @@ def test_mlx_lm_load_runs_the_sharp_model(sharp_dirs, kind):
     prompt_ids, text = sharp_text(path)
     assert prompt_ids == tokenizer.encode(PROMPT)
     assert mx.array_equal(theirs(mx.array([prompt_ids])), ours(mx.array([prompt_ids])))
-    pieces = [r.text for r in stream_generate(theirs, tokenizer, mx.array(prompt_ids), max_tokens=MAX_TOKENS, sampler=make_sampler(temp=0.0))]
+    pieces = [
+        r.text
+        for r in stream_generate(
+            theirs, tokenizer, mx.array(prompt_ids), max_tokens=MAX_TOKENS, sampler=make_sampler(temp=0.0)
+        )
+    ]
     assert len(pieces) == MAX_TOKENS
     assert "".join(pieces) == text
 
 
 def test_mlx_lm_generate_cli_gives_sharp_mlx_text(sharp_dirs):
     path = sharp_dirs["4bit"]
-    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(path), "--trust-remote-code", "--max-tokens", str(MAX_TOKENS), "--temp", "0", "--ignore-chat-template", "--prompt", PROMPT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "generate",
+        "--model",
+        str(path),
+        "--trust-remote-code",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--temp",
+        "0",
+        "--ignore-chat-template",
+        "--prompt",
+        PROMPT,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     # mlx-lm prints "==========\n", the text, "\n==========" and its timings.

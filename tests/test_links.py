@@ -91,6 +91,10 @@ def test_the_checks_can_fail(tmp_path):
         "see `docs/there.md` and `docs/gone.{md,png}`\n"
     )
     assert broken_links(tmp_path / "README.md", tmp_path) == [
-        "README.md:2: ![missing](docs/gone.png)", "README.md:2: [gone](docs/gone.md)"]
+        "README.md:2: ![missing](docs/gone.png)",
+        "README.md:2: [gone](docs/gone.md)",
+    ]
     assert broken_code_paths(tmp_path / "README.md", tmp_path) == [
-        "README.md:6: `docs/gone.md`", "README.md:6: `docs/gone.png`"]
+        "README.md:6: `docs/gone.md`",
+        "README.md:6: `docs/gone.png`",
+    ]

@@ -6,13 +6,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import TINY, direct_sharing_reference, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 import sharp_mlx
 from sharp_mlx.model import ModelArgs, Recovery, SharpArgs
-from conftest import TINY, direct_sharing_reference, tiny_model
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 
@@ -82,7 +82,9 @@ def test_scaling_vectors_at_one_equal_the_plain_model():
     scaled, config = tiny_model(share=share, rank=4, scales=True)
     assert config["sharp"]["recovery"] == "scaled"
     names = {k for k, _ in tree_flatten(scaled.parameters())} - set(base_weights(plain))
-    assert names == {f"model.layers.{t}.recovery.{p}_{s}" for t in share for p in ("gate", "up", "down") for s in ("in", "out")}
+    assert names == {
+        f"model.layers.{t}.recovery.{p}_{s}" for t in share for p in ("gate", "up", "down") for s in ("in", "out")
+    }
     assert all(mx.array_equal(v, mx.ones_like(v)) for k, v in tree_flatten(scaled.parameters()) if k in names)
     scaled.load_weights(list(base_weights(plain).items()), strict=False)
     assert mx.array_equal(scaled(TOKENS), plain(TOKENS))
@@ -138,8 +140,15 @@ def test_shared_weight_stored_once(tmp_path):
     assert len(recovery) == 6 * len(share)
 
 
-@pytest.mark.parametrize("sharp", [{"share": {}, "rank": 0}, {"share": {3: 2, 5: 4}, "rank": 4}, {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}},
-                                   {"share": {3: 2, 4: 2, 5: 2}, "rank": {3: 2, 4: 3, 5: 1}, "recovery": "scaled"}])
+@pytest.mark.parametrize(
+    "sharp",
+    [
+        {"share": {}, "rank": 0},
+        {"share": {3: 2, 5: 4}, "rank": 4},
+        {"share": {2: 1, 3: 1, 4: None}, "rank": {2: 2, 3: 5, 4: 3}},
+        {"share": {3: 2, 4: 2, 5: 2}, "rank": {3: 2, 4: 3, 5: 1}, "recovery": "scaled"},
+    ],
+)
 def test_save_load_round_trip_is_exact(tmp_path, sharp):
     model, config = tiny_model(share=sharp["share"], rank=sharp["rank"], scales=sharp.get("recovery") == "scaled")
     randomize_recovery(model)
@@ -194,7 +203,9 @@ def test_scales_need_a_reference_and_a_rank():
     assert ok.sharp_args.kind == "scaled" and ok.sharp_args.to_dict()["recovery"] == "scaled"
     assert "recovery" not in SharpArgs(share={3: 2}, rank=4).to_dict()
     # configs written before recovery kinds had names say "scales": true
-    assert ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2}, "rank": 4, "scales": True}}).sharp_args.kind == "scaled"
+    assert (
+        ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2}, "rank": 4, "scales": True}}).sharp_args.kind == "scaled"
+    )
     with pytest.raises(ValueError, match="unknown recovery kind 'nope'"):
         ModelArgs.from_dict({**TINY, "sharp": {"share": {3: 2}, "rank": 4, "recovery": "nope"}})
     with pytest.raises(ValueError, match="target 4 borrows none"):

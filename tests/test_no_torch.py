@@ -12,21 +12,25 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FIXTURES
+
+from sharp_mlx.corpora import DOMAINS
 
 pytestmark = pytest.mark.real
 
-BLOCK = ("import sys; sys.modules['torch'] = None; import runpy; sys.argv = sys.argv[1:]; "
-         "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
-from sharp_mlx.corpora import DOMAINS
+BLOCK = (
+    "import sys; sys.modules['torch'] = None; import runpy; sys.argv = sys.argv[1:]; "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 
 
 def no_torch(cwd, module, *argv, timeout=900):
     """Run ``python -m module argv`` in ``cwd`` with torch made unimportable; return stdout."""
     cmd = [sys.executable, "-c", BLOCK, module, *map(str, argv)]
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"python -m {module} {' '.join(cmd[4:])} failed without torch:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert p.returncode == 0, (
+        f"python -m {module} {' '.join(cmd[4:])} failed without torch:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    )
     return p.stdout
 
 
@@ -39,7 +43,10 @@ def small_corpora(root):
             f = root / d / f"{split}.jsonl"
             f.parent.mkdir(parents=True, exist_ok=True)
             if d == "chat":
-                rows = [{"messages": [{"role": "user", "content": c[:200]}, {"role": "assistant", "content": c[200:]}]} for c in chunks]
+                rows = [
+                    {"messages": [{"role": "user", "content": c[:200]}, {"role": "assistant", "content": c[200:]}]}
+                    for c in chunks
+                ]
             else:
                 rows = [{"text": c} for c in chunks]
             f.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -62,13 +69,53 @@ def test_main_job_and_clis_without_torch(tmp_path):
     assert q4["quantization"]["bits"] == 4 and q4["sharp"]["share"]
     tests = [data / d / "test.jsonl" for d in DOMAINS[:2]]
     # The other CLIs of the README's command table, on the smoke outputs.
-    ppl = json.loads(no_torch(tmp_path, "sharp_mlx.evaluate", "--model", models / "smoke-4bit", "--data", *tests,
-                              "--seq-len", 32, "--max-windows", 1, "--json"))
+    ppl = json.loads(
+        no_torch(
+            tmp_path,
+            "sharp_mlx.evaluate",
+            "--model",
+            models / "smoke-4bit",
+            "--data",
+            *tests,
+            "--seq-len",
+            32,
+            "--max-windows",
+            1,
+            "--json",
+        )
+    )
     assert all(r["ppl"] > 1 for r in ppl.values())
-    no_torch(tmp_path, "sharp_mlx.cloze", "--model", models / "smoke", "--data", tests[0], "--items", 1, "--choices", 2,
-             "--context-tokens", 16, "--json")
+    no_torch(
+        tmp_path,
+        "sharp_mlx.cloze",
+        "--model",
+        models / "smoke",
+        "--data",
+        tests[0],
+        "--items",
+        1,
+        "--choices",
+        2,
+        "--context-tokens",
+        16,
+        "--json",
+    )
     no_torch(tmp_path, "sharp_mlx.fuse", "--model", models / "smoke-4bit", "--out", models / "smoke-fused")
-    no_torch(tmp_path, "sharp_mlx.analyze", "--data", tests[0], "--tokens", 64, "--seq-len", 32, "--rank", 4,
-             "--out", tmp_path / "runs" / "analyze")
-    answer = json.loads(no_torch(tmp_path, "sharp_mlx.generate", "--model", models / "smoke-fused", "--max-tokens", 2, "--json"))
+    no_torch(
+        tmp_path,
+        "sharp_mlx.analyze",
+        "--data",
+        tests[0],
+        "--tokens",
+        64,
+        "--seq-len",
+        32,
+        "--rank",
+        4,
+        "--out",
+        tmp_path / "runs" / "analyze",
+    )
+    answer = json.loads(
+        no_torch(tmp_path, "sharp_mlx.generate", "--model", models / "smoke-fused", "--max-tokens", 2, "--json")
+    )
     assert answer["generation_tokens"] >= 1

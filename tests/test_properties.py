@@ -72,7 +72,10 @@ def test_layer_ranges_follow_python_slices(a, b):
 record = st.one_of(
     st.builds(lambda t: json.dumps({"text": t}), st.text(max_size=20)),
     st.builds(lambda p, c: json.dumps({"prompt": p, "completion": c}), st.text(max_size=10), st.text(max_size=10)),
-    st.text(alphabet=string.printable.replace("\n", "").replace("\r", "").replace("\x0b", "").replace("\x0c", ""), max_size=20),
+    st.text(
+        alphabet=string.printable.replace("\n", "").replace("\r", "").replace("\x0b", "").replace("\x0c", ""),
+        max_size=20,
+    ),
 )
 
 
@@ -125,7 +128,9 @@ def test_any_bytes_load_or_raise_data_error(content, suffix):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 400), st.integers(1, 4), st.integers(1, 9), st.integers(1, 4), st.integers(0, 20), st.integers(0, 5))
+@given(
+    st.integers(0, 400), st.integers(1, 4), st.integers(1, 9), st.integers(1, 4), st.integers(0, 20), st.integers(0, 5)
+)
 def test_shards_together_are_the_global_batch(n, batch, length, size, start, seed):
     tokens = np.arange(n, dtype=np.int32)
     mask = np.ones(n, dtype=np.int32)

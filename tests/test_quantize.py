@@ -5,7 +5,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY, tiny_model
 from mlx.utils import tree_flatten
+from test_model import TOKENS, randomize_recovery
 
 import sharp_mlx
 from sharp_mlx.checkpoint import load_model
@@ -13,8 +15,6 @@ from sharp_mlx.convert import embedded_gguf
 from sharp_mlx.errors import SharpError
 from sharp_mlx.quantize import folder_bytes, gguf_codes, main, quantize, quantize_model_folder
 from sharp_mlx.sharemap import share_model
-from conftest import TINY, tiny_model
-from test_model import TOKENS, randomize_recovery
 
 SHARE = {3: 2, 4: 2}
 
@@ -95,7 +95,13 @@ def test_gguf_codes_make_the_real_model_4bit_without_loss(real_model_dir, tmp_pa
     original, _ = load_model(real_model_dir, lazy=True)
     assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"]["bits"] == 8
-    for path in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.17.self_attn.v_proj", "model.layers.26.mlp.down_proj", "model.embed_tokens"):
+    for path in (
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.3.self_attn.k_proj",
+        "model.layers.17.self_attn.v_proj",
+        "model.layers.26.mlp.down_proj",
+        "model.embed_tokens",
+    ):
         float_w = dict(tree_flatten(original.parameters()))[f"{path}.weight"]
         assert np.abs(np.array(dequantized(q, path)) - np.array(float_w)).max() < 1e-3, path
 
@@ -109,7 +115,13 @@ def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_di
     q, _ = quantize(model, config, codes=codes)
     flat = dict(tree_flatten(q.parameters()))
     assert all(flat[k].dtype == mx.float16 for k in flat if ".recovery." in k)
-    assert np.abs(np.array(dequantized(q, "model.layers.28.mlp.up_proj")) - np.array(original.model.layers[28].mlp.up_proj.weight)).max() < 1e-3
+    assert (
+        np.abs(
+            np.array(dequantized(q, "model.layers.28.mlp.up_proj"))
+            - np.array(original.model.layers[28].mlp.up_proj.weight)
+        ).max()
+        < 1e-3
+    )
 
 
 @pytest.mark.parametrize("scales", [False, True])
@@ -124,14 +136,21 @@ def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales
     reference = model(TOKENS)
     before = {k: model.model.layers[3].recovery[k] for k in vector_names("scaled" if scales else "plain")}
     # float32 scales, so that the float copy below is exactly the same function (float16 ones: see the next test)
-    q, q_config = quantize(model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4, scales_dtype="float32")
+    q, q_config = quantize(
+        model, config, bits=8, group_size=32, recovery_bits=8, embedding_bits=4, scales_dtype="float32"
+    )
     assert q_config["quantization"]["model.layers.3.recovery"] == {"group_size": 32, "bits": 8, "mode": "affine"}
     assert q_config["quantization"]["model.embed_tokens"]["bits"] == 4
-    assert isinstance(q.model.layers[3].recovery, QuantizedRecovery) and not q.model.layers[3].recovery.trainable_parameters()
+    assert (
+        isinstance(q.model.layers[3].recovery, QuantizedRecovery)
+        and not q.model.layers[3].recovery.trainable_parameters()
+    )
     out = sharp_mlx.save(tmp_path / "q", q, q_config)
     saved = mx.load(str(out / "model.safetensors"))
     codes = {f"{p}_{f}{s}" for p in ("gate", "up", "down") for f in "ab" for s in ("", "_scales", "_biases")}
-    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == codes | set(vector_names("scaled" if scales else "plain"))
+    assert {k.split(".recovery.")[1] for k in saved if ".layers.3.recovery." in k} == codes | set(
+        vector_names("scaled" if scales else "plain")
+    )
     for k in vector_names("scaled" if scales else "plain"):  # the vectors stay float, as they were
         assert saved[f"model.layers.3.recovery.{k}"].dtype == mx.float32
         assert mx.array_equal(saved[f"model.layers.3.recovery.{k}"], before[k])
@@ -169,8 +188,9 @@ def test_recovery_bits_need_a_rank_that_groups_divide(shared_dir, tmp_path):
 
 def test_evaluate_float_weights_is_the_same_function(shared_dir, tmp_path, capsys):
     """evaluate --float-weights runs a 4-bit folder with its weights' float values: the same perplexity."""
-    from sharp_mlx import evaluate
     from tiny_folder import write_char_tokenizer
+
+    from sharp_mlx import evaluate
 
     write_char_tokenizer(shared_dir)
     out = tmp_path / "q"
@@ -179,7 +199,12 @@ def test_evaluate_float_weights_is_the_same_function(shared_dir, tmp_path, capsy
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     ppl = {}
     for flag in ([], ["--float-weights"]):
-        assert evaluate.main(["--model", str(out), "--data", str(text), "--seq-len", "32", "--max-windows", "4", "--json", *flag]) == 0
+        assert (
+            evaluate.main(
+                ["--model", str(out), "--data", str(text), "--seq-len", "32", "--max-windows", "4", "--json", *flag]
+            )
+            == 0
+        )
         ppl[bool(flag)] = json.loads(capsys.readouterr().out)[str(text)]["ppl"]
     assert ppl[True] == pytest.approx(ppl[False], rel=1e-3)
 

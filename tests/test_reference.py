@@ -47,7 +47,9 @@ def test_perplexity_matches_transformers(real_model, hf_model, prose_tokens):
     batch = torch.tensor(np.array(wins), dtype=torch.long)
     with torch.no_grad():
         logits = hf_model(batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
     ref = math.exp(loss.item() / scored)
     assert ours["tokens"] == scored >= 2 * SEQ_LEN
     assert abs(ours["ppl"] / ref - 1) < 0.01, (ours["ppl"], ref)

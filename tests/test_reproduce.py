@@ -10,7 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
 from tiny_folder import write_text_data, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +30,67 @@ def test_lora_rank_matches_what_sft_trains(reproduce, tmp_path, capsys):
 
     orig = write_tiny_model(tmp_path / "orig", seed=1)
     data = write_text_data(tmp_path / "train.jsonl")
-    assert train.main(["--stage", "slw", "--model", str(orig), "--share", "next", "--layers", "1:6", "--baseline", "mlp-prune", "--out", str(tmp_path / "mp")]) == 0
+    assert (
+        train.main(
+            [
+                "--stage",
+                "slw",
+                "--model",
+                str(orig),
+                "--share",
+                "next",
+                "--layers",
+                "1:6",
+                "--baseline",
+                "mlp-prune",
+                "--out",
+                str(tmp_path / "mp"),
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "mp" / "config.json").read_text())
     per_rank = None
     for rank in (2, 3):
         out = tmp_path / f"ft{rank}"
-        assert train.main(["--stage", "sft", "--model", str(tmp_path / "mp"), "--out", str(out), "--loss", "ce", "--lora-rank", str(rank), "--lora-layers", "5",
-                           "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--eval-every", "1", "--save-every", "1", "--eval-windows", "1",
-                           "--data", str(data), "--valid", str(data), "--run-dir", str(tmp_path / f"run{rank}")]) == 0
-        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trainable parameters"))
+        assert (
+            train.main(
+                [
+                    "--stage",
+                    "sft",
+                    "--model",
+                    str(tmp_path / "mp"),
+                    "--out",
+                    str(out),
+                    "--loss",
+                    "ce",
+                    "--lora-rank",
+                    str(rank),
+                    "--lora-layers",
+                    "5",
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "1",
+                    "--seq-len",
+                    "16",
+                    "--eval-every",
+                    "1",
+                    "--save-every",
+                    "1",
+                    "--eval-windows",
+                    "1",
+                    "--data",
+                    str(data),
+                    "--valid",
+                    str(data),
+                    "--run-dir",
+                    str(tmp_path / f"run{rank}"),
+                ]
+            )
+            == 0
+        )
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("trainable parameters"))
         count = int(line.split(":")[1].split("(")[0].replace(",", ""))
         per_rank = per_rank or count // rank
         assert count == per_rank * rank
@@ -53,7 +104,19 @@ def fake_results(reproduce, quick: bool) -> dict:
     rng = random.Random(0)
     b = reproduce.QUICK if quick else reproduce.FULL
     groups = {
-        "main": ["original", "direct", "mlp-prune", "layer-prune", "sharp-slw", "sharp-sftonly", "sharp", "control-slw", "control", "mlp-prune-ft", "layer-prune-ft"],
+        "main": [
+            "original",
+            "direct",
+            "mlp-prune",
+            "layer-prune",
+            "sharp-slw",
+            "sharp-sftonly",
+            "sharp",
+            "control-slw",
+            "control",
+            "mlp-prune-ft",
+            "layer-prune-ft",
+        ],
         "aggressive": ["direct65", "mlp-prune65", "sharp65-slw", "sharp65", "control65-slw", "control65"],
         "cross": ["sharp-chat"],
         "position": ["pos-early", "pos-middle", "pos-late"],
@@ -68,8 +131,15 @@ def fake_results(reproduce, quick: bool) -> dict:
     for group, names in groups.items():
         for n in names:
             ppl = {d: rng.uniform(5, 100) for d in reproduce.DOMAINS}
-            info = {"path": f"models/x/{n}", "group": group, "label": n, "ppl": ppl, "params": rng.randint(80, 135) * 10**6,
-                    "bytes": rng.randint(60, 540) * 10**6, "cloze": {}}
+            info = {
+                "path": f"models/x/{n}",
+                "group": group,
+                "label": n,
+                "ppl": ppl,
+                "params": rng.randint(80, 135) * 10**6,
+                "bytes": rng.randint(60, 540) * 10**6,
+                "cloze": {},
+            }
             if b.checks_cloze(n, group):
                 info["cloze"] = {d: {"accuracy": rng.random(), "n": 5, "stderr": 0.2} for d in reproduce.DOMAINS}
             if n not in ("original", "mlx-4bit", "original-4bit"):
@@ -81,13 +151,35 @@ def fake_results(reproduce, quick: bool) -> dict:
         info["x_max"] = max(info["ppl"][d] / base[d] for d in reproduce.DOMAINS)
         if info["cloze"]:
             info["cloze_all"] = sum(c["accuracy"] for c in info["cloze"].values()) / len(info["cloze"])
-    timing = {name: {"bytes": rng.randint(60, 100) * 10**6, "load_s": {"median": 0.2}, "decode_tps": {"median": rng.uniform(4, 6)},
-                     "peak_memory_gb": {"median": 0.1}} for name in ("original-4bit mlx-lm", "original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")}
-    names = {"original-4bit mlx-lm": "mlx-4bit", **{n: n for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")}}
-    return {"command": "python scripts/reproduce.py" + " --quick" * quick, "tag": "repro-quick", "quick": quick, "date": "2026-01-01", "machine": "test",
-            "budget": asdict(b), "budget_params": 123,
-            "analysis": {"table": "t r ...", "auto": {0.25: "{2: 1}"}}, "variants": v, "bench": timing, "bench_names": names,
-            "steps": {"sharp": 1.0}, "wall_s": 60.0, "verdict": reproduce.verdict(v, timing, names)}
+    timing = {
+        name: {
+            "bytes": rng.randint(60, 100) * 10**6,
+            "load_s": {"median": 0.2},
+            "decode_tps": {"median": rng.uniform(4, 6)},
+            "peak_memory_gb": {"median": 0.1},
+        }
+        for name in ("original-4bit mlx-lm", "original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")
+    }
+    names = {
+        "original-4bit mlx-lm": "mlx-4bit",
+        **{n: n for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")},
+    }
+    return {
+        "command": "python scripts/reproduce.py" + " --quick" * quick,
+        "tag": "repro-quick",
+        "quick": quick,
+        "date": "2026-01-01",
+        "machine": "test",
+        "budget": asdict(b),
+        "budget_params": 123,
+        "analysis": {"table": "t r ...", "auto": {0.25: "{2: 1}"}},
+        "variants": v,
+        "bench": timing,
+        "bench_names": names,
+        "steps": {"sharp": 1.0},
+        "wall_s": 60.0,
+        "verdict": reproduce.verdict(v, timing, names),
+    }
 
 
 @pytest.mark.parametrize("quick", [True, False])
@@ -99,8 +191,16 @@ def test_report_has_every_section_and_figure(reproduce, tmp_path, quick):
     reproduce.plots(res["variants"], reproduce.fig_paths(out), tmp_path / "sim.png")
     reproduce.write_report(res, out)
     text = out.read_text()
-    for section in ("Where SHARP wins", "1. Adjacent-layer similarity", "2. In-domain perplexity", "3. Cross-domain", "4. Ablations",
-                    "5. Against a smaller model", "6. Deployment", "7. Next-sentence"):
+    for section in (
+        "Where SHARP wins",
+        "1. Adjacent-layer similarity",
+        "2. In-domain perplexity",
+        "3. Cross-domain",
+        "4. Ablations",
+        "5. Against a smaller model",
+        "6. Deployment",
+        "7. Next-sentence",
+    ):
         assert f"## {section}" in text, section
     for name, path in reproduce.fig_paths(out).items():
         assert path.stat().st_size > 0 and f"]({path.relative_to(out.parent)})" in text, name

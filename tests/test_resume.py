@@ -9,19 +9,47 @@ import time
 
 import mlx.core as mx
 import pytest
-
 from conftest import ROOT
-from sharp_mlx import train
 from tiny_folder import write_text_data, write_tiny_model
+
+from sharp_mlx import train
 
 STEPS, SAVE_EVERY = 60, 5
 
 
 def sft_args(tmp_path, name):
-    return ["--stage", "sft", "--model", tmp_path / "shared", "--out", tmp_path / name, "--run-dir", tmp_path / f"run-{name}",
-            "--data", tmp_path / "train.jsonl", "--valid", tmp_path / "train.jsonl", "--loss", "ce", "--steps", STEPS,
-            "--batch-size", 2, "--seq-len", 32, "--learning-rate", 1e-2, "--save-every", SAVE_EVERY, "--eval-every", 20,
-            "--eval-windows", 2, "--seed", 3]
+    return [
+        "--stage",
+        "sft",
+        "--model",
+        tmp_path / "shared",
+        "--out",
+        tmp_path / name,
+        "--run-dir",
+        tmp_path / f"run-{name}",
+        "--data",
+        tmp_path / "train.jsonl",
+        "--valid",
+        tmp_path / "train.jsonl",
+        "--loss",
+        "ce",
+        "--steps",
+        STEPS,
+        "--batch-size",
+        2,
+        "--seq-len",
+        32,
+        "--learning-rate",
+        1e-2,
+        "--save-every",
+        SAVE_EVERY,
+        "--eval-every",
+        20,
+        "--eval-windows",
+        2,
+        "--seed",
+        3,
+    ]
 
 
 def weights(folder):
@@ -32,8 +60,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     write_tiny_model(tmp_path / "shared", share={3: 2, 5: 4}, rank=4)
     write_text_data(tmp_path / "train.jsonl")
 
-    killed = subprocess.Popen([sys.executable, "-m", "sharp_mlx.train", *map(str, sft_args(tmp_path, "part"))],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "sharp_mlx.train", *map(str, sft_args(tmp_path, "part"))],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "run-part" / "checkpoint.json"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
@@ -55,24 +87,35 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     assert moved and all(mx.abs(full[k]).max().item() > 0 for k in moved)
     for k in full:
         assert mx.allclose(full[k], part[k], atol=1e-5, rtol=1e-4).item(), k
-    history = [json.loads((tmp_path / n / "training.json").read_text())[-1]["summary"]["train_history"] for n in ("full", "part")]
+    history = [
+        json.loads((tmp_path / n / "training.json").read_text())[-1]["summary"]["train_history"]
+        for n in ("full", "part")
+    ]
     assert [s for s, _ in history[1]] == list(range(1, STEPS + 1))
-    assert [l for _, l in history[1]] == pytest.approx([l for _, l in history[0]], rel=1e-4)
+    assert [v for _, v in history[1]] == pytest.approx([v for _, v in history[0]], rel=1e-4)
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path):
     """The global batch is batch_size x processes, so the data position means nothing to another count."""
     import numpy as np
+    from conftest import tiny_model
 
     from sharp_mlx import sft
     from sharp_mlx.errors import SharpError
     from sharp_mlx.sharemap import share_model
-    from conftest import tiny_model
 
     original, config = tiny_model()
     cfg = sft.SFTConfig(steps=2, batch_size=2, seq_len=16, loss="ce", eval_windows=1, save_every=1)
     tokens = np.random.default_rng(0).integers(0, 101, 8 * 16 + 1).astype(np.int32)
-    sft.train_sft(share_model(original, config, {3: 2}, 2)[0], tokens, np.ones_like(tokens), tokens, cfg, tmp_path, log=lambda s: None)
+    sft.train_sft(
+        share_model(original, config, {3: 2}, 2)[0],
+        tokens,
+        np.ones_like(tokens),
+        tokens,
+        cfg,
+        tmp_path,
+        log=lambda s: None,
+    )
     model = share_model(original, config, {3: 2}, 2)[0]
     sft.prepare(model, cfg)
     optimizer = sft.make_optimizer(cfg)

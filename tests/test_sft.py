@@ -7,9 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import tiny_model
 from mlx.utils import tree_flatten
 
-from conftest import tiny_model
 from sharp_mlx import data, sft
 from sharp_mlx.errors import SharpError
 from sharp_mlx.model import Model, ModelArgs
@@ -23,9 +23,16 @@ def shared(original, share=SHARE, rank=RANK, seed=1, scales=False):
     """A shared model holding the original's weights (fresh zero-B recovery on the targets)."""
     original, original_config = original
     mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict({**original_config, "sharp": {"share": share, "rank": rank, "recovery": "scaled" if scales else "plain"}}))
-    weights = [(k, v) for k, v in tree_flatten(original.parameters())
-               if not any(k.startswith(f"model.layers.{t}.mlp.") for t in share)]
+    model = Model(
+        ModelArgs.from_dict(
+            {**original_config, "sharp": {"share": share, "rank": rank, "recovery": "scaled" if scales else "plain"}}
+        )
+    )
+    weights = [
+        (k, v)
+        for k, v in tree_flatten(original.parameters())
+        if not any(k.startswith(f"model.layers.{t}.mlp.") for t in share)
+    ]
     model.load_weights(weights, strict=False)
     mx.eval(model.parameters())
     return model
@@ -44,8 +51,17 @@ def tokens():
 
 
 def config(**kw):
-    base = dict(steps=4, batch_size=2, seq_len=32, loss="ce", learning_rate=1e-2, warmup_steps=1,
-                eval_every=2, eval_windows=2, save_every=2)
+    base = dict(
+        steps=4,
+        batch_size=2,
+        seq_len=32,
+        loss="ce",
+        learning_rate=1e-2,
+        warmup_steps=1,
+        eval_every=2,
+        eval_windows=2,
+        save_every=2,
+    )
     return SFTConfig(**{**base, **kw})
 
 
@@ -69,7 +85,9 @@ def test_trains_only_recovery(original, tokens, tmp_path, scales):
     # gate, up: (64, r) + (r, 96); down: (96, r) + (r, 64); scaling vectors: in + out, one rank's worth
     per_target = 3 * (64 + 96) * (RANK + scales)
     assert sft.trainable_count(model) == per_target * len(SHARE)
-    assert sum(k.endswith(("_in", "_out")) for k, _ in tree_flatten(model.trainable_parameters())) == (6 * len(SHARE) if scales else 0)
+    assert sum(k.endswith(("_in", "_out")) for k, _ in tree_flatten(model.trainable_parameters())) == (
+        6 * len(SHARE) if scales else 0
+    )
     model, messages = shared(original, scales=scales), []
     before = flat(model)
     summary = train_sft(model, *tokens, config(), tmp_path, log=messages.append)
@@ -130,14 +148,28 @@ def test_loss_decreases_on_a_fixed_batch(original, tokens, tmp_path):
     model = shared(original, rank=8)
     train, mask, valid = tokens
     fixed = train[: 2 * 32 + 1]  # two windows: every batch is the same two
-    summary = train_sft(model, fixed, mask[: len(fixed)], valid, config(steps=20, save_every=20, eval_every=20),
-                        tmp_path, log=lambda s: None)
+    summary = train_sft(
+        model,
+        fixed,
+        mask[: len(fixed)],
+        valid,
+        config(steps=20, save_every=20, eval_every=20),
+        tmp_path,
+        log=lambda s: None,
+    )
     losses = [loss for _, loss in summary["train_history"]]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-@pytest.mark.parametrize("kw", [dict(loss="ce"), dict(loss="mix", kd_temperature=2.0),
-                                dict(loss="ce", grad_checkpoint=True), dict(loss="kd", lora_rank=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss="ce"),
+        dict(loss="mix", kd_temperature=2.0),
+        dict(loss="ce", grad_checkpoint=True),
+        dict(loss="kd", lora_rank=2),
+    ],
+)
 def test_frozen_prefix_gives_the_same_gradients(original, kw):
     teacher = original[0]
     model = shared(original)
@@ -190,8 +222,14 @@ def test_resume_matches_an_uninterrupted_run(original, tokens, tmp_path, monkeyp
     with pytest.raises(SharpError, match="already holds"):
         train_sft(shared(original), *tokens, cfg, tmp_path / "part", teacher=original[0])
     with pytest.raises(SharpError, match="seed"):
-        train_sft(shared(original), *tokens, config(steps=6, grad_accum=2, loss="mix", seed=1),
-                  tmp_path / "part", teacher=original[0], resume=True)
+        train_sft(
+            shared(original),
+            *tokens,
+            config(steps=6, grad_accum=2, loss="mix", seed=1),
+            tmp_path / "part",
+            teacher=original[0],
+            resume=True,
+        )
     resumed = shared(original, seed=7)  # different initial A: the checkpoint must restore it
     messages = []
     summary = train_sft(resumed, *tokens, cfg, tmp_path / "part", teacher=original[0], resume=True, log=messages.append)
@@ -217,10 +255,12 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(original, tokens, tmp_pa
     saved = mx.load(str(tmp_path / state["adapters"]))
     assert all(mx.isfinite(v).all().item() for v in saved.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["checkpoint.json", "loss.png", state["adapters"], state["optimizer"]])
+        ["checkpoint.json", "loss.png", state["adapters"], state["optimizer"]]
+    )
     monkeypatch.undo()  # clean data and a lower learning rate: the run goes on from step 4
-    summary = train_sft(shared(original), *tokens, config(steps=8, learning_rate=1e-3), tmp_path, resume=True,
-                        log=lambda s: None)
+    summary = train_sft(
+        shared(original), *tokens, config(steps=8, learning_rate=1e-3), tmp_path, resume=True, log=lambda s: None
+    )
     assert [s for s, _ in summary["train_history"]] == list(range(1, 9))
 
 
@@ -256,8 +296,10 @@ def test_losses_match_their_textbook_forms(temperature):
         log_p, log_q = nn.log_softmax(t / temperature), nn.log_softmax(s / temperature)
         return ((mx.exp(log_p) * (log_p - log_q)).sum(-1) * temperature**2).sum()
 
-    pairs = [(lambda s: sft.kl_div(s, t, temperature).sum(), textbook_kl),
-             (lambda s: sft.cross_entropy(s, targets).sum(), lambda s: nn.losses.cross_entropy(s, targets).sum())]
+    pairs = [
+        (lambda s: sft.kl_div(s, t, temperature).sum(), textbook_kl),
+        (lambda s: sft.cross_entropy(s, targets).sum(), lambda s: nn.losses.cross_entropy(s, targets).sum()),
+    ]
     for mine, reference in pairs:
         assert abs(mine(s).item() - reference(s).item()) < 1e-4
         assert mx.allclose(mx.grad(mine)(s), mx.grad(reference)(s), atol=1e-5).item()

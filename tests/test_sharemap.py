@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY, direct_sharing_reference, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
@@ -17,11 +18,20 @@ import sharp_mlx
 from sharp_mlx.errors import SharpError
 from sharp_mlx.model import SharpArgs
 from sharp_mlx.sharemap import parse_share, prune_layers, savings, savings_line, share_model
-from conftest import TINY, direct_sharing_reference, tiny_model
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
-SMOL = dict(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-            num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, vocab_size=49152, tie_word_embeddings=True)
+SMOL = dict(
+    model_type="llama",
+    hidden_size=576,
+    num_hidden_layers=30,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 
 def n_params(model) -> int:
@@ -35,13 +45,18 @@ def analysis(errors, config=TINY):
 
 # -- parsing ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "spec, layers, expected",
     [
         ("next", "14:30", {15: 14, 17: 16, 19: 18, 21: 20, 23: 22, 25: 24, 27: 26, 29: 28}),
         ("next:1", "14:30", {15: 14, 17: 16, 19: 18, 21: 20, 23: 22, 25: 24, 27: 26, 29: 28}),
         ("next:2", "14:30", {15: 14, 16: 14, 18: 17, 19: 17, 21: 20, 22: 20, 24: 23, 25: 23, 27: 26, 28: 26}),
-        ("next:3", "-16:", {15: 14, 16: 14, 17: 14, 19: 18, 20: 18, 21: 18, 23: 22, 24: 22, 25: 22, 27: 26, 28: 26, 29: 26}),
+        (
+            "next:3",
+            "-16:",
+            {15: 14, 16: 14, 17: 14, 19: 18, 20: 18, 21: 18, 23: 22, 24: 22, 25: 22, 27: 26, 28: 26, 29: 26},
+        ),
         ("next", "20:25", {21: 20, 23: 22}),
         ("next", ":-26", {1: 0, 3: 2}),
         ("next:4", "10:16", {11: 10, 12: 10, 13: 10, 14: 10}),
@@ -160,7 +175,10 @@ def test_auto_references_anywhere_earlier(tmp_path):
         ({"cut": 0.2}, "needs a similarity analysis"),
         ({"similarity": analysis(ADJACENT)}, "needs a cut between 0 and 1"),
         ({"similarity": analysis(ADJACENT), "cut": 1.5}, "got 1.5"),
-        ({"similarity": analysis(ADJACENT, {**TINY, "num_hidden_layers": 8}), "cut": 0.2}, "8-layer model, this one has 6"),
+        (
+            {"similarity": analysis(ADJACENT, {**TINY, "num_hidden_layers": 8}), "cut": 0.2},
+            "8-layer model, this one has 6",
+        ),
         ({"similarity": {"pairs": [{"target": 1}]}, "cut": 0.2}, "not an analysis"),
         ({"similarity": "no/analysis.json", "cut": 0.2}, "does not exist"),
         ({"similarity": analysis(ADJACENT), "cut": 0.2, "rank": 65}, "between 0 and 64"),
@@ -174,6 +192,7 @@ def test_auto_errors(kwargs, needle):
 
 # -- accounting ------------------------------------------------------------------------------
 
+
 def test_savings_tiny_by_hand():
     # MLP 3*64*96 = 18432; attention 64*64*2 + 64*32*2 = 12288; norms 2*64; embedding 101*64; final norm 64.
     mlp, per_layer = 18432, 18432 + 12288 + 128
@@ -181,9 +200,16 @@ def test_savings_tiny_by_hand():
     recovery = 2 * 3 * (64 + 96) * 8
     s = savings(TINY, {2: 1, 4: 3}, 8)
     assert s == {
-        "layers": 6, "targets": 2, "mlp_params": 6 * mlp, "mlp_params_stored": 4 * mlp, "recovery_params": recovery,
-        "params_before": total, "params_after": total - 2 * mlp + recovery,
-        "mlp_unstored": 2 / 6, "mlp_cut": (2 * mlp - recovery) / (6 * mlp), "total_cut": (2 * mlp - recovery) / total,
+        "layers": 6,
+        "targets": 2,
+        "mlp_params": 6 * mlp,
+        "mlp_params_stored": 4 * mlp,
+        "recovery_params": recovery,
+        "params_before": total,
+        "params_after": total - 2 * mlp + recovery,
+        "mlp_unstored": 2 / 6,
+        "mlp_cut": (2 * mlp - recovery) / (6 * mlp),
+        "total_cut": (2 * mlp - recovery) / total,
     }
     original, config = tiny_model()
     shared, _ = share_model(original, config, {2: 1, 4: 3}, 8)
@@ -202,7 +228,10 @@ def test_savings_smollm2():
     assert s["recovery_params"] == 8 * 3 * (576 + 1536) * 64 == 3_244_032
     assert s["params_after"] == 134_515_008 - 8 * mlp + 3_244_032 == 116_525_376
     assert (round(s["mlp_unstored"], 4), round(s["mlp_cut"], 4), round(s["total_cut"], 4)) == (0.2667, 0.2259, 0.1337)
-    assert savings_line(SMOL, share, 64) == "8 of 30 MLPs shared: stored MLP params -22.6% (recovery included), all params -13.4%"
+    assert (
+        savings_line(SMOL, share, 64)
+        == "8 of 30 MLPs shared: stored MLP params -22.6% (recovery included), all params -13.4%"
+    )
 
 
 def test_savings_count_scaling_vectors_as_one_rank():
@@ -210,7 +239,10 @@ def test_savings_count_scaling_vectors_as_one_rank():
     share = parse_share("next", 30, "14:30")
     plain, scaled = savings(SMOL, share, 64), savings(SMOL, share, 63, kind="scaled")
     assert scaled == plain and scaled["recovery_params"] == 8 * 3 * ((576 + 1536) * 63 + 576 + 1536)
-    assert savings_line(SMOL, share, 63, kind="scaled") == "8 of 30 MLPs shared with scaling vectors: stored MLP params -22.6% (recovery included), all params -13.4%"
+    assert (
+        savings_line(SMOL, share, 63, kind="scaled")
+        == "8 of 30 MLPs shared with scaling vectors: stored MLP params -22.6% (recovery included), all params -13.4%"
+    )
     original, config = tiny_model()
     model, model_config = share_model(original, config, {2: 1, 4: 3}, {2: 8, 4: 3}, kind="scaled")
     assert model_config["sharp"] == {"share": {"2": 1, "4": 3}, "rank": {"2": 8, "4": 3}, "recovery": "scaled"}
@@ -228,6 +260,7 @@ def test_savings_match_the_real_config(real_model_dir):
 
 
 # -- building models -------------------------------------------------------------------------
+
 
 def test_share_model_equals_direct_sharing():
     share = {2: 1, 4: 3, 5: 3}
@@ -277,7 +310,10 @@ def test_prune_layers_runs_the_kept_layers():
     assert np.allclose(np.array(pruned(TOKENS)), np.array(expected), atol=1e-5)
     assert n_params(original) - n_params(pruned) == 2 * (18432 + 12288 + 128)
     cut = (n_params(original) - n_params(pruned)) / n_params(original)
-    assert savings_line(config, {1: 0, 4: 3}, 0, "layer-prune") == f"2 of 6 layers removed (attention and MLP): all params -{cut:.1%}"
+    assert (
+        savings_line(config, {1: 0, 4: 3}, 0, "layer-prune")
+        == f"2 of 6 layers removed (attention and MLP): all params -{cut:.1%}"
+    )
     for bad in ([], [6], list(range(6))):
         with pytest.raises(SharpError, match="non-empty proper subset of 0..5"):
             prune_layers(original, config, bad)
@@ -291,7 +327,12 @@ def test_every_kind_of_map_round_trips_through_save_and_load(tmp_path):
         "json": parse_share('{"3": null, "5": 4}', 6),
         "auto": parse_share("auto", 6, similarity=analysis(ADJACENT), cut=0.25, rank=4),
     }
-    assert maps == {"next": {2: 1, 4: 3}, "next2": {1: 0, 2: 0, 4: 3, 5: 3}, "json": {3: None, 5: 4}, "auto": {1: 0, 3: 2}}
+    assert maps == {
+        "next": {2: 1, 4: 3},
+        "next2": {1: 0, 2: 0, 4: 3, 5: 3},
+        "json": {3: None, 5: 4},
+        "auto": {1: 0, 3: 2},
+    }
     for name, share in maps.items():
         model, model_config = share_model(original, config, share, 4)
         sharp_mlx.save(tmp_path / name, model, model_config)

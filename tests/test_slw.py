@@ -3,11 +3,20 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY, tiny_model
 from mlx_lm.models import llama
 
-from conftest import TINY, tiny_model
 from sharp_mlx.model import vector_names
-from sharp_mlx.slw import PROJ, SLWConfig, fit_layer, lowrank_fit, mlp_apply, reduced_rank_regression, run_slw, weights_of
+from sharp_mlx.slw import (
+    PROJ,
+    SLWConfig,
+    fit_layer,
+    lowrank_fit,
+    mlp_apply,
+    reduced_rank_regression,
+    run_slw,
+    weights_of,
+)
 
 
 def mlp(seed):
@@ -61,26 +70,45 @@ def test_each_stage_lowers_the_error(with_reference):
     assert e["final"] == min(e["adam"], e["closed_form_down"])
     assert e["final"] < 0.8 * e["none"]
     alone = fit_layer(ref, target, inputs(), rank=16, cfg=SLWConfig(closed_form_down=False, steps=0))["errors"]
-    assert alone["final"] == pytest.approx(alone["init"]) and alone["init"] < alone["none"]  # the init of all three alone
+    assert (
+        alone["final"] == pytest.approx(alone["init"]) and alone["init"] < alone["none"]
+    )  # the init of all three alone
 
 
 def test_zero_init_starts_at_direct_sharing_and_adam_improves_it():
     ref, target = mlp(1), mlp(2)
-    out = fit_layer(ref, target, inputs(), rank=16, cfg=SLWConfig(init="zero", closed_form_down=False, steps=80, lr=3e-3, batch_rows=256))
+    out = fit_layer(
+        ref,
+        target,
+        inputs(),
+        rank=16,
+        cfg=SLWConfig(init="zero", closed_form_down=False, steps=80, lr=3e-3, batch_rows=256),
+    )
     assert out["errors"]["init"] == pytest.approx(out["errors"]["none"])
     assert out["errors"]["adam"] < 0.9 * out["errors"]["none"]
 
 
 def test_mlp_apply_with_scaling_vectors_equals_dense_weights():
     rng = np.random.default_rng(3)
-    w = {p: rng.normal(size=s).astype(np.float32) for p, s in (("gate", (96, 64)), ("up", (96, 64)), ("down", (64, 96)))}
+    w = {
+        p: rng.normal(size=s).astype(np.float32) for p, s in (("gate", (96, 64)), ("up", (96, 64)), ("down", (64, 96)))
+    }
     rec = {}
     for p in PROJ:
         n_out, n_in = w[p].shape
-        rec.update({f"{p}_a": rng.normal(size=(n_in, 3)), f"{p}_b": rng.normal(size=(3, n_out)),
-                    f"{p}_in": 1 + 0.3 * rng.normal(size=n_in), f"{p}_out": 1 + 0.3 * rng.normal(size=n_out)})
+        rec.update(
+            {
+                f"{p}_a": rng.normal(size=(n_in, 3)),
+                f"{p}_b": rng.normal(size=(3, n_out)),
+                f"{p}_in": 1 + 0.3 * rng.normal(size=n_in),
+                f"{p}_out": 1 + 0.3 * rng.normal(size=n_out),
+            }
+        )
     rec = {k: v.astype(np.float32) for k, v in rec.items()}
-    dense = {p: mx.array(rec[f"{p}_out"][:, None] * w[p] * rec[f"{p}_in"][None, :] + (rec[f"{p}_a"] @ rec[f"{p}_b"]).T) for p in PROJ}
+    dense = {
+        p: mx.array(rec[f"{p}_out"][:, None] * w[p] * rec[f"{p}_in"][None, :] + (rec[f"{p}_a"] @ rec[f"{p}_b"]).T)
+        for p in PROJ
+    }
     x = mx.array(inputs(32))
     got = mlp_apply({p: mx.array(v) for p, v in w.items()}, x, {k: mx.array(v) for k, v in rec.items()}, kind="scaled")
     assert np.allclose(np.array(got), np.array(mlp_apply(dense, x)), rtol=1e-3, atol=1e-3)
@@ -93,10 +121,14 @@ def test_scaling_vectors_start_at_one_and_adam_moves_them():
     scaled = fit_layer(ref, target, inputs(), rank=16, cfg=cfg, kind="scaled")
     e, f = scaled["errors"], scaled["factors"]
     # At one the closed-form stages are those of the plain fit, exactly.
-    assert e["init"] == pytest.approx(plain["errors"]["init"]) and e["closed_form_down"] == pytest.approx(plain["errors"]["closed_form_down"])
+    assert e["init"] == pytest.approx(plain["errors"]["init"]) and e["closed_form_down"] == pytest.approx(
+        plain["errors"]["closed_form_down"]
+    )
     assert e["final"] == e["adam"] < e["closed_form_down"] < e["none"]
     for p in PROJ:
-        assert f[f"{p}_in"].shape == (target[f"{p}_proj"].weight.shape[1],) and f[f"{p}_out"].shape == (target[f"{p}_proj"].weight.shape[0],)
+        assert f[f"{p}_in"].shape == (target[f"{p}_proj"].weight.shape[1],) and f[f"{p}_out"].shape == (
+            target[f"{p}_proj"].weight.shape[0],
+        )
         assert np.abs(f[f"{p}_in"] - 1).max() > 1e-2 and np.abs(f[f"{p}_out"] - 1).max() > 1e-2, p
     with pytest.raises(ValueError, match="without a reference"):
         fit_layer(None, target, inputs(), rank=16, cfg=cfg, kind="scaled")
@@ -117,4 +149,8 @@ def test_run_slw_writes_factors_into_the_model(scales):
             assert all(mx.abs(rec[k] - 1).max().item() > 1e-3 for k in vector_names("scaled")), t
         w = {p: mx.array(v) for p, v in weights_of(shared.model.layers[2].mlp).items()}
         got = mlp_apply(w, mx.array(x[t][:64]), dict(rec.parameters()), kind=rec.kind)
-        assert np.allclose(np.array(got), np.array(shared.model.layers[t].recovery(mx.array(x[t][:64]), shared.model.mlp_of(t))), atol=1e-4)
+        assert np.allclose(
+            np.array(got),
+            np.array(shared.model.layers[t].recovery(mx.array(x[t][:64]), shared.model.mlp_of(t))),
+            atol=1e-4,
+        )

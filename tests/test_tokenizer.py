@@ -4,7 +4,6 @@ transformers' own GGUF reader does (which needs torch: the reference)."""
 import json
 
 import pytest
-
 from conftest import ROOT
 
 torch = pytest.importorskip("torch", reason="transformers' GGUF reader, the reference, needs torch")
@@ -15,9 +14,19 @@ from sharp_mlx.gguf_import import open_gguf  # noqa: E402
 
 pytestmark = pytest.mark.real
 CHARS_PER_DOMAIN, PIECE = 4000, 500
-EDGE = ["", " ", "  leading spaces", "tabs\tand\nnewlines\r\n\n", "digits 1234567890 3.14159 1e-9",
-        "ünïcödé — “quotes” … 日本語 😀👍🏽", "<|im_start|>user\nraw special tokens<|im_end|>", "<|endoftext|>x",
-        "don't we'll I'M", "    def f(x):\n        return x  # code", "a" * 300]
+EDGE = [
+    "",
+    " ",
+    "  leading spaces",
+    "tabs\tand\nnewlines\r\n\n",
+    "digits 1234567890 3.14159 1e-9",
+    "ünïcödé — “quotes” … 日本語 😀👍🏽",
+    "<|im_start|>user\nraw special tokens<|im_end|>",
+    "<|endoftext|>x",
+    "don't we'll I'M",
+    "    def f(x):\n        return x  # code",
+    "a" * 300,
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +67,10 @@ def test_same_ids_on_every_domain_and_chat_template(tokenizers, samples):
     texts, chats = samples
     strings = [s for pieces in texts.values() for s in pieces] + EDGE
     templated = [ref.apply_chat_template(m, tokenize=False) for m in chats]
-    templated += [ref.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-                  for q in ("What is the capital of France?", "Write a haiku about rain.", "2+2=?")]
+    templated += [
+        ref.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("What is the capital of France?", "Write a haiku about rain.", "2+2=?")
+    ]
     assert [ours.apply_chat_template(m, tokenize=False) for m in chats] == templated[: len(chats)]
     mismatches = [s for s in strings + templated if ref(s)["input_ids"] != ours(s)["input_ids"]]
     assert len(texts) == len(corpora.DOMAINS) and len(strings + templated) >= 60
@@ -89,12 +100,49 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
-    pieces = ["▁", "e", "t", "a", "h", "▁t", "he", "▁the", "o", "n", "▁a", "in", "▁in", "r", "s", "i", "l", "d",
-              "▁w", "or", "ld", "▁wor", "▁world", "c", "at", "▁c", "▁cat", "▁h", "ello", "▁hello", "x"]
+    pieces = [
+        "▁",
+        "e",
+        "t",
+        "a",
+        "h",
+        "▁t",
+        "he",
+        "▁the",
+        "o",
+        "n",
+        "▁a",
+        "in",
+        "▁in",
+        "r",
+        "s",
+        "i",
+        "l",
+        "d",
+        "▁w",
+        "or",
+        "ld",
+        "▁wor",
+        "▁world",
+        "c",
+        "at",
+        "▁c",
+        "▁cat",
+        "▁h",
+        "ello",
+        "▁hello",
+        "x",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
-    for add, value in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 8),
-                       (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_layer_norm_rms_eps, 1e-5)):
+    for add, value in (
+        (w.add_block_count, 1),
+        (w.add_context_length, 64),
+        (w.add_embedding_length, 8),
+        (w.add_feed_forward_length, 16),
+        (w.add_head_count, 2),
+        (w.add_layer_norm_rms_eps, 1e-5),
+    ):
         add(value)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

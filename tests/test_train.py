@@ -2,8 +2,8 @@
 
 from dataclasses import fields
 
-
 from conftest import tiny_model
+
 from sharp_mlx import save, train
 from sharp_mlx.sft import SFTConfig
 
@@ -13,7 +13,21 @@ def test_every_sft_setting_has_a_flag_with_its_default():
     args = parser.parse_args(["--stage", "sft", "--model", "m", "--out", "o"])
     for f in fields(SFTConfig):
         assert hasattr(args, f.name), f.name
-    args = parser.parse_args(["--stage", "sft", "--model", "m", "--out", "o", "--grad-accum", "3", "--no-frozen-prefix", "--lora-layers", "2"])
+    args = parser.parse_args(
+        [
+            "--stage",
+            "sft",
+            "--model",
+            "m",
+            "--out",
+            "o",
+            "--grad-accum",
+            "3",
+            "--no-frozen-prefix",
+            "--lora-layers",
+            "2",
+        ]
+    )
     assert (args.grad_accum, args.frozen_prefix, args.lora_layers) == (3, False, 2)
 
 
@@ -44,58 +58,133 @@ def test_rank_allocation_keeps_the_total_and_follows_the_damage():
 def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
     import json
 
+    from tiny_folder import write_text_data, write_tiny_model
+
     from sharp_mlx import load
     from sharp_mlx.model import SharpArgs
-    from tiny_folder import write_text_data, write_tiny_model
 
     orig = write_tiny_model(tmp_path / "orig", seed=3)
     data = write_text_data(tmp_path / "train.jsonl")
-    common = ["--stage", "slw", "--model", str(orig), "--data", str(data), "--seq-len", "32", "--tokens", "256", "--slw-steps", "2"]
-    assert train.main(common + ["--share", "next", "--layers", "1:6", "--rank", "24", "--rank-allocation", "sensitivity", "--out", str(tmp_path / "s")]) == 0
+    common = [
+        "--stage",
+        "slw",
+        "--model",
+        str(orig),
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--tokens",
+        "256",
+        "--slw-steps",
+        "2",
+    ]
+    assert (
+        train.main(
+            common
+            + [
+                "--share",
+                "next",
+                "--layers",
+                "1:6",
+                "--rank",
+                "24",
+                "--rank-allocation",
+                "sensitivity",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "loss increase without each target's MLP" in out and "ranks by target" in out
     sharp = SharpArgs.from_dict(json.loads((tmp_path / "s" / "config.json").read_text())["sharp"])
     assert sorted(sharp.share) == [2, 4] and sorted(sharp.rank_of(t) for t in sharp.share) == [16, 32]
     load(tmp_path / "s")  # the per-target ranks load back
     # References anywhere earlier: the analysis says layer 0 predicts 2 and 3 best.
-    pairs = [{"reference": r, "target": t, "rel_error": e} for (r, t), e in {(0, 1): 0.9, (1, 2): 0.9, (2, 3): 0.9, (0, 2): 0.1, (0, 3): 0.2}.items()]
+    pairs = [
+        {"reference": r, "target": t, "rel_error": e}
+        for (r, t), e in {(0, 1): 0.9, (1, 2): 0.9, (2, 3): 0.9, (0, 2): 0.1, (0, 3): 0.2}.items()
+    ]
     cfg = json.loads((orig / "config.json").read_text())
     (tmp_path / "a.json").write_text(json.dumps({"config": cfg, "pairs": pairs}))
-    auto = common + ["--share", "auto", "--layers", "0:6", "--cut", "0.3", "--rank", "2", "--analysis", str(tmp_path / "a.json")]
+    auto = common + [
+        "--share",
+        "auto",
+        "--layers",
+        "0:6",
+        "--cut",
+        "0.3",
+        "--rank",
+        "2",
+        "--analysis",
+        str(tmp_path / "a.json"),
+    ]
     assert train.main(auto + ["--references", "any", "--out", str(tmp_path / "any")]) == 0
     assert json.loads((tmp_path / "any" / "config.json").read_text())["sharp"]["share"] == {"2": 0, "3": 0}
     assert train.main(auto + ["--out", str(tmp_path / "adj")]) == 0
-    assert all(t - r == 1 for t, r in ((int(t), r) for t, r in json.loads((tmp_path / "adj" / "config.json").read_text())["sharp"]["share"].items()))
+    assert all(
+        t - r == 1
+        for t, r in (
+            (int(t), r) for t, r in json.loads((tmp_path / "adj" / "config.json").read_text())["sharp"]["share"].items()
+        )
+    )
 
 
 def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tmp_path, capsys):
     import json
 
-    from sharp_mlx import load
     from tiny_folder import write_text_data, write_tiny_model
+
+    from sharp_mlx import load
 
     orig = write_tiny_model(tmp_path / "orig", seed=3)
     data = write_text_data(tmp_path / "train.jsonl")
-    common = ["--stage", "slw", "--model", str(orig), "--data", str(data), "--seq-len", "32", "--tokens", "256", "--slw-steps", "2", "--rank", "4", "--scales"]
+    common = [
+        "--stage",
+        "slw",
+        "--model",
+        str(orig),
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--tokens",
+        "256",
+        "--slw-steps",
+        "2",
+        "--rank",
+        "4",
+        "--scales",
+    ]
     assert train.main(common + ["--share", '{"3": 2, "5": 4}', "--out", str(tmp_path / "s")]) == 0
     assert "2 of 6 MLPs shared with scaling vectors" in capsys.readouterr().out
-    assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {"share": {"3": 2, "5": 4}, "rank": 4, "recovery": "scaled"}
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {
+        "share": {"3": 2, "5": 4},
+        "rank": 4,
+        "recovery": "scaled",
+    }
     record = json.loads((tmp_path / "s" / "training.json").read_text())[-1]
     assert record["recovery"] == "scaled" and set(record["layers"]) == {"3", "5"}
     assert "gate_in" in load(tmp_path / "s")[0].model.layers[5].recovery
-    for extra, needle in ((["--share", '{"3": 2, "5": null}'], "target 5 borrows none"), (["--share", '{"3": 2}', "--baseline", "lowrank"], "--baseline lowrank borrows no weights")):
+    for extra, needle in (
+        (["--share", '{"3": 2, "5": null}'], "target 5 borrows none"),
+        (["--share", '{"3": 2}', "--baseline", "lowrank"], "--baseline lowrank borrows no weights"),
+    ):
         assert train.main(common + extra + ["--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--recovery scaled" in err[0] and needle in err[0], err
     assert not (tmp_path / "bad").exists()
-    assert train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
+    assert (
+        train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
+    )
     assert "--recovery applies to --stage slw" in capsys.readouterr().err
 
 
 def test_fresh_factors_are_the_same_every_run(tmp_path):
     """--no-slw keeps the drawn factors (the SFT-only start): seeded, so a run repeats exactly; another seed differs."""
     import mlx.core as mx
-
     from tiny_folder import write_tiny_model
 
     orig = write_tiny_model(tmp_path / "orig", seed=3)
