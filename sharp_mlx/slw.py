@@ -50,6 +50,10 @@ class SLWConfig:
     damping: float = 1e-2  # of the mean eigenvalue, keeps the covariance inverse stable
     holdout: float = 0.1  # fraction of rows kept out of the fit to report the error on
     seed: int = 0
+    # scaled kind: "ones" starts the vectors at one; "lsq" fits them by least squares (zero
+    # allowed) before the factors fit what is left, and keeps whichever of that start and the
+    # all-zero one (nothing borrowed: the control's start) holds out better
+    scales_init: str = "ones"
 
 
 def weights_of(mlp) -> Dict[str, np.ndarray]:
@@ -122,6 +126,25 @@ def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: fl
     return (m_ols @ v).astype(np.float32), v.T.astype(np.float32)
 
 
+def lsq_scales(
+    w_t: np.ndarray, w_r: np.ndarray, cov: Optional[np.ndarray] = None, iters: int = 20, damping: float = 1e-6
+):
+    """(out (rows,), in (cols,)) minimising ||X (W_t - diag(out) W_r diag(in))^T|| by alternating
+    least squares from in = 1 (``cov`` = X^T X of the inputs; None: the plain Frobenius norm).
+    Both may reach zero: a useless borrowed weight is scaled away."""
+    w_t, w_r = w_t.astype(np.float64), w_r.astype(np.float64)
+    c = np.eye(w_t.shape[1]) if cov is None else cov.astype(np.float64)
+    s_in = np.ones(w_t.shape[1])
+    t_c = w_t @ c  # rows of W_t C
+    for _ in range(iters):
+        m = w_r * s_in[None, :]  # diag(...) W_r diag(in), row by row
+        s_out = (t_c * m).sum(1) / np.maximum(((m @ c) * m).sum(1), 1e-12)
+        a = c * (w_r.T @ (w_r * (s_out**2)[:, None]))  # C o (W_r^T diag(out^2) W_r)
+        b = (w_r * (s_out[:, None] * t_c)).sum(0)
+        s_in = np.linalg.solve(a + damping * np.trace(a) / len(a) * np.eye(len(a)), b)
+    return s_out.astype(np.float32), s_in.astype(np.float32)
+
+
 def init_recovery(
     ref: Optional[Dict[str, np.ndarray]],
     target: Dict[str, np.ndarray],
@@ -129,14 +152,16 @@ def init_recovery(
     rank: int,
     cfg: SLWConfig,
     kind: str = "plain",
+    vectors: Optional[Dict[str, np.ndarray]] = None,
 ) -> Dict[str, np.ndarray]:
-    """Initial factors by cfg.init (and the kind's vectors at their neutral values); x are fit
-    rows (n, D) of the target's real inputs."""
+    """Initial factors by cfg.init, fitted to what the borrowed weights leave once scaled by
+    ``vectors`` (default: the kind's vectors at their neutral values); x are fit rows (n, D) of
+    the target's real inputs."""
     if cfg.init == "zero":
         mx.random.seed(cfg.seed)
         rec = Recovery(x.shape[1], target["gate"].shape[0], rank, kind)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
-    rec = {}
+    rec = dict(vectors or {})
     asvd = cfg.init == "asvd"
     x_roots = _sqrt_cov(x, cfg.damping) if asvd else None  # gate and up share their inputs
     for p in PROJ:
@@ -148,7 +173,7 @@ def init_recovery(
                 np.zeros((rank, x.shape[1]), np.float32),
             )
             continue
-        delta = target[p] - (ref[p] if ref is not None else 0.0)  # (out, in)
+        delta = target[p] - (transformed(ref, rec, p) if ref is not None else 0.0)  # (out, in)
         if not asvd:
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, None, cfg.damping)
         elif p == "down":  # its inputs are the target's hidden activations
@@ -157,9 +182,25 @@ def init_recovery(
         else:
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, x, cfg.damping, x_roots)
     for p, (n_in, n_out) in projection_shapes(x.shape[1], target["gate"].shape[0]).items():
-        for suffix, v in recovery_kind(kind).vectors(n_in, n_out).items():  # neutral: the fits above hold exactly
-            rec[f"{p}_{suffix}"] = np.array(v, dtype=np.float32)
+        for suffix, v in recovery_kind(kind).vectors(n_in, n_out).items():  # neutral unless given
+            rec.setdefault(f"{p}_{suffix}", np.array(v, dtype=np.float32))
     return rec
+
+
+def transformed(ref: Dict[str, np.ndarray], rec: Dict[str, np.ndarray], p: str) -> np.ndarray:
+    """The borrowed weight of projection ``p`` as the vectors in ``rec`` scale it (as it is without)."""
+    if f"{p}_in" not in rec:
+        return ref[p]
+    return rec[f"{p}_out"][:, None] * ref[p] * rec[f"{p}_in"][None, :]
+
+
+def lsq_vectors(ref: Dict[str, np.ndarray], target: Dict[str, np.ndarray], x: np.ndarray) -> Dict[str, np.ndarray]:
+    """Scaling vectors of every projection by ``lsq_scales``, each in its own inputs' norm."""
+    h = np.array(mlp_apply({q: mx.array(v) for q, v in target.items()}, mx.array(x), return_hidden=True)[1])
+    out = {}
+    for p in PROJ:
+        out[f"{p}_out"], out[f"{p}_in"] = lsq_scales(target[p], ref[p], gram(h if p == "down" else x) / len(x))
+    return out
 
 
 def refit_down(
@@ -248,11 +289,23 @@ def fit_layer(
 
     errors = {"none": err(None)}
     with threadpool_limits(limits=1, user_api="blas"):
-        rec = init_recovery(ref, target, x_fit, rank, cfg, kind)
-        errors["init"] = err(rec)
-        if cfg.closed_form_down:
-            rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind)
-            errors["closed_form_down"] = err(rec)
+        starts = [None]
+        if cfg.scales_init == "lsq" and kind == "scaled":
+            fitted = lsq_vectors(ref, target, x_fit)
+            starts = [fitted, {k: np.zeros_like(v) for k, v in fitted.items()}]  # and the control's start
+        best = None
+        for vectors in starts:
+            rec = init_recovery(ref, target, x_fit, rank, cfg, kind, vectors)
+            stage = {"init": err(rec)}
+            if cfg.closed_form_down:
+                rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind)
+                stage["closed_form_down"] = err(rec)
+            if best is None or stage.get("closed_form_down", stage["init"]) < best[1].get(
+                "closed_form_down", best[1]["init"]
+            ):
+                best = (rec, stage)
+        rec = best[0]
+        errors.update(best[1])
     if cfg.steps > 0:
         refined = adam_refine(ref, target, x_fit, rec, cfg, progress, kind)
         errors["adam"] = err(refined)

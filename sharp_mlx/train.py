@@ -82,6 +82,7 @@ class SLWRun:
     no_closed_form: bool = False
     slw_steps: int = 100
     slw_lr: float = 1e-3
+    scales_init: str = "ones"  # recovery scaled: vectors start at one, or by least squares (lsq)
     slw_batch_rows: int = SLWConfig.batch_rows
     no_slw: bool = False  # fresh factors only (the SFT-only baseline)
     cache_dir: Optional[Path] = None
@@ -165,6 +166,10 @@ def stage_slw(args) -> dict:
         check_rank(args.rank, config)
     if kind != "plain":
         check_kind(baseline, kind, share, args.rank, config)
+    if args.scales_init != "ones" and kind != "scaled":
+        raise SharpError(
+            f"--scales-init {args.scales_init} fits scaling vectors: add --recovery scaled, or drop --scales-init"
+        )
     rank = args.rank
     original, tokenizer = load(args.model)
     windows = None
@@ -204,6 +209,7 @@ def stage_slw(args) -> dict:
             lr=args.slw_lr,
             batch_rows=args.slw_batch_rows,
             seed=args.seed,
+            scales_init=args.scales_init,
         )
         report = run_slw(
             model,
@@ -401,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam steps per layer after the closed-form fits (default: %(default)s)",
     )
     g.add_argument("--slw-lr", type=float, default=SLWRun.slw_lr, help="SLW Adam learning rate (default: %(default)s)")
+    g.add_argument(
+        "--scales-init",
+        choices=("ones", "lsq"),
+        default=SLWRun.scales_init,
+        help="--recovery scaled: start the vectors at one, or fit them by least squares (zero allowed) and keep the better "
+        "of that start and the all-zero one, the control's (default: %(default)s)",
+    )
     g.add_argument(
         "--slw-batch-rows",
         type=int,

@@ -154,3 +154,55 @@ def test_run_slw_writes_factors_into_the_model(scales):
             np.array(shared.model.layers[t].recovery(mx.array(x[t][:64]), shared.model.mlp_of(t))),
             atol=1e-4,
         )
+
+
+def test_lsq_scales_recover_a_scaled_copy_and_scale_a_useless_weight_away():
+    from sharp_mlx.slw import lsq_scales
+
+    rng = np.random.default_rng(4)
+    w_r = rng.normal(size=(24, 16))
+    s_out, s_in = rng.uniform(0.5, 2, 24), rng.uniform(0.5, 2, 16)
+    x = inputs(1024, 16)
+    cov = x.T @ x / len(x)
+    o, i = lsq_scales(s_out[:, None] * w_r * s_in[None, :], w_r, cov)
+    assert np.allclose(o[:, None] * w_r * i[None, :], s_out[:, None] * w_r * s_in[None, :], atol=1e-3)
+    # An unrelated weight: least squares leaves little of it (the fit never exceeds ||W_t||).
+    w_t = rng.normal(size=(24, 16))
+    o, i = lsq_scales(w_t, w_r, cov)
+    resid = w_t - o[:, None] * w_r * i[None, :]
+    assert np.trace(resid @ cov @ resid.T) <= np.trace(w_t @ cov @ w_t.T) + 1e-6
+
+
+def test_lsq_scale_init_is_never_worse_than_the_control_when_the_borrowed_weight_is_useless():
+    """A reference unrelated to the target: SHARP with least-squares scales starts (after the
+    closed-form fits) no worse than the control, the same rank with nothing borrowed."""
+    target, x = mlp(2), inputs()
+    for rank in (4, 16):
+        cfg = SLWConfig(steps=0)
+        control = fit_layer(None, target, x, rank=rank, cfg=cfg)["errors"]
+        ones = fit_layer(mlp(7), target, x, rank=rank, cfg=cfg, kind="scaled")["errors"]
+        lsq = fit_layer(mlp(7), target, x, rank=rank, cfg=SLWConfig(steps=0, scales_init="lsq"), kind="scaled")[
+            "errors"
+        ]
+        assert lsq["final"] <= control["final"] + 1e-6, rank
+        assert lsq["final"] <= ones["final"] + 1e-6, rank
+
+
+def test_lsq_scale_init_starts_far_ahead_on_a_scaled_copy():
+    """When the target's weights are the reference's scaled by rows and columns, least squares
+    finds the scales and the start is nearly exact; vectors of one leave the whole difference."""
+    ref = mlp(1)
+    target = mlp(1)
+    rng = np.random.default_rng(0)
+    for p in PROJ:
+        lin = target[f"{p}_proj"]
+        n_out, n_in = lin.weight.shape
+        lin.weight = (
+            mx.array(rng.uniform(0.5, 1.5, (n_out, 1)), dtype=mx.float32)
+            * lin.weight
+            * mx.array(rng.uniform(0.5, 1.5, (1, n_in)), dtype=mx.float32)
+        )
+    cfg = SLWConfig(steps=0)
+    ones = fit_layer(ref, target, inputs(), rank=2, cfg=cfg, kind="scaled")["errors"]
+    lsq = fit_layer(ref, target, inputs(), rank=2, cfg=SLWConfig(steps=0, scales_init="lsq"), kind="scaled")["errors"]
+    assert lsq["final"] < 0.1 * ones["final"], (lsq, ones)

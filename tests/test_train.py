@@ -195,3 +195,47 @@ def test_fresh_factors_are_the_same_every_run(tmp_path):
     a, b, c = (mx.load(str(tmp_path / n / "model.safetensors")) for n in "abc")
     key = "model.layers.2.recovery.gate_a"
     assert mx.array_equal(a[key], b[key]) and not mx.array_equal(a[key], c[key])
+
+
+def test_scales_init_needs_scaled_recovery(tmp_path, capsys):
+    from tiny_folder import write_text_data, write_tiny_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = write_text_data(tmp_path / "train.jsonl")
+    argv = [
+        "--stage",
+        "slw",
+        "--model",
+        str(orig),
+        "--data",
+        str(data),
+        "--seq-len",
+        "32",
+        "--tokens",
+        "256",
+        "--rank",
+        "4",
+    ]
+    assert train.main(argv + ["--share", '{"3": 2}', "--scales-init", "lsq", "--out", str(tmp_path / "bad")]) == 2
+    assert "add --recovery scaled" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert (
+        train.main(
+            argv
+            + [
+                "--share",
+                '{"3": 2}',
+                "--scales-init",
+                "lsq",
+                "--recovery",
+                "scaled",
+                "--slw-steps",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    from sharp_mlx.checkpoint import load
+
+    assert "gate_in" in load(tmp_path / "s")[0].model.layers[3].recovery
