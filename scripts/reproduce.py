@@ -16,6 +16,10 @@ next-sentence multiple-choice check), quantizes and benchmarks the deployable on
 ``docs/results/RESULTS.md`` (``--quick``; the full run: ``docs/results/RESULTS-full.md``; or ``--report``) and
 its figures. Every number in the report comes from the run that wrote it.
 
+The variants are one table (``variants``: each one's stage, source and flags, with every layer
+span derived from the original's number of layers), made in order by ``build_variants``; then
+``measure`` and ``bench_step`` measure them and ``write_results`` writes the record and report.
+
 Models go to models/repro[-quick]/, logs and per-model results to runs/repro[-quick]/. Each step is
 skipped when its output exists, so an interrupted run continues where it stopped (each step's
 time is kept, and the report's total counts every invocation's steps); ``--force`` redoes everything.
@@ -25,12 +29,11 @@ import argparse
 import json
 import math
 import platform
-import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,9 +45,7 @@ from sharp_mlx.corpora import DOMAINS  # noqa: E402
 from sharp_mlx.errors import ArgumentParser, SharpError, cli  # noqa: E402
 from sharp_mlx.model import SharpArgs  # noqa: E402
 from sharp_mlx.pipeline import ensure_data  # noqa: E402
-
-DEFAULT = ["--share", "next", "--layers", "1:29", "--rank", "64"]  # 14 targets 2, 4, ..., 28
-AGGRESSIVE = ["--share", "next:3", "--layers", "1:29", "--rank", "32"]  # 21 targets, one reference per three
+from sharp_mlx.sharemap import lora_rank_for, stored_params  # noqa: E402
 
 
 @dataclass
@@ -123,10 +124,28 @@ CLOZE_GROUPS = (
 )  # the ablations are read by perplexity alone
 
 
-def span(k: int, where: str) -> str:
+# -- the settings, from the original's number of layers n ------------------------------------------
+
+
+def inner(n: int) -> str:
+    """Every layer but the first and the last ("1:29" of 30): the default and aggressive settings' span."""
+    return f"1:{n - 1}"
+
+
+def default(n: int) -> List[str]:
+    """Every other layer of 1..n-2 borrows the MLP before it (of 30: targets 2, 4, ..., 28)."""
+    return ["--share", "next", "--layers", inner(n), "--rank", "64"]
+
+
+def aggressive(n: int) -> List[str]:
+    """One reference serves the three layers after it (of 30: 21 targets)."""
+    return ["--share", "next:3", "--layers", inner(n), "--rank", "32"]
+
+
+def span(k: int, where: str, n: int) -> str:
     """--layers of ``k`` targets (every other layer, each borrowing the one before) early, in the
-    middle or late in the 30-layer stack."""
-    start = {"early": 1, "middle": 15 - k, "late": 29 - 2 * k}[where]
+    middle or late in a stack of ``n`` layers (the last layer is never a target)."""
+    start = {"early": 1, "middle": n // 2 - k, "late": n - 1 - 2 * k}[where]
     return f"{start}:{start + 2 * k}"
 
 
@@ -135,27 +154,188 @@ def span_targets(layers: str) -> List[int]:
     return list(range(a + 1, b, 2))
 
 
-def header_params(folder: Path) -> int:
-    """Parameters stored in a float model folder, from the safetensors headers (nothing loaded)."""
-    total = 0
-    for f in folder.glob("model*.safetensors"):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
+def flag(flags: List[str], name: str) -> str:
+    return flags[flags.index(name) + 1]
 
 
-def lora_rank_for(config: dict, budget: int, blocks: int) -> int:
-    """The LoRA rank on every linear layer of the last ``blocks`` blocks of ``config``'s model
-    whose trainable count is closest to ``budget`` (a target with no MLP has attention only)."""
-    h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = config.get("head_dim") or h // heads
-    attention = 2 * (h + heads * hd) + 2 * (h + kv * hd)  # q, o and k, v: in + out per rank
-    no_mlp = {int(t) for t, r in ((config.get("sharp") or {}).get("share") or {}).items() if r is None}
-    per_rank = sum(attention + (0 if i in no_mlp else 3 * (h + inter)) for i in range(n - blocks, n))
-    return max(1, round(budget / per_rank))
+# -- the variants: one table, made in order by build_variants -------------------------------------
+
+Made = Dict[str, Path]  # the folder of every variant made so far, by name
+Rule = Callable[[Made, Optional[str]], Tuple[tuple, dict]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the run: how it is made and where the report shows it."""
+
+    name: str
+    group: Optional[str]  # the report's table; None: a step the report does not show
+    label: str  # with a rule: formatted with the facts the rule returns
+    stage: str  # slw (from the original), sft or quantize (of source), given (source's folder), mlx-4bit (of source)
+    source: Optional[str] = None  # the variant it starts from; None: the original
+    flags: tuple = ()  # the command's flags besides the budget's (Steps adds those)
+    tokens: Optional[int] = None  # SLW calibration tokens; None: the budget's
+    rule: Optional[Rule] = None  # (made, source) -> (flags put before ``flags``, label facts)
+
+
+def share_of(folder: Path) -> Dict[int, Optional[int]]:
+    return {int(t): r for t, r in read_config(folder)["sharp"]["share"].items()}
+
+
+def matched_budget(original: Path, sharp_slw: Path) -> int:
+    """SHARP's trainable budget: the recovery parameters of the default setting at rank 64."""
+    return sharemap.savings(read_config(original), share_of(sharp_slw), 64)["recovery_params"]
+
+
+def matched_lora(made: Made, source: Optional[str]) -> Tuple[tuple, dict]:
+    """LoRA on every block from the default setting's first target on, at the rank whose
+    trainable count is closest to SHARP's budget."""
+    cfg = read_config(made[source])
+    blocks = cfg["num_hidden_layers"] - min(share_of(made["sharp-slw"]))
+    r = lora_rank_for(cfg, matched_budget(made["original"], made["sharp-slw"]), blocks)
+    removed = read_config(made["original"])["num_hidden_layers"] - cfg["num_hidden_layers"]
+    return ("--lora-rank", r, "--lora-layers", blocks), {"r": r, "removed": removed}
+
+
+def same_size(made: Made, source: Optional[str]) -> Tuple[tuple, dict]:
+    """Whole layers removed (every other one from the top, the last kept, each worth what the
+    layer-pruning baseline removes per layer) until about as many parameters are stored as
+    SHARP's default stores."""
+    orig = stored_params(made["original"])
+    per_layer = (orig - stored_params(made["layer-prune"])) / len(share_of(made["sharp-slw"]))
+    k = max(1, round((orig - stored_params(made["sharp"])) / per_layer))
+    drop = list(range(read_config(made["original"])["num_hidden_layers"] - 2, 0, -2))[:k]
+    return ("--share", json.dumps({str(t): t - 1 for t in sorted(drop)})), {"removed": k}
+
+
+def variants(b: Budget, n: int) -> List[Variant]:
+    """Every model of a run at budget ``b`` from an original of ``n`` layers, in report order
+    (each after those it starts from or its rule reads)."""
+
+    def slw(name, group, label, *flags, tokens=None, rule=None):
+        return Variant(name, group, label, "slw", None, flags, tokens, rule)
+
+    def sft(name, group, label, source, *flags, rule=None):
+        return Variant(name, group, label, "sft", source, flags, rule=rule)
+
+    def quantized(name, group, label, source, *flags):
+        return Variant(name, group, label, "quantize", source, flags)
+
+    def given(name, group, label, source=None):
+        return Variant(name, group, label, "given", source)
+
+    D, A, k = default(n), aggressive(n), b.ablation_targets
+    pos = {where: span(k, where, n) for where in ("early", "middle", "late")}
+    late = pos["late"]
+    NEXT = ("--share", "next", "--layers")
+    LATE = (*NEXT, late)  # the ablations after the position one vary one thing on these targets
+    chat = ("--data", str(ROOT / "data" / "chat" / "train.jsonl"))
+    CONTROL, control = ("--baseline", "lowrank"), "control (low-rank, nothing borrowed)"
+    PRUNE = ("--baseline", "layer-prune")
+    tokens = {tag: int(b.slw_tokens * f) for f, tag in ((0.25, "quarter"), (4, "4x"))}
+    scales = "rank 63 + row/column scales"
+    first, *_, last = span_targets(late)
+
+    def listed(layers):
+        return ", ".join(map(str, span_targets(layers)))
+
+    def grouped(g):
+        return ("--share", f"next:{g}", "--layers", late, "--rank", 64)
+
+    return [
+        # The default setting: SHARP and its baselines.
+        given("original", "main", "original (float32)"),
+        slw("direct", "main", "direct sharing (no recovery)", *D, "--baseline", "direct"),
+        slw("mlp-prune", "main", "MLP pruning", *D, "--baseline", "mlp-prune"),
+        slw("layer-prune", "main", "layer pruning", *D, *PRUNE),
+        slw("sharp-slw", "main", "SHARP, SLW only", *D),
+        slw("sharp-noslw", None, "", *D, "--no-slw"),
+        sft("sharp-sftonly", "main", "SHARP, SFT only (no SLW)", "sharp-noslw"),
+        sft("sharp", "main", "SHARP, SLW + SFT", "sharp-slw"),
+        slw("control-slw", "main", f"{control}, SLW only", *D, *CONTROL),
+        sft("control", "main", f"{control}, SLW + SFT", "control-slw"),
+        # Pruning fine-tuned with LoRA on the same span of blocks, at SHARP's trainable budget.
+        sft("mlp-prune-ft", "main", "MLP pruning + LoRA r{r} (matched budget)", "mlp-prune", rule=matched_lora),
+        sft("layer-prune-ft", "main", "layer pruning + LoRA r{r} (matched budget)", "layer-prune", rule=matched_lora),
+        # The aggressive setting: one reference serves the three layers after it.
+        slw("direct65", "aggressive", "direct sharing", *A, "--baseline", "direct"),
+        slw("mlp-prune65", "aggressive", "MLP pruning", *A, "--baseline", "mlp-prune"),
+        slw("sharp65-slw", "aggressive", "SHARP, SLW only", *A),
+        sft("sharp65", "aggressive", "SHARP, SLW + SFT", "sharp65-slw"),
+        slw("control65-slw", "aggressive", "control, SLW only", *A, *CONTROL),
+        sft("control65", "aggressive", "control, SLW + SFT", "control65-slw"),
+        # Cross-domain: recover on chat only.
+        sft("sharp-chat", "cross", "SHARP, SLW (all domains) + SFT on chat only", "sharp-slw", *chat),
+        *(
+            [
+                slw("sharp-slw-chat", None, "", *D, *chat),
+                sft("sharp-chat-only", "cross", "SHARP, SLW and SFT on chat only", "sharp-slw-chat", *chat),
+            ]
+            if b.chat_only
+            else []
+        ),
+        # Ablations, after SLW (no SFT). The position ablation moves the ablation targets along the
+        # stack; the others vary one thing on the late ones (each <- the layer before, rank 64).
+        *[slw(f"pos-{w}", "position", f"{w}: targets {listed(s)}", *NEXT, s, "--rank", 64) for w, s in pos.items()],
+        given(
+            "next-late", "grouping", f"next: every other layer of {first}..{last} borrows the one before", "pos-late"
+        ),
+        *[
+            slw(f"next{g}-late", "grouping", f"next:{g} over {late}: one reference for {g} layers", *grouped(g))
+            for g in (2, 3)
+        ],
+        *[
+            x
+            for r in b.ranks
+            for x in (
+                slw(f"rank{r}", "rank", f"rank {r}", *LATE, "--rank", r),
+                slw(f"control-rank{r}", "rank", f"control, rank {r}", *LATE, "--rank", r, *CONTROL),
+            )
+        ],
+        given("rank64", "rank", "rank 64", "pos-late"),
+        slw("control-rank64", "rank", "control, rank 64", *LATE, "--rank", 64, *CONTROL),
+        *[
+            slw(f"data-{t}", "data", f"SLW on {n_:,} tokens", *LATE, "--rank", 64, tokens=n_)
+            for t, n_ in tokens.items()
+        ],
+        given("data-1x", "data", f"SLW on {b.slw_tokens:,} tokens", "pos-late"),
+        # The parameterization at a matched count: through both stages at the default targets
+        # (full), or SLW on the ablation targets (--quick).
+        *(
+            [
+                slw("scales-slw", "param", f"{scales}, SLW only", *D[:4], "--rank", 63, "--scales"),
+                sft("scales", "param", f"{scales}, SLW + SFT", "scales-slw"),
+                given("plain-slw", "param", "rank 64, SLW only", "sharp-slw"),
+                given("plain", "param", "rank 64, SLW + SFT", "sharp"),
+            ]
+            if b.scales_full
+            else [
+                slw("scales-slw", "param", f"{scales}, SLW only", *LATE, "--rank", 63, "--scales"),
+                given("plain-slw", "param", "rank 64, SLW only", "pos-late"),
+            ]
+        ),
+        # A smaller model of SHARP's stored size, fine-tuned with LoRA at SHARP's trainable budget.
+        slw("smaller", "smaller", "{removed} layers removed, no fine-tuning", *PRUNE, rule=same_size),
+        sft("smaller-ft", "smaller", "{removed} layers removed + LoRA r{r}", "smaller", rule=matched_lora),
+        # Deployment: 4-bit checkpoints (the embedded GGUF's codes; recovery at 8 bits where its rank allows).
+        quantized("original-4bit", "deploy", "original, 4-bit (GGUF codes)", None),
+        Variant("mlx-4bit", "deploy", "original, mlx_lm.convert -q (group 64)", "mlx-4bit"),
+        quantized(
+            "sharp-4bit", "deploy", "SHARP default, 4-bit (GGUF codes, 8-bit recovery)", "sharp", "--recovery-bits", 8
+        ),
+        quantized(
+            "sharp-4bit-emb6",
+            "deploy",
+            "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)",
+            "sharp",
+            *("--recovery-bits", 8, "--embedding-bits", 6),
+        ),
+        quantized("sharp65-4bit", "deploy", "SHARP ~65%, 4-bit (GGUF codes, float16 recovery)", "sharp65"),
+    ]
+
+
+def pairs(options: dict) -> list:
+    return [x for kv in options.items() for x in kv]
 
 
 class Steps:
@@ -187,236 +367,51 @@ class Steps:
 
     def slw(self, name: str, *argv, tokens: Optional[int] = None) -> Path:
         b = self.b
-        return self._run(
-            name,
-            train.main,
-            [
-                "--stage",
-                "slw",
-                "--model",
-                self.original,
-                "--tokens",
-                tokens or b.slw_tokens,
-                "--slw-steps",
-                b.slw_steps,
-                "--slw-batch-rows",
-                b.slw_batch_rows,
-                *argv,
-            ],
-        )
+        budget = {"--tokens": tokens or b.slw_tokens, "--slw-steps": b.slw_steps, "--slw-batch-rows": b.slw_batch_rows}
+        return self._run(name, train.main, ["--stage", "slw", "--model", self.original, *pairs(budget), *argv])
 
     def sft(self, name: str, src: Path, *argv) -> Path:
         b = self.b
+        budget = {
+            "--steps": b.sft_steps,
+            "--batch-size": b.sft_batch,
+            "--seq-len": b.sft_seq,
+            "--eval-every": b.sft_steps,
+            "--save-every": b.sft_steps,
+            "--eval-windows": b.sft_valid_windows,
+            "--max-train-tokens": b.sft_tokens,
+            "--run-dir": self.runs / "sft" / name,
+        }
         return self._run(
-            name,
-            train.main,
-            [
-                "--stage",
-                "sft",
-                "--model",
-                src,
-                "--teacher",
-                self.original,
-                "--steps",
-                b.sft_steps,
-                "--batch-size",
-                b.sft_batch,
-                "--seq-len",
-                b.sft_seq,
-                "--eval-every",
-                b.sft_steps,
-                "--save-every",
-                b.sft_steps,
-                "--eval-windows",
-                b.sft_valid_windows,
-                "--max-train-tokens",
-                b.sft_tokens,
-                "--run-dir",
-                self.runs / "sft" / name,
-                *argv,
-            ],
+            name, train.main, ["--stage", "sft", "--model", src, "--teacher", self.original, *pairs(budget), *argv]
         )
 
     def quantize(self, name: str, src: Path, *argv) -> Path:
         return self._run(name, quantize.main, ["--model", src, *argv])
 
+    def make(self, x: Variant, made: Made, flags: tuple) -> Path:
+        """The folder of variant ``x`` (made from its source unless it exists) with ``flags``."""
+        src = made[x.source] if x.source else self.original
+        if x.stage == "given":
+            return src
+        if x.stage == "mlx-4bit":
+            return bench.mlx_4bit(src)
+        if x.stage == "slw":
+            return self.slw(x.name, *flags, tokens=x.tokens)
+        return {"sft": self.sft, "quantize": self.quantize}[x.stage](x.name, src, *flags)
 
-def build_variants(s: Steps) -> Dict[str, dict]:
-    """Train every variant; {name: {"path", "group", "label"}} in report order."""
+
+def build_variants(s: Steps, table: List[Variant]) -> Dict[str, dict]:
+    """Make every variant of ``table`` in order; {name: {"path", "group", "label"}} of those the
+    report shows, in its order."""
+    made: Made = {}
     v: Dict[str, dict] = {}
-
-    def add(name: str, path: Path, group: str, label: str) -> None:
-        v[name] = {"path": str(path), "group": group, "label": label}
-
-    orig_cfg = read_config(s.original)
-    add("original", s.original, "main", "original (float32)")
-    # The default setting: every other layer of 1..28 borrows the MLP before it.
-    add("direct", s.slw("direct", *DEFAULT, "--baseline", "direct"), "main", "direct sharing (no recovery)")
-    mlp_prune = s.slw("mlp-prune", *DEFAULT, "--baseline", "mlp-prune")
-    add("mlp-prune", mlp_prune, "main", "MLP pruning")
-    layer_prune = s.slw("layer-prune", *DEFAULT, "--baseline", "layer-prune")
-    add("layer-prune", layer_prune, "main", "layer pruning")
-    sharp_slw = s.slw("sharp-slw", *DEFAULT)
-    add("sharp-slw", sharp_slw, "main", "SHARP, SLW only")
-    sftonly = s.sft("sharp-sftonly", s.slw("sharp-noslw", *DEFAULT, "--no-slw"))
-    add("sharp-sftonly", sftonly, "main", "SHARP, SFT only (no SLW)")
-    sharp = s.sft("sharp", sharp_slw)
-    add("sharp", sharp, "main", "SHARP, SLW + SFT")
-    control_slw = s.slw("control-slw", *DEFAULT, "--baseline", "lowrank")
-    add("control-slw", control_slw, "main", "control (low-rank, nothing borrowed), SLW only")
-    add("control", s.sft("control", control_slw), "main", "control (low-rank, nothing borrowed), SLW + SFT")
-    # Pruning fine-tuned with LoRA on the same span of blocks, at SHARP's trainable budget.
-    cfg = read_config(sharp_slw)
-    share = {int(t): r for t, r in cfg["sharp"]["share"].items()}
-    budget = sharemap.savings(orig_cfg, share, 64)["recovery_params"]
-    first = min(share)
-    n_mp = orig_cfg["num_hidden_layers"] - first
-    r_mp = lora_rank_for(read_config(mlp_prune), budget, n_mp)
-    add(
-        "mlp-prune-ft",
-        s.sft("mlp-prune-ft", mlp_prune, "--lora-rank", r_mp, "--lora-layers", n_mp),
-        "main",
-        f"MLP pruning + LoRA r{r_mp} (matched budget)",
-    )
-    lp_cfg = read_config(layer_prune)
-    n_lp = lp_cfg["num_hidden_layers"] - first
-    r_lp = lora_rank_for(lp_cfg, budget, n_lp)
-    add(
-        "layer-prune-ft",
-        s.sft("layer-prune-ft", layer_prune, "--lora-rank", r_lp, "--lora-layers", n_lp),
-        "main",
-        f"layer pruning + LoRA r{r_lp} (matched budget)",
-    )
-
-    # The aggressive setting: one reference serves the three layers after it.
-    add("direct65", s.slw("direct65", *AGGRESSIVE, "--baseline", "direct"), "aggressive", "direct sharing")
-    add("mlp-prune65", s.slw("mlp-prune65", *AGGRESSIVE, "--baseline", "mlp-prune"), "aggressive", "MLP pruning")
-    sharp65_slw = s.slw("sharp65-slw", *AGGRESSIVE)
-    add("sharp65-slw", sharp65_slw, "aggressive", "SHARP, SLW only")
-    add("sharp65", s.sft("sharp65", sharp65_slw), "aggressive", "SHARP, SLW + SFT")
-    control65_slw = s.slw("control65-slw", *AGGRESSIVE, "--baseline", "lowrank")
-    add("control65-slw", control65_slw, "aggressive", "control, SLW only")
-    add("control65", s.sft("control65", control65_slw), "aggressive", "control, SLW + SFT")
-
-    # Cross-domain: recover on chat only.
-    chat = [str(ROOT / "data" / "chat" / "train.jsonl")]
-    add(
-        "sharp-chat",
-        s.sft("sharp-chat", sharp_slw, "--data", *chat),
-        "cross",
-        "SHARP, SLW (all domains) + SFT on chat only",
-    )
-    if s.b.chat_only:
-        add(
-            "sharp-chat-only",
-            s.sft("sharp-chat-only", s.slw("sharp-slw-chat", *DEFAULT, "--data", *chat), "--data", *chat),
-            "cross",
-            "SHARP, SLW and SFT on chat only",
-        )
-
-    # Ablations, after SLW (no SFT). The position ablation moves the ablation targets along the
-    # stack; the others vary one thing on the late ones (each <- the layer before, rank 64).
-    k_ab = s.b.ablation_targets
-    for name in ("early", "middle", "late"):
-        layers = span(k_ab, name)
-        add(
-            f"pos-{name}",
-            s.slw(f"pos-{name}", "--share", "next", "--layers", layers, "--rank", 64),
-            "position",
-            f"{name}: targets {', '.join(map(str, span_targets(layers)))}",
-        )
-    late, late_span = v["pos-late"]["path"], span(k_ab, "late")
-    LATE = ["--share", "next", "--layers", late_span]
-    add(
-        "next-late",
-        late,
-        "grouping",
-        f"next: every other layer of {span_targets(late_span)[0]}..28 borrows the one before",
-    )
-    for k in (2, 3):
-        add(
-            f"next{k}-late",
-            s.slw(f"next{k}-late", "--share", f"next:{k}", "--layers", late_span, "--rank", 64),
-            "grouping",
-            f"next:{k} over {late_span}: one reference for {k} layers",
-        )
-    for r in s.b.ranks:
-        add(f"rank{r}", s.slw(f"rank{r}", *LATE, "--rank", r), "rank", f"rank {r}")
-        add(
-            f"control-rank{r}",
-            s.slw(f"control-rank{r}", *LATE, "--rank", r, "--baseline", "lowrank"),
-            "rank",
-            f"control, rank {r}",
-        )
-    add("rank64", late, "rank", "rank 64")
-    add(
-        "control-rank64",
-        s.slw("control-rank64", *LATE, "--rank", 64, "--baseline", "lowrank"),
-        "rank",
-        "control, rank 64",
-    )
-    for f, tag in ((0.25, "quarter"), (4, "4x")):
-        tokens = int(s.b.slw_tokens * f)
-        add(
-            f"data-{tag}", s.slw(f"data-{tag}", *LATE, "--rank", 64, tokens=tokens), "data", f"SLW on {tokens:,} tokens"
-        )
-    add("data-1x", late, "data", f"SLW on {s.b.slw_tokens:,} tokens")
-    # The parameterization at a matched count: through both stages at the default targets (full),
-    # or SLW on the ablation targets (--quick).
-    if s.b.scales_full:
-        scaled_slw = s.slw("scales-slw", "--share", "next", "--layers", "1:29", "--rank", 63, "--scales")
-        add("scales-slw", scaled_slw, "param", "rank 63 + row/column scales, SLW only")
-        add("scales", s.sft("scales", scaled_slw), "param", "rank 63 + row/column scales, SLW + SFT")
-        add("plain-slw", sharp_slw, "param", "rank 64, SLW only")
-        add("plain", sharp, "param", "rank 64, SLW + SFT")
-    else:
-        add(
-            "scales-slw",
-            s.slw("scales-slw", *LATE, "--rank", 63, "--scales"),
-            "param",
-            "rank 63 + row/column scales, SLW only",
-        )
-        add("plain-slw", late, "param", "rank 64, SLW only")
-
-    # A smaller model of SHARP's stored size: whole layers removed until the parameter count
-    # matches, then fine-tuned with LoRA at SHARP's trainable budget on the same data.
-    target = header_params(sharp)
-    per_layer = (header_params(s.original) - header_params(layer_prune)) / len(share)
-    k = max(1, round((header_params(s.original) - target) / per_layer))
-    drop = list(range(orig_cfg["num_hidden_layers"] - 2, 0, -2))[:k]  # every other layer from the top, the last kept
-    small = s.slw("smaller", "--share", json.dumps({str(t): t - 1 for t in sorted(drop)}), "--baseline", "layer-prune")
-    sm_cfg = read_config(small)
-    n_sm = sm_cfg["num_hidden_layers"] - first
-    r_sm = lora_rank_for(sm_cfg, budget, n_sm)
-    add("smaller", small, "smaller", f"{k} layers removed, no fine-tuning")
-    add(
-        "smaller-ft",
-        s.sft("smaller-ft", small, "--lora-rank", r_sm, "--lora-layers", n_sm),
-        "smaller",
-        f"{k} layers removed + LoRA r{r_sm}",
-    )
-
-    # Deployment: 4-bit checkpoints (the embedded GGUF's codes; recovery at 8 bits where its rank allows).
-    add("original-4bit", s.quantize("original-4bit", s.original), "deploy", "original, 4-bit (GGUF codes)")
-    add("mlx-4bit", bench.mlx_4bit(ensure_default_model()), "deploy", "original, mlx_lm.convert -q (group 64)")
-    add(
-        "sharp-4bit",
-        s.quantize("sharp-4bit", sharp, "--recovery-bits", 8),
-        "deploy",
-        "SHARP default, 4-bit (GGUF codes, 8-bit recovery)",
-    )
-    add(
-        "sharp-4bit-emb6",
-        s.quantize("sharp-4bit-emb6", sharp, "--recovery-bits", 8, "--embedding-bits", 6),
-        "deploy",
-        "SHARP default, 4-bit (GGUF codes, 8-bit recovery, embedding re-quantized to 6 bits)",
-    )
-    add(
-        "sharp65-4bit",
-        s.quantize("sharp65-4bit", v["sharp65"]["path"]),
-        "deploy",
-        "SHARP ~65%, 4-bit (GGUF codes, float16 recovery)",
-    )
+    for x in table:
+        flags, facts = x.rule(made, x.source) if x.rule else ((), {})
+        made[x.name] = s.make(x, made, (*flags, *x.flags))
+        if x.group:
+            label = x.label.format(**facts) if x.rule else x.label
+            v[x.name] = {"path": str(made[x.name]), "group": x.group, "label": label}
     return v
 
 
@@ -471,7 +466,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
             }
             if wants_cloze[key]
             else {},
-            "params": header_params(path) if "quantization" not in read_config(path) else None,
+            "params": stored_params(path) if "quantization" not in read_config(path) else None,
             "bytes": quantize.folder_bytes(path),
         }
         out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
@@ -482,6 +477,29 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
         record(key, out)
     total = sum(v[ns[0]].get("wall_s", 0.0) for ns in names.values())
     return total, total - sum(v[names[str(p)][0]]["wall_s"] for p in todo)
+
+
+BENCH_ROWS = ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")  # against mlx-lm's 4-bit
+
+
+def bench_step(v: Dict[str, dict], steps: Steps, runs: Path, log) -> Tuple[dict, Dict[str, str]]:
+    """The deployable variants timed against mlx-lm's 4-bit original (once): timings by row, and
+    each row's variant."""
+    t0 = time.perf_counter()
+    rows = [bench.Row(bench.REFERENCE, Path(v["mlx-4bit"]["path"]), "mlx_lm")]
+    names = {bench.REFERENCE: "mlx-4bit"}
+    for n in BENCH_ROWS:
+        rows.append(bench.Row(n, Path(v[n]["path"])))
+        names[n] = n
+    bench_file = runs / "bench.json"
+    if bench_file.exists():
+        return json.loads(bench_file.read_text()), names
+    log("[bench]")
+    cfg = bench.BenchConfig(reps=steps.b.bench_reps, max_tokens=16, prompts=list(bench.PROMPTS[:1]), ppl_windows=0)
+    timing = bench.time_rows(rows, cfg)
+    bench_file.write_text(json.dumps(timing, indent=1))
+    steps.record("bench", time.perf_counter() - t0)
+    return timing, names
 
 
 def geo(ratios: List[float]) -> float:
@@ -682,15 +700,20 @@ def write_report(res: dict, out: Path) -> None:
     )
 
     s.append("## 2. In-domain perplexity\n")
+    n = res["model"]["num_hidden_layers"]
+    targets, A = span_targets(inner(n)), aggressive(n)
+    references = sorted(set(sharemap.parse_share(flag(A, "--share"), n, flag(A, "--layers")).values()))
     s.append(
-        f"Default setting `{' '.join(DEFAULT)}` (every other layer of 2..28 borrows the MLP of the layer before it). "
+        f"Default setting `{' '.join(default(n))}` (every other layer of {targets[0]}..{targets[-1]} borrows the MLP "
+        "of the layer before it). "
         "Pruning baselines remove the same targets' MLPs (MLP pruning) or whole layers (layer pruning) and are then "
         "fine-tuned with LoRA on every linear layer from the first target on, at SHARP's trainable budget "
         f"({res['budget_params']:,} parameters), with the same SFT.\n"
     )
     s.append(table(v, names("main")) + "\n")
     s.append(
-        f"Aggressive setting `{' '.join(AGGRESSIVE)}` (layers 1, 5, ..., 25 each serve the three layers after them):\n"
+        f"Aggressive setting `{' '.join(A)}` (layers {references[0]}, {references[1]}, ..., {references[-1]} each "
+        "serve the three layers after them):\n"
     )
     s.append(table(v, names("aggressive")) + "\n")
     s.append(f"![perplexity]({rel['perplexity']})\n")
@@ -704,7 +727,7 @@ def write_report(res: dict, out: Path) -> None:
     s.append(
         f"Targets early, in the middle or late in the stack ({k_ab} targets each, rank 64); the other ablations vary "
         "one thing "
-        f"on the late {k_ab} (`--share next --layers {span(k_ab, 'late')}`):\n"
+        f"on the late {k_ab} (`--share next --layers {span(k_ab, 'late', n)}`):\n"
     )
     s.append(table(v, names("position")) + "\n")
     s.append("One reference for 1, 2 or 3 following layers (rank 64):\n")
@@ -717,7 +740,8 @@ def write_report(res: dict, out: Path) -> None:
     s.append(
         f"Parameterization at a matched parameter count, {where}: plain rank 64 against rank 63 plus a row and a "
         "column scaling "
-        "vector per projection (576 + 1536 values per projection: exactly one rank unit):\n"
+        f"vector per projection ({res['model']['hidden_size']} + {res['model']['intermediate_size']} values per "
+        "projection: exactly one rank unit):\n"
     )
     s.append(table(v, names("param")) + "\n")
     s.append("SLW calibration data (the init, the closed-form fit and the Adam steps all see it):\n")
@@ -808,6 +832,16 @@ def write_report(res: dict, out: Path) -> None:
     tmp.replace(out)
 
 
+def write_results(res: dict, report: Path, runs: Path, analysis_dir: Path) -> None:
+    """Write the results record (runs/ and beside the report), the figures and the report."""
+    record = json.dumps(res, indent=1)
+    (runs / "results.json").write_text(record)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.with_suffix(".json").write_text(record)
+    plots(res["variants"], fig_paths(report), analysis_dir / "similarity.png")
+    write_report(res, report)
+
+
 def compare(res: dict, other: dict) -> dict:
     """How far this run's perplexities and next-sentence accuracies are from an earlier run's
     (``other``, a results record), over the variants both have."""
@@ -874,6 +908,30 @@ def verdict(v: Dict[str, dict], bn: dict, names: Dict[str, str]) -> List[str]:
     return out
 
 
+# -- the run: analysis, variants, measurements, report ----------------------------------------------
+
+
+def analysis_step(steps: Steps, b: Budget, runs: Path, log) -> Tuple[Path, dict, Dict[float, str]]:
+    """The layer analysis of the original (once), and the maps ``--share auto`` picks from it."""
+    analysis_dir = runs / "analyze"
+    if not (analysis_dir / "analysis.json").exists():
+        log("[analyze]")
+        t0 = time.perf_counter()
+        argv = ["--model", str(steps.original), "--tokens", str(b.analyze_tokens), "--out", str(analysis_dir)]
+        if analyze.main(argv) != 0:
+            raise SharpError("the layer analysis failed (see above)")
+        steps.record("analyze", time.perf_counter() - t0)
+    analysis = json.loads((analysis_dir / "analysis.json").read_text())
+    n = analysis["config"]["num_hidden_layers"]
+    auto = {}
+    for cut in (0.25, 0.38):
+        try:
+            auto[cut] = str(sharemap.parse_share("auto", n, layers=f"0:{n}", similarity=analysis, cut=cut, rank=64))
+        except SharpError as e:
+            auto[cut] = str(e)
+    return analysis_dir, analysis, auto
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python scripts/reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -935,54 +993,14 @@ def main(argv=None) -> int:
     ensure_data(ROOT / "data")
     steps = Steps(b, models, runs, original, log)
 
-    analysis_dir = runs / "analyze"
-    if not (analysis_dir / "analysis.json").exists():
-        log("[analyze]")
-        t0 = time.perf_counter()
-        if analyze.main(["--model", str(original), "--tokens", str(b.analyze_tokens), "--out", str(analysis_dir)]) != 0:
-            raise SharpError("the layer analysis failed (see above)")
-        steps.record("analyze", time.perf_counter() - t0)
-    analysis = json.loads((analysis_dir / "analysis.json").read_text())
-    auto = {}
-    for cut in (0.25, 0.38):
-        try:
-            auto[cut] = str(
-                sharemap.parse_share(
-                    "auto",
-                    analysis["config"]["num_hidden_layers"],
-                    layers="0:30",
-                    similarity=analysis,
-                    cut=cut,
-                    rank=64,
-                )
-            )
-        except SharpError as e:
-            auto[cut] = str(e)
-
-    v = build_variants(steps)
+    analysis_dir, analysis, auto = analysis_step(steps, b, runs, log)
+    original_config = read_config(original)
+    v = build_variants(steps, variants(b, original_config["num_hidden_layers"]))
     eval_s, eval_earlier_s = measure(v, b, runs, log)
     steps.record("evaluate", eval_s)
+    timing, names = bench_step(v, steps, runs, log)
 
-    t0 = time.perf_counter()
-    rows = [bench.Row(bench.REFERENCE, Path(v["mlx-4bit"]["path"]), "mlx_lm")]
-    names = {bench.REFERENCE: "mlx-4bit"}
-    for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit"):
-        rows.append(bench.Row(n, Path(v[n]["path"])))
-        names[n] = n
-    bench_file = runs / "bench.json"
-    if bench_file.exists():
-        timing = json.loads(bench_file.read_text())
-    else:
-        log("[bench]")
-        timing = bench.time_rows(
-            rows, bench.BenchConfig(reps=b.bench_reps, max_tokens=16, prompts=list(bench.PROMPTS[:1]), ppl_windows=0)
-        )
-        bench_file.write_text(json.dumps(timing, indent=1))
-        steps.record("bench", time.perf_counter() - t0)
-
-    summarise(v, read_config(original))
-    cfg = read_config(v["sharp-slw"]["path"])
-    share = {int(t): r for t, r in cfg["sharp"]["share"].items()}
+    summarise(v, original_config)
     res = {
         "command": "python scripts/reproduce.py" + (" --quick" if args.quick else ""),
         "tag": tag,
@@ -990,7 +1008,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} ({'CPU' if not mx.metal.is_available() else 'Metal'})",
         "budget": asdict(b),
-        "budget_params": sharemap.savings(read_config(original), share, 64)["recovery_params"],
+        "model": {k: original_config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size")},
+        "budget_params": matched_budget(original, Path(v["sharp-slw"]["path"])),
         "analysis": {"table": analyze.table(analysis), "auto": auto},
         "variants": v,
         "bench": timing,
@@ -1007,12 +1026,7 @@ def main(argv=None) -> int:
     res["wall_s"] = (
         now + eval_earlier_s + sum(w for k, w in steps.wall.items() if k in steps.earlier and k != "evaluate")
     )
-    record = json.dumps(res, indent=1)
-    (runs / "results.json").write_text(record)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(record)
-    plots(v, fig_paths(report), analysis_dir / "similarity.png")
-    write_report(res, report)
+    write_results(res, report, runs, analysis_dir)
     log(f"wrote {report} in {res['wall_s'] / 60:.1f} min")
     return 0
 

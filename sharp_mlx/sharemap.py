@@ -14,7 +14,9 @@ paper keeps quality best by sharing in the later part of the stack.
 """
 
 import json
+import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
@@ -336,6 +338,31 @@ def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sha
         f"{s['targets']} of {s['layers']} {what}: stored MLP params -{s['mlp_cut']:.1%} (recovery included), "
         f"all params -{s['total_cut']:.1%}"
     )
+
+
+def stored_params(folder: Union[str, Path]) -> int:
+    """Parameters stored in a model folder, summed from its safetensors headers (no weight is
+    read). Of a float folder this is its parameter count; of a quantized one, the packed arrays'."""
+    total = 0
+    for f in Path(folder).glob("model*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))  # the header's length, then the header (JSON)
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def lora_rank_for(config: dict, budget: int, blocks: int) -> int:
+    """The LoRA rank on every linear layer of the last ``blocks`` blocks of ``config``'s model
+    (as ``mlx_lm.tuner.utils.linear_to_lora_layers`` puts it) whose trainable count is closest to
+    ``budget``. A target with no MLP (reference None) has attention projections only."""
+    h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or h // heads
+    attention = 2 * (h + heads * hd) + 2 * (h + kv * hd)  # q, o and k, v: in + out per rank
+    no_mlp = {int(t) for t, r in ((config.get("sharp") or {}).get("share") or {}).items() if r is None}
+    per_rank = sum(attention + (0 if i in no_mlp else 3 * (h + inter)) for i in range(n - blocks, n))
+    return max(1, round(budget / per_rank))
 
 
 def _require_plain(model, config: dict, what: str) -> Dict[str, mx.array]:

@@ -411,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales-init",
         choices=("ones", "lsq"),
         default=SLWRun.scales_init,
-        help="--recovery scaled: start the vectors at one, or fit them by least squares (zero allowed) and keep the better "
-        "of that start and the all-zero one, the control's (default: %(default)s)",
+        help="--recovery scaled: start the vectors at one, or fit them by least squares (zero allowed) and keep "
+        "the better of that start and the all-zero one, the control's (default: %(default)s)",
     )
     g.add_argument(
         "--slw-batch-rows",

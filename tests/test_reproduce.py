@@ -1,5 +1,6 @@
-"""scripts/reproduce.py: the LoRA budget it matches is the one SFT trains, and its report is
-written whole from a results record (the real run takes half an hour; these take seconds)."""
+"""scripts/reproduce.py: its variant table makes the same models as before from the original's
+layer count, the LoRA budget it matches is the one SFT trains, and its report is written whole
+from a results record (the real run takes half an hour; these take seconds)."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from conftest import tiny_model
 from tiny_folder import write_text_data, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +26,10 @@ def reproduce():
     return module
 
 
-def test_lora_rank_matches_what_sft_trains(reproduce, tmp_path, capsys):
+def test_lora_rank_matches_what_sft_trains(tmp_path, capsys):
     """The matched-budget LoRA rank: per rank, exactly the count SFT reports (MLP-pruned blocks have attention only)."""
     from sharp_mlx import train
+    from sharp_mlx.sharemap import lora_rank_for
 
     orig = write_tiny_model(tmp_path / "orig", seed=1)
     data = write_text_data(tmp_path / "train.jsonl")
@@ -94,39 +97,41 @@ def test_lora_rank_matches_what_sft_trains(reproduce, tmp_path, capsys):
         count = int(line.split(":")[1].split("(")[0].replace(",", ""))
         per_rank = per_rank or count // rank
         assert count == per_rank * rank
-        assert reproduce.lora_rank_for(config, count, 5) == rank
-    assert reproduce.lora_rank_for(config, per_rank * 7 + per_rank // 3, 5) == 7
+        assert lora_rank_for(config, count, 5) == rank
+    assert lora_rank_for(config, per_rank * 7 + per_rank // 3, 5) == 7
 
 
-def fake_results(reproduce, quick: bool) -> dict:
-    """A results record shaped as main() makes it, with made-up numbers, for every variant name
-    build_variants can produce at the budget of ``quick``."""
-    rng = random.Random(0)
-    b = reproduce.QUICK if quick else reproduce.FULL
-    groups = {
+def reported(full: bool) -> dict:
+    """The variants the report shows, by table, in its order (as the run before the table made them)."""
+    return {
         "main": [
-            "original",
-            "direct",
-            "mlp-prune",
-            "layer-prune",
-            "sharp-slw",
-            "sharp-sftonly",
-            "sharp",
-            "control-slw",
-            "control",
-            "mlp-prune-ft",
-            "layer-prune-ft",
+            *("original", "direct", "mlp-prune", "layer-prune", "sharp-slw", "sharp-sftonly", "sharp"),
+            *("control-slw", "control", "mlp-prune-ft", "layer-prune-ft"),
         ],
         "aggressive": ["direct65", "mlp-prune65", "sharp65-slw", "sharp65", "control65-slw", "control65"],
-        "cross": ["sharp-chat"],
+        "cross": ["sharp-chat", "sharp-chat-only"] if full else ["sharp-chat"],
         "position": ["pos-early", "pos-middle", "pos-late"],
         "grouping": ["next-late", "next2-late", "next3-late"],
-        "rank": ["rank16", "control-rank16", "rank128", "control-rank128", "rank64", "control-rank64"],
+        "rank": [
+            *(["rank16", "control-rank16", "rank32", "control-rank32"] if full else ["rank16", "control-rank16"]),
+            *("rank128", "control-rank128", "rank64", "control-rank64"),
+        ],
         "data": ["data-quarter", "data-4x", "data-1x"],
-        "param": ["scales-slw", "scales", "plain-slw", "plain"] if b.scales_full else ["scales-slw", "plain-slw"],
+        "param": ["scales-slw", "scales", "plain-slw", "plain"] if full else ["scales-slw", "plain-slw"],
         "smaller": ["smaller", "smaller-ft"],
         "deploy": ["original-4bit", "mlx-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit"],
     }
+
+
+def fake_results(reproduce, quick: bool) -> dict:
+    """A results record shaped as main() makes it, with made-up numbers, for every variant the
+    table reports at the budget of ``quick`` (of the 30-layer original)."""
+    rng = random.Random(0)
+    b = reproduce.QUICK if quick else reproduce.FULL
+    groups = {}
+    for x in reproduce.variants(b, 30):
+        if x.group:
+            groups.setdefault(x.group, []).append(x.name)
     v = {}
     for group, names in groups.items():
         for n in names:
@@ -171,6 +176,7 @@ def fake_results(reproduce, quick: bool) -> dict:
         "date": "2026-01-01",
         "machine": "test",
         "budget": asdict(b),
+        "model": {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536},
         "budget_params": 123,
         "analysis": {"table": "t r ...", "auto": {0.25: "{2: 1}"}},
         "variants": v,
@@ -212,14 +218,120 @@ def test_report_has_every_section_and_figure(reproduce, tmp_path, quick):
     assert any(line.startswith("- SHARP against control") for line in text.splitlines())
 
 
-def test_ablation_spans(reproduce):
-    """The full run's spans are the ones its report names; every span holds k targets inside the stack."""
-    assert [reproduce.span(5, w) for w in ("early", "middle", "late")] == ["1:11", "10:20", "19:29"]
+def test_settings_of_a_30_layer_stack_are_the_literal_ones(reproduce):
+    """Derived from num_hidden_layers, the 30-layer original gets the spans the reports name."""
+    assert reproduce.inner(30) == "1:29"
+    assert reproduce.default(30) == ["--share", "next", "--layers", "1:29", "--rank", "64"]
+    assert reproduce.aggressive(30) == ["--share", "next:3", "--layers", "1:29", "--rank", "32"]
+    spans = {k: [reproduce.span(k, w, 30) for w in ("early", "middle", "late")] for k in (3, 5)}
+    assert spans == {3: ["1:7", "12:18", "23:29"], 5: ["1:11", "10:20", "19:29"]}
     assert reproduce.span_targets("19:29") == [20, 22, 24, 26, 28]
-    for k in (3, 5):
+    labels = {x.name: x.label for x in reproduce.variants(reproduce.QUICK, 30)}
+    assert labels["next-late"] == "next: every other layer of 24..28 borrows the one before"
+    assert labels["pos-middle"] == "middle: targets 13, 15, 17"
+    full = {x.name: x for x in reproduce.variants(reproduce.FULL, 30)}
+    assert full["scales-slw"].flags == ("--share", "next", "--layers", "1:29", "--rank", 63, "--scales")
+    assert full["next3-late"].flags == ("--share", "next:3", "--layers", "19:29", "--rank", 64)
+
+
+@pytest.mark.parametrize("n", [6, 12, 30, 32])
+def test_spans_hold_k_targets_inside_any_stack(reproduce, n):
+    from sharp_mlx.sharemap import parse_share
+
+    for k in (1, 2, (n - 2) // 2):
         for where in ("early", "middle", "late"):
-            targets = reproduce.span_targets(reproduce.span(k, where))
-            assert len(targets) == k and min(targets) >= 2 and max(targets) <= 28
+            layers = reproduce.span(k, where, n)
+            targets = reproduce.span_targets(layers)
+            assert len(targets) == k and min(targets) >= 2 and max(targets) <= n - 2, (k, where, layers)
+            assert sorted(parse_share("next", n, layers)) == targets
+    assert sorted(parse_share("next", n, reproduce.inner(n))) == list(range(2, n - 1, 2))
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_table_names_are_unique_and_sources_come_first(reproduce, quick):
+    b = reproduce.QUICK if quick else reproduce.FULL
+    table = reproduce.variants(b, 30)
+    names = [x.name for x in table]
+    assert len(names) == len(set(names))
+    groups = {}
+    for x in table:
+        if x.group:
+            groups.setdefault(x.group, []).append(x.name)
+    assert groups == reported(full=not quick)
+    assert [n for n in names if n not in sum(groups.values(), [])] == ["sharp-noslw"] + ["sharp-slw-chat"] * (not quick)
+    needs = {
+        reproduce.matched_lora: {"original", "sharp-slw"},
+        reproduce.same_size: {"original", "layer-prune", "sharp", "sharp-slw"},
+    }
+    for i, x in enumerate(table):
+        assert x.stage in ("given", "slw", "sft", "quantize", "mlx-4bit"), x
+        assert (
+            (x.stage == "slw" and x.source is None)
+            or (x.stage == "sft" and x.source)
+            or x.stage in ("given", "quantize", "mlx-4bit")
+        ), x
+        before = set(names[:i])
+        assert x.source is None or x.source in before, x
+        if x.rule:
+            assert needs[x.rule] <= before, x
+            assert x.rule is not reproduce.matched_lora or x.source, x
+        else:
+            assert "{" not in x.label, x
+        assert x.group is not None or x.name in {y.source for y in table[i + 1 :]}, f"{x.name} is made for nothing"
+    shown = {x.name for x in table if x.group}
+    assert set(b.cloze or []) <= shown and set(reproduce.BENCH_ROWS) | {"mlx-4bit", "sharp-slw"} <= shown
+
+
+def test_build_variants_runs_the_table_in_order(reproduce, tmp_path, monkeypatch):
+    """One step per made variant, in table order; a given variant is its source's folder; a hidden
+    step is not reported; the rules' flags go first and their facts into the label."""
+    from sharp_mlx import save
+    from sharp_mlx.sharemap import lora_rank_for, prune_layers, savings
+
+    calls = []
+
+    class Recorded(reproduce.Steps):
+        def _run(self, name, main, argv):
+            calls.append((name, main.__module__, [str(a) for a in argv]))
+            return folders.get(name, self.models / name)
+
+    # The folders the rules read: a 6-layer original, its shared, pruned and MLP-pruned models.
+    share = {2: 1, 4: 3}
+    folders = {
+        "sharp-slw": write_tiny_model(tmp_path / "sharp-slw", share=share, rank=4),
+        "sharp": write_tiny_model(tmp_path / "sharp", share=share, rank=4),
+        "mlp-prune": write_tiny_model(tmp_path / "mlp-prune", share={2: None, 4: None}),
+    }
+    original = write_tiny_model(tmp_path / "orig")
+    pruned, pruned_config = prune_layers(*tiny_model(), [2, 4])
+    save(tmp_path / "layer-prune", pruned, pruned_config)
+    folders["layer-prune"] = folders["smaller"] = tmp_path / "layer-prune"
+    monkeypatch.setattr(reproduce.bench, "mlx_4bit", lambda p: Path(f"{p}-mlx-4bit"))
+    steps = Recorded(reproduce.QUICK, tmp_path / "models", tmp_path, original, lambda line: None)
+    table = reproduce.variants(reproduce.QUICK, 30)
+    v = reproduce.build_variants(steps, table)
+
+    assert list(v) == [x.name for x in table if x.group]
+    assert [c[0] for c in calls] == [x.name for x in table if x.stage in ("slw", "sft", "quantize")]
+    for x in table:
+        if x.stage == "given":
+            assert v[x.name]["path"] == (v[x.source]["path"] if x.source else str(original)), x.name
+    assert v["rank64"]["path"] == v["pos-late"]["path"] and v["plain-slw"]["path"] == v["pos-late"]["path"]
+    assert v["mlx-4bit"]["path"] == f"{original}-mlx-4bit" and "sharp-noslw" not in v
+    argv = {name: a for name, _, a in calls}
+    assert argv["sharp-sftonly"][argv["sharp-sftonly"].index("--model") + 1] == str(tmp_path / "models" / "sharp-noslw")
+    # The matched LoRA: the rank whose count is SHARP's recovery budget, on every block from its first target on.
+    budget = savings(json.loads((original / "config.json").read_text()), share, 64)["recovery_params"]
+    mp_config = json.loads((folders["mlp-prune"] / "config.json").read_text())
+    r = lora_rank_for(mp_config, budget, 6 - 2)
+    assert argv["mlp-prune-ft"][-4:] == ["--lora-rank", str(r), "--lora-layers", "4"]
+    assert v["mlp-prune-ft"]["label"] == f"MLP pruning + LoRA r{r} (matched budget)"
+    assert argv["layer-prune-ft"][-1] == "2"  # the pruned model's 4 layers, from layer 2 on
+    # The smaller model: SHARP saves 2 MLPs less 2 rank-4 recoveries, 1.07 of the 30,848 parameters a
+    # pruned layer takes, so one layer goes: the top one but the last.
+    assert argv["smaller"][-4:] == ["--share", '{"4": 3}', "--baseline", "layer-prune"]
+    assert v["smaller"]["label"] == "1 layers removed, no fine-tuning"
+    assert v["smaller-ft"]["label"].startswith("2 layers removed + LoRA r")  # its folder here: layer-prune's
 
 
 def test_compare_names_the_largest_difference(reproduce, tmp_path, capsys):

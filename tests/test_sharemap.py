@@ -344,3 +344,43 @@ def test_every_kind_of_map_round_trips_through_save_and_load(tmp_path):
     sharp_mlx.save(tmp_path / "pruned", pruned, pruned_config)
     loaded, loaded_config = sharp_mlx.checkpoint.load_model(tmp_path / "pruned")
     assert loaded_config["pruned_layers"] == [2] and mx.array_equal(pruned(TOKENS), loaded(TOKENS))
+
+
+# -- counts read from folders and LoRA budgets ------------------------------------------------
+
+
+@pytest.mark.parametrize("share, rank", [(None, 0), ({3: 2, 5: 4}, 4), ({2: None, 4: None}, 0)])
+def test_stored_params_is_the_saved_arrays_sizes(tmp_path, share, rank):
+    from tiny_folder import write_tiny_model
+
+    from sharp_mlx.sharemap import stored_params
+
+    folder = write_tiny_model(tmp_path / "m", share=share, rank=rank)
+    saved = sum(a.size for f in folder.glob("model*.safetensors") for a in mx.load(str(f)).values())
+    assert stored_params(folder) == saved == n_params(tiny_model(share=share, rank=rank)[0])
+    assert stored_params(tmp_path) == 0  # no weights in the folder itself
+
+
+@pytest.mark.parametrize(
+    "share, overrides",
+    [({}, {}), ({3: None, 5: None}, {}), ({4: None}, {"head_dim": 8, "num_key_value_heads": 1})],
+)
+def test_lora_rank_for_matches_mlx_lm_trainable_count(share, overrides):
+    """Per rank, exactly what linear_to_lora_layers makes trainable on the last N blocks (as SFT calls it)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from sharp_mlx.sharemap import lora_rank_for
+
+    for blocks in (1, 3, 6):
+        counts = {}
+        for rank in (1, 2, 5):
+            model, config = tiny_model(share=share, **overrides)
+            model.freeze()
+            linear_to_lora_layers(model, blocks, {"rank": rank, "scale": 20.0, "dropout": 0.0})
+            counts[rank] = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+            assert lora_rank_for(config, counts[rank], blocks) == rank, (blocks, rank)
+        per_rank = counts[1]
+        assert counts[5] == 5 * per_rank and counts[2] == 2 * per_rank
+        assert lora_rank_for(config, 7 * per_rank + per_rank // 3, blocks) == 7  # the closest rank
+        assert lora_rank_for(config, 7 * per_rank - per_rank // 3, blocks) == 7
+        assert lora_rank_for(config, 1, blocks) == 1  # at least rank 1
