@@ -6,6 +6,7 @@ pass of the original model over calibration windows, batch by batch, each layer'
 written to a float16 memmap (N * L, hidden) on disk so memory stays at one batch.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -35,6 +36,37 @@ def run_with_taps(model, tokens: mx.array, layers: Sequence[int]) -> Dict[str, o
 
     residual.append(model.model.run(model.model.embed_tokens(tokens), hook=hook))
     return {"mlp_inputs": mlp_inputs, "residual": residual}
+
+
+def mlp_inputs_of(model, windows: mx.array, layer: int, batch_size: int = 4) -> np.ndarray:
+    """The inputs ``model`` itself feeds the MLP of ``layer`` over token windows (N, L), one row
+    per token, float16 (N * L, D). Unlike ``capture_mlp_inputs`` it works for a target layer of a
+    shared model, and runs only the blocks up to ``layer``: SLW fitted in sequence reads each
+    target's inputs from the model with the earlier targets already replaced."""
+    rows = []
+
+    def hook(i, block, h, mask, cache, mlp):
+        if i < layer:
+            return block(h, mask, cache=cache, mlp=mlp)
+        rows.append(block.post_attention_layernorm(block.attend(h, mask, cache)).astype(mx.float16))
+        return h  # the walk stops after this block
+
+    for start in range(0, windows.shape[0], batch_size):
+        model.model.run(model.model.embed_tokens(windows[start : start + batch_size]), 0, layer + 1, hook=hook)
+        mx.eval(rows[-1])
+    return np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
+
+
+@dataclass
+class StudentInputs:
+    """Each target's MLP inputs read, when SLW asks, from the model being fitted (SLW in sequence)."""
+
+    windows: mx.array
+    targets: List[int]
+    batch_size: int = 4
+
+    def __call__(self, model, layer: int) -> np.ndarray:
+        return mlp_inputs_of(model, self.windows, layer, self.batch_size)
 
 
 def capture_mlp_inputs(

@@ -170,7 +170,10 @@ def allocate_bits(
         raise SharpError(
             f"a byte budget of {budget:,.0f} is below the {spent:,} bytes of {choices[0]}-bit MLPs everywhere"
         )
-    predicted = lambda s, b: max(s, 0.0) * 4.0 ** (probe_bits - b)
+
+    def predicted(s: float, b: int) -> float:
+        return max(s, 0.0) * 4.0 ** (probe_bits - b)
+
     while True:
         best = None
         for i, (s, b) in enumerate(zip(sensitivity, bits)):
@@ -374,7 +377,8 @@ class Frontier:
             tmp.rmdir()  # mlx_lm.convert refuses an existing folder
             convert(hf_path=str(self.original), mlx_path=str(tmp), quantize=True, q_bits=b, q_group_size=g)
         return {
-            "command": f"mlx_lm.convert --hf-path {self.original} --mlx-path {folder} -q --q-bits {b} --q-group-size {g}"
+            "command": f"mlx_lm.convert --hf-path {self.original} --mlx-path {folder} -q --q-bits {b} "
+            f"--q-group-size {g}"
         }
 
     def linear_params(self, point: Point, model) -> Tuple[Dict[str, dict], List[str], Optional[dict]]:
@@ -413,7 +417,10 @@ class Frontier:
         s = mlp_sensitivity(model, probe, spec["probe_bits"], spec["group_size"], hessian_windows=calib)
         mlp = model.model.layers[0].mlp
         shapes = [mlp[f"{p}_proj"].weight.shape for p in ("gate", "up", "down")]
-        cost = lambda b: sum(code_bytes(sh, b, spec["group_size"]) for sh in shapes)
+
+        def cost(b: int) -> int:
+            return sum(code_bytes(sh, b, spec["group_size"]) for sh in shapes)
+
         budget = len(s) * cost(spec["budget_bits"])
         bits = allocate_bits(s, spec["bits"], cost, budget, spec["probe_bits"])
         result = {
@@ -745,7 +752,7 @@ def main(argv=None):
         raise SharpError(f"--points {unknown[0]}: no such point; use 'all' or some of {', '.join(BY_NAME)}")
     rows = [parse_row(spec) for spec in args.row]
     labels = [label for label, _, _ in rows]
-    clash = [l for l in labels if l in BY_NAME or l == "original" or labels.count(l) > 1]
+    clash = [name for name in labels if name in BY_NAME or name == "original" or labels.count(name) > 1]
     if clash:
         raise SharpError(f"--row label {clash[0]!r} is used twice or names a point: choose another label")
     if (

@@ -357,8 +357,12 @@ class Block(llama.TransformerBlock):
             elif rank > 0:
                 self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, kind)
 
+    def attend(self, x, mask=None, cache=None) -> mx.array:
+        """The residual stream after this block's attention: what its MLP's norm reads."""
+        return x + self.self_attn(self.input_layernorm(x), mask, cache)
+
     def __call__(self, x, mask=None, cache=None, mlp: Optional[nn.Module] = None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        h = self.attend(x, mask, cache)
         y = self.post_attention_layernorm(h)
         if "recovery" in self:
             return h + self.recovery(y, mlp)

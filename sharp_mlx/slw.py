@@ -316,12 +316,12 @@ def fit_layer(
     return {"factors": rec, "errors": errors}
 
 
-def run_slw(
-    model, original, inputs: Dict[int, np.ndarray], cfg: SLWConfig, log: Callable = print, group=None
-) -> Dict[int, Dict[str, float]]:
+def run_slw(model, original, inputs, cfg: SLWConfig, log: Callable = print, group=None) -> Dict[int, Dict[str, float]]:
     """Fit every target of ``model`` (a shared Model) against ``original``'s MLPs on captured
     inputs {target: rows}; writes the factors (and any scaling vectors) into ``model`` and
-    returns the per-layer errors.
+    returns the per-layer errors. ``inputs`` may instead be a ``capture.StudentInputs``: SLW in
+    sequence, each target's rows read from ``model`` once the targets before it are fitted (as
+    GPTQ does), so later fits see, and can correct, the earlier ones' errors.
 
     Under a ``group`` of several processes, each passes the inputs of its own targets
     (``distributed.shard`` of them all); every process ends with every target's factors and the
@@ -329,7 +329,10 @@ def run_slw(
     report = {}
     inner = model.model
     quiet = group is not None and not distributed.is_main(group)
-    for t in tqdm(sorted(inputs), desc="SLW", unit="layer", disable=quiet):
+    sequential = callable(inputs)
+    if sequential and group is not None and group.size() > 1:
+        raise ValueError("SLW in sequence fits one target after another: run it in one process")
+    for t in tqdm(sorted(inputs.targets if sequential else inputs), desc="SLW", unit="layer", disable=quiet):
         layer = inner.layers[t]
         if "recovery" not in layer:
             continue
@@ -342,7 +345,13 @@ def run_slw(
                 bar.set_postfix(loss=f"{loss:.4f}")
 
         out = fit_layer(
-            inner.mlp_of(t), original.model.layers[t].mlp, inputs[t], rank, cfg, progress, kind=layer.recovery.kind
+            inner.mlp_of(t),
+            original.model.layers[t].mlp,
+            inputs(model, t) if sequential else inputs[t],
+            rank,
+            cfg,
+            progress,
+            kind=layer.recovery.kind,
         )
         bar.close()
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import corpora, distributed, sharemap
-from .capture import calibration_text, capture_mlp_inputs
+from .capture import StudentInputs, calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
@@ -83,6 +83,7 @@ class SLWRun:
     slw_steps: int = 100
     slw_lr: float = 1e-3
     scales_init: str = "ones"  # recovery scaled: vectors start at one, or by least squares (lsq)
+    slw_order: str = "independent"  # or sequential: each target's inputs from the model with the earlier ones fitted
     slw_batch_rows: int = SLWConfig.batch_rows
     no_slw: bool = False  # fresh factors only (the SFT-only baseline)
     cache_dir: Optional[Path] = None
@@ -201,7 +202,12 @@ def stage_slw(args) -> dict:
         split = f", {len(mine)} of them in this process of {group.size()}" if group.size() > 1 else ""
         say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
         cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
-        captured = capture_mlp_inputs(original, windows, mine, out_dir=cache)
+        if args.slw_order == "sequential":
+            if group.size() > 1:
+                raise SharpError("--slw-order sequential fits one target after another: run it in one process")
+            inputs = StudentInputs(windows, sorted(share))
+        else:
+            inputs = capture_mlp_inputs(original, windows, mine, out_dir=cache)["mlp_inputs"]
         cfg = SLWConfig(
             init=args.init,
             closed_form_down=not args.no_closed_form,
@@ -214,7 +220,7 @@ def stage_slw(args) -> dict:
         report = run_slw(
             model,
             original,
-            captured["mlp_inputs"],
+            inputs,
             cfg,
             log=lambda line: say(group, line, every_rank=True),
             group=group,
@@ -407,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam steps per layer after the closed-form fits (default: %(default)s)",
     )
     g.add_argument("--slw-lr", type=float, default=SLWRun.slw_lr, help="SLW Adam learning rate (default: %(default)s)")
+    g.add_argument(
+        "--slw-order",
+        choices=("independent", "sequential"),
+        default=SLWRun.slw_order,
+        help="independent: every target fitted on the original model's MLP inputs; sequential: in order, each on the "
+        "inputs of the model with the targets before it already fitted (default: %(default)s)",
+    )
     g.add_argument(
         "--scales-init",
         choices=("ones", "lsq"),

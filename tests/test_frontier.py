@@ -119,7 +119,9 @@ def test_mlp_sensitivity_is_the_loss_increase_of_quantizing_that_mlp_alone(tiny)
 
 
 def test_bits_go_to_the_most_sensitive_blocks_within_the_budget():
-    cost = lambda b: 10 * b
+    def cost(b):
+        return 10 * b
+
     bits = allocate_bits([5.0, 0.1, 1.0, -1.0], [2, 3, 4], cost, budget=120, probe_bits=2)
     assert bits == [4, 2, 4, 2]
     assert allocate_bits([5.0, 0.1, 1.0, -1.0], [2, 3, 4], cost, budget=85, probe_bits=2) == [2, 2, 2, 2]

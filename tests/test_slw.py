@@ -206,3 +206,39 @@ def test_lsq_scale_init_starts_far_ahead_on_a_scaled_copy():
     ones = fit_layer(ref, target, inputs(), rank=2, cfg=cfg, kind="scaled")["errors"]
     lsq = fit_layer(ref, target, inputs(), rank=2, cfg=SLWConfig(steps=0, scales_init="lsq"), kind="scaled")["errors"]
     assert lsq["final"] < 0.1 * ones["final"], (lsq, ones)
+
+
+def _end_to_end_kl(model, original, windows):
+    """Mean KL(original || model) of the next-token distributions over ``windows``."""
+    p = mx.softmax(original(windows), axis=-1)
+    logq = model(windows) - mx.logsumexp(model(windows), axis=-1, keepdims=True)
+    logp = mx.log(p + 1e-12)
+    return (p * (logp - logq)).sum(-1).mean().item()
+
+
+def test_sequential_slw_lowers_the_end_to_end_loss_against_independent_slw():
+    """Targets fitted in order, each on the inputs of the model whose earlier targets are already
+    fitted, end closer to the original than targets all fitted on the original's inputs."""
+    from sharp_mlx.capture import StudentInputs, capture_mlp_inputs, mlp_inputs_of
+    from sharp_mlx.sharemap import share_model
+
+    original, config = tiny_model(seed=3)
+    windows = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (16, 32)).astype(np.int32))
+    share = {2: 1, 3: 1, 4: 1, 5: 1}  # one reference for four targets: the errors compound
+    cfg = SLWConfig(steps=20, batch_rows=256)
+    # A target's own inputs, read off the original, equal what capture_mlp_inputs records.
+    assert np.array_equal(
+        mlp_inputs_of(original, windows, 3), capture_mlp_inputs(original, windows, [3])["mlp_inputs"][3]
+    )
+    kl = {}
+    for order in ("independent", "sequential"):
+        mx.random.seed(0)
+        model, _ = share_model(original, config, share, 4)
+        inputs = (
+            capture_mlp_inputs(original, windows, sorted(share))["mlp_inputs"]
+            if order == "independent"
+            else StudentInputs(windows, sorted(share))
+        )
+        run_slw(model, original, inputs, cfg, log=lambda *_: None)
+        kl[order] = _end_to_end_kl(model, original, windows)
+    assert kl["sequential"] < kl["independent"], kl
