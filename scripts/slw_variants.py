@@ -1,11 +1,12 @@
-"""Least-squares scaling vectors against SHARP as it is and the control, at a matched stored size.
+"""SLW variants against SHARP as it is and the control, at a matched stored size, SLW only.
 
-    python scripts/scales_init.py [--layers 11:29] [--tokens 16384] [--slw-steps 50] [--windows 8]
+    python scripts/slw_variants.py [--layers 11:29] [--tokens 16384] [--slw-steps 50] [--windows 8]
 
 At the main job's targets (every other layer of --layers borrows the one before) and its SLW
 budget, SLW only: SHARP at rank 64, the control (rank 64, nothing borrowed), and SHARP at rank 63
 with row/column scaling vectors (one rank's worth: the same stored size) started at one and
-started by least squares (``--scales-init lsq``). Writes docs/results/scales_init.{md,json}: the
+started by least squares (``--scales-init lsq``), and SHARP and the control fitted in sequence
+(``--slw-order sequential``). Writes docs/results/slw_variants.{md,json}: the
 per-layer held-out MLP errors after the closed-form fits and after Adam, and test perplexity.
 Each model is kept under models/scales-init/ and skipped when it exists.
 """
@@ -25,18 +26,20 @@ VARIANTS = {  # name -> SLWRun fields
     "control r64": dict(rank=64, baseline="lowrank"),
     "scaled r63, ones": dict(rank=63, recovery="scaled"),
     "scaled r63, lsq": dict(rank=63, recovery="scaled", scales_init="lsq"),
+    "sharp r64, sequential": dict(rank=64, slw_order="sequential"),
+    "control r64, sequential": dict(rank=64, baseline="lowrank", slw_order="sequential"),
 }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python scripts/scales_init.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python scripts/slw_variants.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--layers", default="11:29")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--slw-steps", type=int, default=50)
     p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain")
-    p.add_argument("--out", type=Path, default=Path("docs/results/scales_init"))
+    p.add_argument("--out", type=Path, default=Path("docs/results/slw_variants"))
     args = p.parse_args(argv)
     tic = time.time()
     original = ensure_default_model()
@@ -72,9 +75,9 @@ def main(argv=None):
             "x_max": max(ratios),
             "wall_s": records[name]["wall_s"],
         }
-    command = "python scripts/scales_init.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python scripts/slw_variants.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        "# Least-squares scaling vectors, at a matched stored size (SLW only)",
+        "# SLW variants at a matched stored size (SLW only)",
         "",
         f"`{command}` ({(time.time() - tic) / 60:.0f} min here, Linux x86_64, 2 cores, other jobs sharing them). "
         f"Targets: every other layer of {args.layers} borrows the one before; SLW on {args.tokens:,} calibration tokens, "
