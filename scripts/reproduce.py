@@ -518,7 +518,7 @@ def summarise(v: Dict[str, dict], original_config: dict) -> None:
         sharp = SharpArgs.from_dict(cfg.get("sharp"))
         if sharp.share:
             info["targets"] = len(sharp.share)
-            info["mlp_cut"] = sharemap.savings(original_config, sharp.share, sharp.rank, sharp.scales)["mlp_cut"]
+            info["mlp_cut"] = sharemap.savings(original_config, sharp.share, sharp.rank, sharp.kind)["mlp_cut"]
         elif cfg.get("num_hidden_layers") != original_config["num_hidden_layers"]:
             info["targets"] = original_config["num_hidden_layers"] - cfg["num_hidden_layers"]
 
