@@ -5,8 +5,6 @@
     python -m sharp_mlx.bench --row "original-4bit mlx-lm@mlx_lm=models/x-mlx-4bit" \\
         --row mine=models/mine --out runs/bench
 
-(``scripts/bench_default.py`` runs the project's own rows: every SHARP setting it finds, 4-bit.)
-
 Every repetition of every row is a fresh process, started in alternating order (rows forward on
 even repetitions, backward on odd ones), so no row enjoys a warmer process than another. Each
 process times its load twice: from the moment it was spawned to the weights being materialised

@@ -2,7 +2,7 @@
 
 A tied embedding is both the input table and the output layer, and the output side is where
 re-quantizing it costs: on the default SHARP checkpoint a 5-bit (group 64) embedding rounded to
-nearest costs up to 5.4% perplexity, 0.7% of it through the input side (docs/quantization.md).
+nearest costs up to 5.4% perplexity, 0.7% of it through the input side.
 GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323) quantizes one input column at a
 time and moves each column's rounding error onto the columns not yet quantized, weighted by the
 inverse of H = sum of h h^T over calibration inputs h (here the model's final, normed hidden
