@@ -1,6 +1,6 @@
-"""Bytes on disk against perplexity: what quantization alone gives the original model, and where other rows land.
+"""Bytes on disk against perplexity: what quantization alone gives the original, and where other rows land.
 
-    python -m sharp_mlx.frontier                               # every point -> docs/results/frontier.{md,json,png}
+    python -m sharp_mlx.frontier --out OUT                    # every point -> OUT.{md,json,png}
     python -m sharp_mlx.frontier --points gptq-w3g64-e4 mlx-q4g64
     python -m sharp_mlx.frontier --row sharp-4bit=models/smollm2-135m-instruct-sharp-4bit
 
@@ -59,6 +59,7 @@ from .quantize import code_params, folder_bytes, quantization_config
 
 ORIGINAL = Path("models/smollm2-135m-instruct")
 SEQ_LEN = 256
+PLOT_CAP = 20.0  # ratios above this are drawn at it, so the points that matter keep the plot's height
 REFERENCE = "mlx-q4g64"  # bytes are also given as a ratio to mlx-lm's plain 4-bit
 EMBEDDINGS = {
     "e8": "gguf-q4g32-e8",
@@ -135,7 +136,6 @@ POINTS = [
         "GPTQ 4-bit attention; MLP bits 2/3/4 (group 64) by sensitivity within the bytes of 3-bit MLPs; 4-bit GPTQ "
         "embedding",
     ),
-    _gptq("gptq-w2g32-e4", q(2, 32), q(2, 32), "e4", "GPTQ 2-bit group 32 linears; 4-bit GPTQ embedding"),
     _gptq("gptq-w2g64-e4", q(2, 64), q(2, 64), "e4", "GPTQ 2-bit group 64 linears; 4-bit GPTQ embedding"),
 ]
 BY_NAME = {p.name: p for p in POINTS}
@@ -283,7 +283,7 @@ class Frontier:
 
     # -- inputs
     def float_model(self):
-        from mlx_lm.utils import load_model
+        from .checkpoint import load_model
 
         return load_model(self.original)
 
@@ -535,7 +535,9 @@ class Frontier:
 # ---------------------------------------------------------------------------------------- report
 
 
-def report(original: dict, results: List[dict], command: str, wall_s: float, eval_key: dict) -> dict:
+def report(
+    original: dict, results: List[dict], command: str, wall_s: float, eval_key: dict, cpu_s: float = 0.0
+) -> dict:
     """Every result with its ratios to the original and whether it is on the frontier of
     bytes against geometric-mean ratio (all points, and quantization points only); sorted by bytes."""
     points = [{**r, **summarise(r["ppl"], original["ppl"])} for r in results]
@@ -549,6 +551,7 @@ def report(original: dict, results: List[dict], command: str, wall_s: float, eva
     return {
         "command": command,
         "wall_s": round(wall_s, 1),
+        "cpu_s": round(cpu_s, 1),
         "compute_s": round(compute, 1),
         "eval": eval_key,
         "original": original,
@@ -564,10 +567,10 @@ def markdown(rep: dict) -> str:
     lines = [
         "# Bytes on disk against perplexity: the original model with fewer bits",
         "",
-        f"Made by `{rep['command']}`: {rep['wall_s'] / 60:.1f} min wall time for this invocation (points already "
-        "measured are read from "
-        f"`runs/frontier/`); building and measuring every point listed took {rep['compute_s'] / 60:.1f} min in all, "
-        "on this machine.",
+        f"Made by `{rep['command']}`. Building and measuring every point listed took {rep['compute_s'] / 60:.1f} min "
+        "of wall time in all (each step's own time as it was run, cached steps included; this machine, 2 cores shared "
+        f"with other jobs); this invocation {rep['wall_s'] / 60:.1f} min ({rep.get('cpu_s', 0) / 60:.1f} min of CPU "
+        "time), the rest read from `runs/frontier/`.",
         "",
         f"Perplexity: the first {e['windows']} windows of {e['seq_len']} tokens of each domain's test split, "
         "quantized weights run by their "
@@ -604,48 +607,47 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rep: dict, path: Path) -> None:
+def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
+    """Bytes (MB) against the geometric-mean ratio, log y; ratios above ``cap`` are drawn at it (^)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     points = rep["points"]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+
+    def xy(rs):
+        return [r["bytes"] / 1e6 for r in rs], [min(r["geo_mean_ratio"], cap) for r in rs]
+
+    fig, ax = plt.subplots(figsize=(10, 6))
     styles = {"quantization": ("o", "tab:blue"), "sharp": ("*", "tab:red"), "control": ("s", "tab:green")}
+    capped = []
     for kind, (marker, color) in styles.items():
-        rs = [r for r in points if r["kind"] == kind]
-        if rs:
-            ax.scatter(
-                [r["bytes"] / 1e6 for r in rs],
-                [r["geo_mean_ratio"] for r in rs],
-                marker=marker,
-                color=color,
-                s=70 if marker == "*" else 36,
-                label=kind if kind == "quantization" else f"--row ({kind})",
-                zorder=3,
-            )
+        for off in (False, True):
+            rs = [r for r in points if r["kind"] == kind and (r["geo_mean_ratio"] > cap) == off]
+            if rs:
+                label = kind if kind == "quantization" else f"--row ({kind})"
+                if off:
+                    label, capped = (None if capped else f"above {cap:g}x, drawn at {cap:g}x"), capped + rs
+                size = 70 if marker == "*" else 36
+                ax.scatter(*xy(rs), marker="^" if off else marker, color=color, s=size, label=label, zorder=3)
     for key, style, label in (
         ("frontier", "-", "Pareto frontier"),
         ("frontier_quantization", "--", "frontier of quantization alone"),
     ):
         front = [r for r in points if r[key]]
         if front and (key == "frontier" or any(r["kind"] != "quantization" for r in points)):
-            ax.step(
-                [r["bytes"] / 1e6 for r in front],
-                [r["geo_mean_ratio"] for r in front],
-                where="post",
-                color="k",
-                ls=style,
-                lw=1,
-                label=label,
-                zorder=2,
-            )
-    for r in points:
-        ax.annotate(
-            r["name"], (r["bytes"] / 1e6, r["geo_mean_ratio"]), textcoords="offset points", xytext=(4, 3), fontsize=7
-        )
+            ax.step(*xy(front), where="post", color="k", ls=style, lw=1, label=label, zorder=2)
+    for i, r in enumerate(points):  # sorted by bytes: alternate above and below so neighbours' labels part
+        text = r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else "")
+        x, y = xy([r])
+        ax.annotate(text, (x[0], y[0]), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7)
+    ticks = [t for t in (1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= cap]
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("bytes on disk (MB, weight files)")
     ax.set_ylabel("perplexity x float original (geometric mean over 5 domains, log)")
     ax.set_title(
@@ -731,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("docs/results/frontier"),
+        default=Path("runs/frontier/frontier"),
         help="writes OUT.json, OUT.md and OUT.png (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="rebuild and re-measure the points asked for, even if cached")
@@ -768,7 +770,7 @@ def main(argv=None):
         raise SharpError(f"{missing[0]} is missing: run `{corpora.FETCH}` first")
     from .convert import ensure_default_model
 
-    tic = time.time()
+    tic, cpu = time.time(), time.process_time()
     run = Frontier(
         runs=args.runs,
         windows=args.windows,
@@ -784,7 +786,7 @@ def main(argv=None):
     for label, kind, folder in rows:
         results.append(run.row_result(label, kind or row_kind(folder), folder))
     command = "python -m sharp_mlx.frontier" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    rep = report(original, results, command, time.time() - tic, run.eval_key())
+    rep = report(original, results, command, time.time() - tic, run.eval_key(), time.process_time() - cpu)
     out = args.out
     write_atomic(out.with_name(out.name + ".json"), json.dumps(rep, indent=1))
     write_atomic(out.with_name(out.name + ".md"), markdown(rep))

@@ -20,7 +20,7 @@ measures what quantizing each block's MLP alone costs, for choosing bits per lay
 """
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -175,9 +175,12 @@ def _module(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def block_hessians(block: nn.Module, inputs: Sequence[mx.array], mask=None) -> Dict[str, np.ndarray]:
-    """{input name (``BLOCK_LINEARS`` values): H = sum of x x^T (float64)} of one mlx-lm Llama
-    block run on the batches ``inputs`` (each (B, L, D)), as the block is now."""
+def block_hessians(
+    block: nn.Module, inputs: Sequence[mx.array], run: Callable[[mx.array], mx.array]
+) -> Dict[str, np.ndarray]:
+    """{input name (``BLOCK_LINEARS`` values): H = sum of x x^T (float64)} of one Llama block,
+    as it is now, run by ``run`` (e.g. ``LlamaModel.run`` of that block alone) on the batches
+    ``inputs`` (each (B, L, D))."""
     sums = {name: _Sum() for name in set(BLOCK_LINEARS.values())}
     originals = {}
     for name, acc in sums.items():
@@ -186,7 +189,7 @@ def block_hessians(block: nn.Module, inputs: Sequence[mx.array], mask=None) -> D
         _module(block, parent)[key] = _Tap(originals[name], acc)
     try:
         for x in inputs:
-            block(x, mask)
+            run(x)
             mx.eval([acc.value for acc in sums.values()])
     finally:
         for name, module in originals.items():
@@ -224,24 +227,22 @@ def quantize_block(block: nn.Module, prefix: str, hessians: Dict[str, np.ndarray
 def sequential_gptq(
     model, windows: mx.array, params: Dict[str, dict], batch_size: int = 8, progress: bool = True
 ) -> Codes:
-    """GPTQ of the Linear layers of an mlx-lm Llama (``model.model.layers``, each block called
-    ``block(x, mask)``), in GPTQ's order: block i's inputs are those of the model with blocks < i
+    """GPTQ of the Linear layers of a Llama (``sharp_mlx.model.Model``, walked with
+    ``LlamaModel.run``), in GPTQ's order: block i's inputs are those of the model with blocks < i
     already replaced by their codes, captured on the token windows (N, L); q/k/v share one
     Hessian and gate/up another. ``params``: module path -> {"bits", "group_size"}; Linear layers
     it does not name are left as they are. The model's weights are replaced in place by their
     codes' float values (the same function as the quantized model, and fast on a CPU); returns
     {path: (packed weight, scales, biases)}. The embedding is not touched (``output_hessian``)."""
-    from mlx_lm.models.base import create_attention_mask
-
     inner = model.model
     xs = [inner.embed_tokens(windows[i : i + batch_size]) for i in range(0, windows.shape[0], batch_size)]
-    mask = create_attention_mask(xs[0], None)
     codes: Codes = {}
     for i, block in enumerate(tqdm(inner.layers, desc="GPTQ", unit="block", leave=False, disable=not progress)):
         prefix = f"model.layers.{i}"
         if any(f"{prefix}.{name}" in params for name in BLOCK_LINEARS):
-            codes.update(quantize_block(block, prefix, block_hessians(block, xs, mask), params))
-        xs = [block(x, mask) for x in xs]
+            hessians = block_hessians(block, xs, lambda x: inner.run(x, i, i + 1))
+            codes.update(quantize_block(block, prefix, hessians, params))
+        xs = [inner.run(x, i, i + 1) for x in xs]
         mx.eval(xs)
     return codes
 
@@ -258,8 +259,6 @@ def mlp_sensitivity(
     """For each block, the increase of the mean next-token loss on ``windows`` (N, L) when that
     block's MLP alone is quantized by GPTQ to ``bits`` (its Hessians from the float model's inputs
     on ``hessian_windows``, default ``windows``), the rest of the model unchanged."""
-    from mlx_lm.models.base import create_attention_mask
-
     inner = model.model
     batches = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
     calib = (
@@ -269,18 +268,11 @@ def mlp_sensitivity(
     )
     xs = [inner.embed_tokens(b[:, :-1]) for b in batches]
     hs = [inner.embed_tokens(b) for b in calib]
-    mask, hmask = create_attention_mask(xs[0], None), create_attention_mask(hs[0], None)
 
     def loss_from(start: int, states: List[mx.array]) -> float:
         total, count = 0.0, 0
         for x, b in zip(states, batches):
-            for block in inner.layers[start:]:
-                x = block(x, mask)
-            logits = (
-                inner.embed_tokens.as_linear(inner.norm(x))
-                if model.args.tie_word_embeddings
-                else model.lm_head(inner.norm(x))
-            )
+            logits = model.head(inner.run(x, start))
             loss = nn.losses.cross_entropy(logits.astype(mx.float32), b[:, 1:], reduction="sum")
             total, count = total + loss.item(), count + b[:, 1:].size
         return total / count
@@ -296,12 +288,12 @@ def mlp_sensitivity(
         quantize_block(
             block,
             prefix,
-            block_hessians(block, hs, hmask),
+            block_hessians(block, hs, lambda x: inner.run(x, i, i + 1)),
             {f"{prefix}.{n}": {"bits": bits, "group_size": group_size} for n in names},
         )
         out.append(loss_from(i, xs) - base)
         for n, w in saved.items():
             _module(block, n).weight = w
-        xs, hs = [block(x, mask) for x in xs], [block(h, hmask) for h in hs]
+        xs, hs = [inner.run(x, i, i + 1) for x in xs], [inner.run(h, i, i + 1) for h in hs]
         mx.eval(xs, hs)
     return out

@@ -200,7 +200,8 @@ def stage_slw(args) -> dict:
         group = distributed.group()
         mine = distributed.shard(sorted(share), group)
         split = f", {len(mine)} of them in this process of {group.size()}" if group.size() > 1 else ""
-        say(group, f"capturing MLP inputs of {len(share)} targets on {windows.size} tokens{split} ...", every_rank=True)
+        how = "in sequence, each on the inputs of" if args.slw_order == "sequential" else "on the inputs captured from"
+        say(group, f"fitting {len(share)} targets {how} the model on {windows.size} tokens{split} ...", every_rank=True)
         cache = args.cache_dir / f"rank{group.rank()}" if args.cache_dir and group.size() > 1 else args.cache_dir
         if args.slw_order == "sequential":
             if group.size() > 1:

@@ -7,9 +7,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.utils import load_model
 from tiny_folder import write_tiny_model
 
+from sharp_mlx.checkpoint import load_model
 from sharp_mlx.frontier import allocate_bits, main, markdown, pareto, plot, report, save_folder, with_codes
 from sharp_mlx.gptq import BLOCK_LINEARS, mlp_sensitivity, sequential_gptq
 
