@@ -6,7 +6,7 @@ pass of the original model over calibration windows, batch by batch, each layer'
 written to a float16 memmap (N * L, hidden) on disk so memory stays at one batch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -41,32 +41,41 @@ def run_with_taps(model, tokens: mx.array, layers: Sequence[int]) -> Dict[str, o
 def mlp_inputs_of(model, windows: mx.array, layer: int, batch_size: int = 4) -> np.ndarray:
     """The inputs ``model`` itself feeds the MLP of ``layer`` over token windows (N, L), one row
     per token, float16 (N * L, D). Unlike ``capture_mlp_inputs`` it works for a target layer of a
-    shared model, and runs only the blocks up to ``layer``: SLW fitted in sequence reads each
-    target's inputs from the model with the earlier targets already replaced."""
-    rows = []
-
-    def hook(i, block, h, mask, cache, mlp):
-        if i < layer:
-            return block(h, mask, cache=cache, mlp=mlp)
-        rows.append(block.post_attention_layernorm(block.attend(h, mask, cache)).astype(mx.float16))
-        return h  # the walk stops after this block
-
-    for start in range(0, windows.shape[0], batch_size):
-        model.model.run(model.model.embed_tokens(windows[start : start + batch_size]), 0, layer + 1, hook=hook)
-        mx.eval(rows[-1])
-    return np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
+    shared model, and runs only the blocks up to ``layer``."""
+    return StudentInputs(windows, [layer], batch_size)(model, layer)
 
 
 @dataclass
 class StudentInputs:
-    """Each target's MLP inputs read, when SLW asks, from the model being fitted (SLW in sequence)."""
+    """Each target's MLP inputs read, when SLW asks, from the model being fitted (SLW in sequence).
+
+    Targets are asked for in ascending order, each once the ones before it are fitted; the
+    hidden states entering the last target asked for are kept, since fitting that target does
+    not change them, so each call runs only the blocks since then."""
 
     windows: mx.array
     targets: List[int]
     batch_size: int = 4
+    _states: Optional[List[mx.array]] = field(default=None, repr=False)
+    _at: int = field(default=0, repr=False)  # the block the kept states enter
 
     def __call__(self, model, layer: int) -> np.ndarray:
-        return mlp_inputs_of(model, self.windows, layer, self.batch_size)
+        inner = model.model
+        if self._states is None or layer < self._at:
+            n, b = self.windows.shape[0], self.batch_size
+            self._states, self._at = [inner.embed_tokens(self.windows[i : i + b]) for i in range(0, n, b)], 0
+        rows = []
+
+        def record(i, block, h, mask, cache, mlp):
+            rows.append(block.post_attention_layernorm(block.attend(h, mask, cache)).astype(mx.float16))
+            return h
+
+        for k, h in enumerate(self._states):
+            self._states[k] = inner.run(h, self._at, layer)
+            inner.run(self._states[k], layer, layer + 1, hook=record)
+            mx.eval(self._states[k], rows[-1])
+        self._at = layer
+        return np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
 
 
 def capture_mlp_inputs(

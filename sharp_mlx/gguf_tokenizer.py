@@ -169,16 +169,17 @@ def tokenizer_config(meta: dict, tok: Tokenizer) -> dict:
 
 def post_processor(cfg: dict, tok: Tokenizer) -> processors.TemplateProcessing:
     """BOS / EOS around each sequence as the config asks (what transformers sets on load)."""
-    ends = [
-        (cfg[name], tok.token_to_id(cfg[name]))
-        for name, on in (("bos_token", cfg["add_bos_token"]), ("eos_token", cfg["add_eos_token"]))
-        if on and cfg[name] is not None
-    ]
-    bos = f"{cfg['bos_token']}:0 " if cfg["add_bos_token"] and cfg["bos_token"] else ""
-    eos = f" {cfg['eos_token']}:0" if cfg["add_eos_token"] and cfg["eos_token"] else ""
-    single = f"{bos}$A:0{eos}"
-    pair = f"{single} {bos.replace(':0', ':1')}$B:1{eos.replace(':0', ':1')}"
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=ends)
+    ends = [cfg[n] for n in ("bos_token", "eos_token") if cfg[f"add_{n}"] and cfg[n] is not None]
+    bos, eos = ([cfg[n]] if cfg[n] in ends else [] for n in ("bos_token", "eos_token"))
+
+    def around(seq: str, type_id: int) -> list:
+        return [f"{t}:{type_id}" for t in bos] + [f"${seq}:{type_id}"] + [f"{t}:{type_id}" for t in eos]
+
+    return processors.TemplateProcessing(
+        single=around("A", 0),
+        pair=around("A", 0) + around("B", 1),
+        special_tokens=[(t, tok.token_to_id(t)) for t in ends],
+    )
 
 
 def from_reader(reader) -> tuple:

@@ -153,17 +153,18 @@ def init_recovery(
     cfg: SLWConfig,
     kind: str = "plain",
     vectors: Optional[Dict[str, np.ndarray]] = None,
+    roots=None,
 ) -> Dict[str, np.ndarray]:
     """Initial factors by cfg.init, fitted to what the borrowed weights leave once scaled by
     ``vectors`` (default: the kind's vectors at their neutral values); x are fit rows (n, D) of
-    the target's real inputs."""
+    the target's real inputs (``roots``: ``_sqrt_cov(x, cfg.damping)``, if already computed)."""
     if cfg.init == "zero":
         mx.random.seed(cfg.seed)
         rec = Recovery(x.shape[1], target["gate"].shape[0], rank, kind)
         return {k: np.array(v) for k, v in tree_flatten(rec.parameters())}
     rec = dict(vectors or {})
     asvd = cfg.init == "asvd"
-    x_roots = _sqrt_cov(x, cfg.damping) if asvd else None  # gate and up share their inputs
+    x_roots = (roots or _sqrt_cov(x, cfg.damping)) if asvd else None  # gate and up share their inputs
     for p in PROJ:
         if (
             p == "down" and cfg.closed_form_down
@@ -293,16 +294,16 @@ def fit_layer(
         if cfg.scales_init == "lsq" and kind == "scaled":
             fitted = lsq_vectors(ref, target, x_fit)
             starts = [fitted, {k: np.zeros_like(v) for k, v in fitted.items()}]  # and the control's start
+        # The starts share their inputs' covariance root: computed once.
+        roots = _sqrt_cov(x_fit, cfg.damping) if cfg.init == "asvd" and len(starts) > 1 else None
         best = None
         for vectors in starts:
-            rec = init_recovery(ref, target, x_fit, rank, cfg, kind, vectors)
+            rec = init_recovery(ref, target, x_fit, rank, cfg, kind, vectors, roots)
             stage = {"init": err(rec)}
             if cfg.closed_form_down:
                 rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind)
                 stage["closed_form_down"] = err(rec)
-            if best is None or stage.get("closed_form_down", stage["init"]) < best[1].get(
-                "closed_form_down", best[1]["init"]
-            ):
+            if best is None or list(stage.values())[-1] < list(best[1].values())[-1]:  # the last stage's error
                 best = (rec, stage)
         rec = best[0]
         errors.update(best[1])
