@@ -51,31 +51,50 @@ class StudentInputs:
 
     Targets are asked for in ascending order, each once the ones before it are fitted; the
     hidden states entering the last target asked for are kept, since fitting that target does
-    not change them, so each call runs only the blocks since then."""
+    not change them, so each call runs only the blocks since then.
+
+    Given the ``original`` model, each call returns (inputs, outputs): the block-output
+    objective. The outputs are what the target's MLP must add to the student's post-attention
+    residual stream for the block to give the original's output there, so the fit also undoes
+    the error that the earlier targets (and this block's attention, on their states) let in."""
 
     windows: mx.array
     targets: List[int]
     batch_size: int = 4
+    original: Optional[object] = None
     _states: Optional[List[mx.array]] = field(default=None, repr=False)
+    _teacher: Optional[List[mx.array]] = field(default=None, repr=False)  # the original's, at the same block
     _at: int = field(default=0, repr=False)  # the block the kept states enter
 
-    def __call__(self, model, layer: int) -> np.ndarray:
+    def __call__(self, model, layer: int):
         inner = model.model
         if self._states is None or layer < self._at:
             n, b = self.windows.shape[0], self.batch_size
             self._states, self._at = [inner.embed_tokens(self.windows[i : i + b]) for i in range(0, n, b)], 0
-        rows = []
+            if self.original is not None:
+                self._teacher = [self.original.model.embed_tokens(self.windows[i : i + b]) for i in range(0, n, b)]
+        rows, outs = [], []
 
         def record(i, block, h, mask, cache, mlp):
-            rows.append(block.post_attention_layernorm(block.attend(h, mask, cache)).astype(mx.float16))
-            return h
+            r = block.attend(h, mask, cache)
+            rows.append(block.post_attention_layernorm(r).astype(mx.float16))
+            return r
 
         for k, h in enumerate(self._states):
             self._states[k] = inner.run(h, self._at, layer)
-            inner.run(self._states[k], layer, layer + 1, hook=record)
-            mx.eval(self._states[k], rows[-1])
+            residual = inner.run(self._states[k], layer, layer + 1, hook=record)
+            if self.original is None:
+                mx.eval(self._states[k], rows[-1])
+                continue
+            self._teacher[k] = self.original.model.run(self._teacher[k], self._at, layer)
+            wanted = self.original.model.run(self._teacher[k], layer, layer + 1)  # the original block's output
+            outs.append((wanted - residual).astype(mx.float32))
+            mx.eval(self._states[k], self._teacher[k], rows[-1], outs[-1])
         self._at = layer
-        return np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
+        x = np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
+        if self.original is None:
+            return x
+        return x, np.concatenate([np.array(o).reshape(-1, o.shape[-1]) for o in outs])
 
 
 def capture_mlp_inputs(

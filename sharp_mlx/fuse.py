@@ -4,7 +4,9 @@
 
 Each target layer gets MLP weights of its own, its reference's with the recovery merged in:
 W_t = W_r + (a @ b)^T for gate, up and down (W_t = (a @ b)^T when it borrows no MLP), or with
-scaling vectors W_t = diag(out) W_r diag(in) + (a @ b)^T. The
+scaling vectors W_t = diag(out) W_r diag(in) + (a @ b)^T. A reference with its own
+recovery (``reference_rank`` > 0) gets W_r = W_s + (a_r @ b_r)^T from the stored weight W_s, and its
+targets build on W_s, not on that. The
 result stores every MLP again, so it is as large as the original model: it is for tools that
 cannot run a shared model (stock ``mlx_lm.load``, transformers' ``LlamaForCausalLM``), not for
 saving bytes. A quantized input is dequantized first; the output is float.
@@ -28,7 +30,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def merged_mlp_weights(model: Model, layer: int) -> Dict[str, mx.array]:
-    """float32 (out, in) gate/up/down weights that layer ``layer`` effectively runs."""
+    """float32 (out, in) gate/up/down weights that layer ``layer`` effectively runs: the stored
+    MLP it runs (its own, or its reference's) with its own recovery, if any, merged in."""
     owner = model.model.mlp_owner[layer]
     block = model.model.layers[layer]
     shapes = projection_shapes(model.args.hidden_size, model.args.intermediate_size)

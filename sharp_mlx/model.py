@@ -17,10 +17,16 @@ MLP, the recovery factors alone; with rank 0 that is a pruned MLP). ``rank`` is 
 block owns no MLP and is handed its reference's at call time. Recovery factors and vectors are
 plain arrays, so ``nn.quantize`` leaves them in float.
 
+``"reference_rank"`` (an int or a ``{reference: rank}`` map; absent: 0) gives each reference
+its own plain low-rank recovery too. Then the weight stored at ``model.layers.{r}.mlp`` is a
+shared W_s fitted jointly (sharp_mlx.joint) and every layer of the group recovers from it:
+W_r ~= W_s + B_r A_r, W_t ~= W_s + B_t A_t. At 0 the reference runs W_s = W_r as it is (SHARP).
+
 What a target computes is defined once, by ``recovered_mlp``; ``LlamaModel.run`` is the one walk
 over the blocks (with an optional hook per block), and ``Model.head`` the one head.
 """
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Union
 
@@ -88,13 +94,36 @@ def vector_names(kind: str) -> tuple:
     return tuple(f"{name}_{suffix}" for name in PROJECTIONS for suffix in recovery_kind(kind).vectors(1, 1))
 
 
+def _ranks(value, name: str) -> Union[int, Dict[int, int]]:
+    """An int rank or a {layer: rank} map from a config, ValueError naming anything else."""
+
+    def whole(k, where):
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            return operator.index(k)
+        except TypeError:
+            raise ValueError(f"{name} {k!r}{where} is not a whole number: give an int, or a map {{layer: int}}")
+
+    if isinstance(value, dict):
+        out = {}
+        for t, k in value.items():
+            if not str(t).strip().isdigit():
+                raise ValueError(f"{name} map key {t!r} is not a layer number")
+            out[int(t)] = whole(k, f" for layer {t}")
+        return out
+    return whole(value, "")
+
+
 @dataclass
 class SharpArgs:
-    """The share map, recovery rank and recovery kind; an empty map is the original model."""
+    """The share map, recovery rank, recovery kind and reference rank; an empty map is the original model."""
 
     share: Dict[int, Optional[int]] = field(default_factory=dict)
     rank: Union[int, Dict[int, int]] = 0
     kind: str = "plain"
+    # rank of each reference's own (plain) recovery over the jointly fitted stored weight; 0: W_s = W_r, SHARP
+    reference_rank: Union[int, Dict[int, int]] = 0
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SharpArgs":
@@ -103,17 +132,43 @@ class SharpArgs:
         rank = d.get("rank", 0)
         if isinstance(rank, dict):
             rank = {int(t): int(k) for t, k in rank.items()}
-        return cls(share=share, rank=rank, kind=d.get("recovery", "scaled" if d.get("scales") else "plain"))
+        return cls(
+            share=share,
+            rank=rank,
+            kind=d.get("recovery", "scaled" if d.get("scales") else "plain"),
+            reference_rank=_ranks(d.get("reference_rank", 0), "reference_rank"),
+        )
+
+    def __post_init__(self):
+        self.reference_rank = _ranks(self.reference_rank, "reference_rank")
 
     def to_dict(self) -> dict:
-        rank = self.rank if isinstance(self.rank, int) else {str(t): k for t, k in self.rank.items()}
-        d = {"share": {str(t): r for t, r in sorted(self.share.items())}, "rank": rank}
-        return {**d, "recovery": self.kind} if self.kind != "plain" else d  # plain configs stay as they were
+        def jsonable(r):
+            return r if isinstance(r, int) else {str(t): k for t, k in r.items()}
+
+        d = {"share": {str(t): r for t, r in sorted(self.share.items())}, "rank": jsonable(self.rank)}
+        if self.kind != "plain":  # plain configs stay as they were
+            d["recovery"] = self.kind
+        if self.reference_rank:  # and so do configs without reference recovery
+            d["reference_rank"] = jsonable(self.reference_rank)
+        return d
+
+    @property
+    def references(self) -> list:
+        """The layers some target borrows from, ascending."""
+        return sorted({r for r in self.share.values() if r is not None})
 
     def rank_of(self, layer: int) -> int:
         if layer not in self.share:
             return 0
         return self.rank.get(layer, 0) if isinstance(self.rank, dict) else self.rank
+
+    def reference_rank_of(self, layer: int) -> int:
+        """The rank of a reference's own recovery (0 for a layer that is no reference)."""
+        if layer not in self.references:
+            return 0
+        r = self.reference_rank
+        return r.get(layer, 0) if isinstance(r, dict) else r
 
     def validate(self, num_layers: int, hidden_size: int, intermediate_size: int) -> None:
         """Raise ValueError naming the first problem with this map."""
@@ -153,6 +208,27 @@ class SharpArgs:
                         f"recovery {kind.name} sits beside the low-rank factors, but target {t} has rank 0: give it a "
                         "rank >= 1 or use recovery plain"
                     )
+        self._validate_reference_rank(max_rank)
+
+    def _validate_reference_rank(self, max_rank: int) -> None:
+        refs, ranks = self.references, self.reference_rank
+        if isinstance(ranks, dict):
+            given = ranks.items()
+        elif ranks and not refs:
+            raise ValueError(
+                f"reference_rank {ranks} is given, but no target of the share map borrows from a reference: drop "
+                "reference_rank or give a target a reference"
+            )
+        else:
+            given = [(r, ranks) for r in refs]
+        for r, k in given:
+            if r not in refs:
+                raise ValueError(
+                    f"reference_rank given for layer {r}, which is not a reference of the share map (references: "
+                    f"{', '.join(map(str, refs)) or 'none'})"
+                )
+            if not 0 <= k <= max_rank:
+                raise ValueError(f"reference_rank {k} for reference {r} must be between 0 and {max_rank}")
 
 
 @dataclass
@@ -336,26 +412,33 @@ class QuantizedRecovery(Recovery):
 
 
 class Block(llama.TransformerBlock):
-    """mlx-lm's block, except that the MLP to run is an argument (a target owns none)."""
+    """mlx-lm's block, except that the MLP to run is an argument (a target owns none). A target
+    with rank > 0, and a reference with reference_rank > 0 (which keeps its MLP, the stored W_s),
+    has a ``recovery``; a reference's is always of kind plain."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__(args, use_sliding=args.layer_types[layer] == "sliding_attention")
-        if layer in args.sharp_args.share:
+        sharp = args.sharp_args
+        if layer in sharp.share:
             del self["mlp"]
-            rank, kind = args.sharp_args.rank_of(layer), args.sharp_args.kind
-            q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
-            if rank > 0 and q:
-                self.recovery = QuantizedRecovery(
-                    args.hidden_size,
-                    args.intermediate_size,
-                    rank,
-                    q["group_size"],
-                    q["bits"],
-                    q.get("mode", "affine"),
-                    kind,
-                )
-            elif rank > 0:
-                self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, kind)
+            rank, kind = sharp.rank_of(layer), sharp.kind
+        else:
+            rank, kind = sharp.reference_rank_of(layer), "plain"
+        if rank == 0:
+            return
+        q = (args.quantization or {}).get(f"model.layers.{layer}.recovery")
+        if q:
+            self.recovery = QuantizedRecovery(
+                args.hidden_size,
+                args.intermediate_size,
+                rank,
+                q["group_size"],
+                q["bits"],
+                q.get("mode", "affine"),
+                kind,
+            )
+        else:
+            self.recovery = Recovery(args.hidden_size, args.intermediate_size, rank, kind)
 
     def attend(self, x, mask=None, cache=None) -> mx.array:
         """The residual stream after this block's attention: what its MLP's norm reads."""
@@ -364,7 +447,7 @@ class Block(llama.TransformerBlock):
     def __call__(self, x, mask=None, cache=None, mlp: Optional[nn.Module] = None):
         h = self.attend(x, mask, cache)
         y = self.post_attention_layernorm(h)
-        if "recovery" in self:
+        if "recovery" in self:  # a target's over its reference's MLP, or a reference's over its own
             return h + self.recovery(y, mlp)
         return h if mlp is None else h + mlp(y)
 

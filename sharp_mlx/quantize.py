@@ -23,6 +23,13 @@ codes, dequantized, takes those codes (4-bit for linear layers, 8-bit for the em
 embedded SmolLM2), so quantization loses nothing. ``--from-gguf auto`` (the default) does this
 with the embedded model's GGUF when the weights match it; ``--bits`` and ``--group-size`` apply
 to the weights no GGUF code matches.
+
+A reference with its own recovery (``reference_rank`` > 0, see sharp_mlx.joint) stores a fitted
+W_s, which its factors and its targets' correct: its recovery is quantized like a target's, and
+W_s like any changed float weight. GGUF codes are W_r's, so they are kept for W_s only when it
+still equals them to float32 rounding (``FITTED_TOL``: the joint fit kept its start in a
+float32 import); even a change below ``MATCH_TOL`` is the fit's, and snapping back to W_r's
+codes would undo it. (Of a float16 import such a W_s is quantized afresh, at ``--bits``.)
 """
 
 import argparse
@@ -52,6 +59,8 @@ DEFAULT_EMBEDDING_BITS: Optional[int] = 5  # fitted by GPTQ on the training spli
 # A GGUF code matches a float weight when it dequantizes to it within this fraction of the
 # weight's largest magnitude (0 for an fp32 import of the GGUF; fp16 rounding stays below 1e-3).
 MATCH_TOL = 1e-3
+# The stored weight of a reference with its own recovery was fitted: codes must equal it to float32 rounding.
+FITTED_TOL = 1e-6
 
 
 def folder_bytes(path: Path) -> int:
@@ -77,6 +86,7 @@ def gguf_codes(path: Union[str, Path], model: nn.Module, config: dict) -> Tuple[
         )
     heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
     weights = dict(tree_flatten(model.parameters()))
+    fitted = tuple(f"model.layers.{i}.mlp." for i in recovered_layers(model) if "mlp" in model.model.layers[i])
     codes, mismatched = {}, 0
     for key in tensors:
         if not key.endswith(".scales"):
@@ -98,11 +108,17 @@ def gguf_codes(path: Union[str, Path], model: nn.Module, config: dict) -> Tuple[
                 w, s, b = (unpermute_rows(x, n) for x in (w, s, b))
         deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
         scale = mx.abs(float_w).max().item() or 1.0
-        if mx.abs(deq - float_w.astype(mx.float32)).max().item() <= MATCH_TOL * scale:
+        tol = FITTED_TOL if name.startswith(fitted) else MATCH_TOL
+        if mx.abs(deq - float_w.astype(mx.float32)).max().item() <= tol * scale:
             codes[name[: -len(".weight")]] = (w, s, b)
         else:
             mismatched += 1
     return codes, mismatched
+
+
+def recovered_layers(model: nn.Module) -> list:
+    """Layers with a recovery: every target of rank > 0 and every reference of reference_rank > 0."""
+    return [i for i, layer in enumerate(model.model.layers) if "recovery" in layer]
 
 
 def code_params(weight: mx.array, scales: mx.array, in_dims: int) -> dict:
@@ -171,7 +187,7 @@ def quantize(
     check_options(bits, group_size, recovery_dtype, recovery_bits, embedding_bits, scales_dtype)
     codes = dict(codes or {})
     layers = model.model.layers
-    targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
+    recovered = recovered_layers(model)  # targets and references with their own recovery, alike
     recovery = (
         {}
         if recovery_bits is None
@@ -181,7 +197,7 @@ def quantize(
                 "bits": recovery_bits,
                 "mode": "affine",
             }
-            for i in targets
+            for i in recovered
         }
     )
     params = {}
@@ -198,7 +214,7 @@ def quantize(
         elif in_dims % group_size == 0:
             params[path] = {"group_size": group_size, "bits": bits, "mode": "affine"}
     quantization = {**quantization_config(params), **recovery}
-    for i in targets:
+    for i in recovered:
         q = recovery.get(f"model.layers.{i}.recovery")
         if q:
             layers[i].recovery = QuantizedRecovery.from_recovery(layers[i].recovery, **q)

@@ -106,9 +106,11 @@ def trainable_count(model: nn.Module) -> int:
 
 def prepare(model: nn.Module, config: SFTConfig) -> int:
     """Freeze everything but the recovery parameters (factors and any scaling vectors; and LoRA,
-    if asked); return the first trainable block."""
+    if asked); return the first trainable block. Every recovery is trained, a reference's own
+    (``reference_rank`` > 0) as well as the targets'; the stored MLP weights, W_s of a jointly
+    fitted group included, stay frozen (LoRA on them aside)."""
     layers = model.model.layers
-    targets = [i for i, layer in enumerate(layers) if "recovery" in layer]
+    targets = [i for i, layer in enumerate(layers) if "recovery" in layer]  # and recovered references
     if not targets and config.lora_rank <= 0:
         raise SharpError(
             "the model has no recovery factors to train: give its share map a rank > 0, or fine-tune it with LoRA "
@@ -417,6 +419,7 @@ def train_sft(
 
     mx.reset_peak_memory()
     train_time, wall_start, first_step = 0.0, time.perf_counter(), step
+    first_time = None  # the first step of this process also compiles it
     bar = tqdm(
         range(step + 1, config.steps + 1), initial=step, total=config.steps, desc="sft", unit="step", disable=not main
     )
@@ -431,6 +434,7 @@ def train_sft(
             total += loss.item()
             tokens += n.item()
         train_time += time.perf_counter() - tic
+        first_time = train_time if first_time is None else first_time
         loss = total / config.grad_accum
         if size > 1:  # the mean over every process's trained tokens
             summed = distributed.all_sum(mx.array([loss * tokens, tokens]), group).tolist()
@@ -468,6 +472,10 @@ def train_sft(
         "tokens": config.steps * tokens_per_step,
         "processes": size,
         "tokens_per_s": trained / train_time if train_time else float("nan"),
+        # without the first step, which also compiled the step function
+        "steady_tokens_per_s": (trained - tokens_per_step) / (train_time - first_time)
+        if first_time is not None and train_time > first_time
+        else float("nan"),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "wall_s": time.perf_counter() - wall_start,
         "train_history": train_history,

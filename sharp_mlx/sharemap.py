@@ -293,12 +293,15 @@ def _param_counts(config: dict) -> Tuple[ModelArgs, int, int, int]:
     return args, mlp, embeddings + h + n_layers * layer, layer  # + final norm
 
 
-def savings(config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> dict:
+def savings(config: dict, share: ShareMap, rank: Rank, kind: str = "plain", reference_rank: Rank = 0) -> dict:
     """Exact parameter counts of sharing ``share`` at ``rank`` with recovery ``kind`` (its
     vectors included: ``scaled`` adds in + out per projection, one rank's worth) in the model of
-    ``config``."""
+    ``config``; ``reference_rank`` adds each reference's own (plain) factors to the recovery."""
     args, mlp, rest, _ = _param_counts(config)
-    sharp = SharpArgs(share=dict(share), rank=rank, kind=kind)
+    try:
+        sharp = SharpArgs(share=dict(share), rank=rank, kind=kind, reference_rank=reference_rank)
+    except ValueError as e:
+        raise SharpError(str(e))
     try:
         sharp.validate(args.num_hidden_layers, args.hidden_size, args.intermediate_size)
     except ValueError as e:
@@ -306,7 +309,9 @@ def savings(config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> d
     n_layers, n_targets = args.num_hidden_layers, len(share)
     shapes = projection_shapes(args.hidden_size, args.intermediate_size).values()
     per_target = sum(v.size for n_in, n_out in shapes for v in recovery_kind(kind).vectors(n_in, n_out).values())
-    recovery = sum(3 * (args.hidden_size + args.intermediate_size) * sharp.rank_of(t) + per_target for t in share)
+    per_rank = 3 * (args.hidden_size + args.intermediate_size)
+    recovery = sum(per_rank * sharp.rank_of(t) + per_target for t in share)
+    recovery += sum(per_rank * sharp.reference_rank_of(r) for r in sharp.references)
     mlp_before, unstored = n_layers * mlp, n_targets * mlp
     before = rest + mlp_before
     return {
@@ -323,10 +328,12 @@ def savings(config: dict, share: ShareMap, rank: Rank, kind: str = "plain") -> d
     }
 
 
-def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp", kind: str = "plain") -> str:
+def savings_line(
+    config: dict, share: ShareMap, rank: Rank, baseline: str = "sharp", kind: str = "plain", reference_rank: Rank = 0
+) -> str:
     """What building ``baseline`` (a name in BASELINES) at the targets of ``share`` saves."""
     b = BASELINES[baseline]
-    s = savings(config, share, rank if b.recovered else 0, kind)
+    s = savings(config, share, rank if b.recovered else 0, kind, reference_rank if b.recovered else 0)
     if b.removes_layers:
         removed = s["targets"] * _param_counts(config)[3] + s["mlp_params"] - s["mlp_params_stored"]
         return (
@@ -342,7 +349,8 @@ def savings_line(config: dict, share: ShareMap, rank: Rank, baseline: str = "sha
 
 def stored_params(folder: Union[str, Path]) -> int:
     """Parameters stored in a model folder, summed from its safetensors headers (no weight is
-    read). Of a float folder this is its parameter count; of a quantized one, the packed arrays'."""
+    read). Of a float folder this is its parameter count; of a quantized one, the packed arrays'.
+    Every stored array counts: a reference's own recovery factors as well as the targets'."""
     total = 0
     for f in Path(folder).glob("model*.safetensors"):
         with open(f, "rb") as fh:
@@ -379,14 +387,16 @@ def _require_plain(model, config: dict, what: str) -> Dict[str, mx.array]:
 
 
 def share_model(
-    original_model, original_config: dict, share: ShareMap, rank: Rank, kind: str = "plain"
+    original_model, original_config: dict, share: ShareMap, rank: Rank, kind: str = "plain", reference_rank: Rank = 0
 ) -> Tuple[Model, dict]:
     """The shared model built from a loaded original: the same weights minus the targets' MLPs,
     fresh recovery factors (b = 0, and the kind's vectors at their neutral values, so it starts
-    as direct sharing), config with a "sharp" section."""
+    as direct sharing), config with a "sharp" section. ``reference_rank`` > 0 gives the
+    references fresh factors of their own too (b = 0: W_s = W_r, until sharp_mlx.joint fits them)."""
     weights = _require_plain(original_model, original_config, "share_model")
-    config = {**original_config, "sharp": SharpArgs(share=dict(share), rank=rank, kind=kind).to_dict()}
     try:
+        sharp = SharpArgs(share=dict(share), rank=rank, kind=kind, reference_rank=reference_rank)
+        config = {**original_config, "sharp": sharp.to_dict()}
         model = Model(ModelArgs.from_dict(config))
     except ValueError as e:
         raise SharpError(str(e))
@@ -437,11 +447,12 @@ class Baseline:
         return dict(share) if self.borrows else {t: None for t in share}
 
     def build(
-        self, original_model, config: dict, share: ShareMap, rank: Rank, kind: str = "plain"
+        self, original_model, config: dict, share: ShareMap, rank: Rank, kind: str = "plain", reference_rank: Rank = 0
     ) -> Tuple[Model, dict]:
         if self.removes_layers:
             return prune_layers(original_model, config, sorted(share))
-        return share_model(original_model, config, self.targets(share), rank if self.recovered else 0, kind)
+        refs = reference_rank if self.recovered and self.borrows else 0  # only SHARP's references are recovered
+        return share_model(original_model, config, self.targets(share), rank if self.recovered else 0, kind, refs)
 
 
 # A new baseline is one Baseline here (and, if it builds something new, its build method).

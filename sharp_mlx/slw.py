@@ -205,11 +205,19 @@ def lsq_vectors(ref: Dict[str, np.ndarray], target: Dict[str, np.ndarray], x: np
 
 
 def refit_down(
-    ref, target, x: np.ndarray, rec: Dict[str, np.ndarray], rank: int, cfg: SLWConfig, kind: str = "plain"
+    ref,
+    target,
+    x: np.ndarray,
+    rec: Dict[str, np.ndarray],
+    rank: int,
+    cfg: SLWConfig,
+    kind: str = "plain",
+    y: Optional[np.ndarray] = None,
 ) -> Dict[str, np.ndarray]:
-    """Down factors solved exactly on the student's own hidden activations."""
+    """Down factors solved exactly on the student's own hidden activations, towards the outputs
+    ``y`` (None: the target MLP's own on ``x``)."""
     xm = mx.array(x)
-    y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm)
+    y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm) if y is None else mx.array(y, dtype=mx.float32)
     student = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     no_down = {**{k: mx.array(v) for k, v in rec.items()}, "down_b": mx.zeros_like(mx.array(rec["down_b"]))}
     base, h = mlp_apply(student, xm, no_down, return_hidden=True, kind=kind)
@@ -225,9 +233,11 @@ def adam_refine(
     cfg: SLWConfig,
     progress: Optional[Callable] = None,
     kind: str = "plain",
+    y_fit: Optional[np.ndarray] = None,
 ) -> Dict[str, np.ndarray]:
     """cfg.steps of Adam on the relative L2 error over random minibatches of rows; every entry
-    of ``rec`` (factors and any scaling vectors) is trained."""
+    of ``rec`` (factors and any scaling vectors) is trained. The outputs to reach are ``y_fit``'s
+    rows (None: the target MLP's own)."""
     tw = {p: mx.array(v) for p, v in target.items()}
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
@@ -248,8 +258,10 @@ def adam_refine(
         return mlp_apply(tw, xb)
 
     for step in range(cfg.steps):
-        xb = mx.array(x_fit[rng.integers(0, len(x_fit), cfg.batch_rows)].astype(np.float32))
-        loss, grads = grad_fn(params, xb, target_of(xb))
+        rows = rng.integers(0, len(x_fit), cfg.batch_rows)
+        xb = mx.array(x_fit[rows].astype(np.float32))
+        yb = target_of(xb) if y_fit is None else mx.array(y_fit[rows].astype(np.float32))
+        loss, grads = grad_fn(params, xb, yb)
         opt.update(params, grads)
         mx.eval(params, opt.state, loss)
         if progress:
@@ -265,11 +277,15 @@ def fit_layer(
     cfg: SLWConfig,
     progress: Optional[Callable] = None,
     kind: str = "plain",
+    y: Optional[np.ndarray] = None,
 ) -> Dict[str, object]:
     """Fit one target's factors (and its kind's vectors) on its captured inputs
     x (n, D); returns them and the held-out relative error after each stage ({"none", "init",
     "closed_form_down", "adam"}, and "final" for the parameters kept). With closed_form_down,
-    "init" has gate and up fitted and down still borrowed as it is."""
+    "init" has gate and up fitted and down still borrowed as it is.
+
+    ``y`` (n, D), if given, are the outputs to fit instead of MLP_t(x): the block-output
+    objective, where they are what the MLP must add for the block to give the original's output."""
     if recovery_kind(kind).needs_reference and ref_mlp is None:
         raise ValueError(f"recovery {kind} transforms borrowed weights: a target without a reference has none")
     ref = weights_of(ref_mlp) if ref_mlp is not None else None
@@ -277,8 +293,13 @@ def fit_layer(
     rows = np.random.default_rng(cfg.seed).permutation(len(x))
     n_hold = max(1, int(len(x) * cfg.holdout))
     x_hold, x_fit = x[rows[:n_hold]].astype(np.float32), x[rows[n_hold:]].astype(np.float32)
+    y_fit = None if y is None else y[rows[n_hold:]].astype(np.float32)
     xh = mx.array(x_hold)
-    y_hold = mlp_apply({p: mx.array(v) for p, v in target.items()}, xh)
+    y_hold = (
+        mlp_apply({p: mx.array(v) for p, v in target.items()}, xh)
+        if y is None
+        else mx.array(y[rows[:n_hold]].astype(np.float32))
+    )
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
 
     def err(rec):
@@ -301,14 +322,14 @@ def fit_layer(
             rec = init_recovery(ref, target, x_fit, rank, cfg, kind, vectors, roots)
             stage = {"init": err(rec)}
             if cfg.closed_form_down:
-                rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind)
+                rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind, y_fit)
                 stage["closed_form_down"] = err(rec)
             if best is None or list(stage.values())[-1] < list(best[1].values())[-1]:  # the last stage's error
                 best = (rec, stage)
         rec = best[0]
         errors.update(best[1])
     if cfg.steps > 0:
-        refined = adam_refine(ref, target, x_fit, rec, cfg, progress, kind)
+        refined = adam_refine(ref, target, x_fit, rec, cfg, progress, kind, y_fit)
         errors["adam"] = err(refined)
         # Adam from a closed-form start can overshoot: keep whichever holds out better.
         if errors["adam"] <= errors.get("closed_form_down", errors["init"]):
@@ -345,15 +366,9 @@ def run_slw(model, original, inputs, cfg: SLWConfig, log: Callable = print, grou
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        out = fit_layer(
-            inner.mlp_of(t),
-            original.model.layers[t].mlp,
-            inputs(model, t) if sequential else inputs[t],
-            rank,
-            cfg,
-            progress,
-            kind=layer.recovery.kind,
-        )
+        rows = inputs(model, t) if sequential else inputs[t]
+        x, y = rows if isinstance(rows, tuple) else (rows, None)  # (inputs, outputs): the block objective
+        out = fit_layer(inner.mlp_of(t), original.model.layers[t].mlp, x, rank, cfg, progress, layer.recovery.kind, y)
         bar.close()
         layer.recovery.update({k: mx.array(v) for k, v in out["factors"].items()})
         report[t] = out["errors"]

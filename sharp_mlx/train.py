@@ -32,6 +32,7 @@ from .capture import StudentInputs, calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
+from .joint import run_joint
 from .model import RECOVERY_KINDS, SharpArgs
 from .sft import SFTConfig
 from .slw import SLWConfig, run_slw
@@ -74,6 +75,7 @@ class SLWRun:
     rank_allocation: str = "uniform"  # or sensitivity
     baseline: str = "sharp"  # a name in sharemap.BASELINES
     recovery: str = "plain"  # a name in model.RECOVERY_KINDS
+    reference_rank: int = 0  # > 0: references get their own factors and the stored weight is fitted jointly
     data: Optional[List[Path]] = None  # calibration files (None: data/*/train.jsonl)
     tokens: int = 32768  # calibration tokens
     seq_len: int = 256
@@ -84,6 +86,7 @@ class SLWRun:
     slw_lr: float = 1e-3
     scales_init: str = "ones"  # recovery scaled: vectors start at one, or by least squares (lsq)
     slw_order: str = "independent"  # or sequential: each target's inputs from the model with the earlier ones fitted
+    slw_objective: str = "mlp"  # or block: in sequence, fit what makes the block's output the original's
     slw_batch_rows: int = SLWConfig.batch_rows
     no_slw: bool = False  # fresh factors only (the SFT-only baseline)
     cache_dir: Optional[Path] = None
@@ -167,6 +170,16 @@ def stage_slw(args) -> dict:
         check_rank(args.rank, config)
     if kind != "plain":
         check_kind(baseline, kind, share, args.rank, config)
+    if args.reference_rank and (args.baseline != "sharp" or args.slw_order != "independent" or kind != "plain"):
+        raise SharpError(
+            "--reference-rank fits a SHARP reference and its targets together on the original's inputs: use it "
+            "with --baseline sharp, --recovery plain and --slw-order independent"
+        )
+    if args.slw_objective == "block" and args.slw_order != "sequential":
+        raise SharpError(
+            "--slw-objective block fits each block to the original's output on the student's own states: "
+            "add --slw-order sequential"
+        )
     if args.scales_init != "ones" and kind != "scaled":
         raise SharpError(
             f"--scales-init {args.scales_init} fits scaling vectors: add --recovery scaled, or drop --scales-init"
@@ -193,7 +206,7 @@ def stage_slw(args) -> dict:
         share = baseline.targets(share)
         rank = rank if baseline.recovered else 0
     mx.random.seed(args.seed)  # fresh factors (what --no-slw keeps) are drawn: the same every run
-    model, new_config = baseline.build(original, config, share, rank, kind)
+    model, new_config = baseline.build(original, config, share, rank, kind, reference_rank=args.reference_rank)
     report = {}
     if fits:
         # Under mlx.launch each process captures and fits its own targets (same seeds).
@@ -206,7 +219,12 @@ def stage_slw(args) -> dict:
         if args.slw_order == "sequential":
             if group.size() > 1:
                 raise SharpError("--slw-order sequential fits one target after another: run it in one process")
-            inputs = StudentInputs(windows, sorted(share))
+            inputs = StudentInputs(windows, sorted(share), original=original if args.slw_objective == "block" else None)
+        elif args.reference_rank:
+            if group.size() > 1:
+                raise SharpError("--reference-rank fits each reference with its targets: run it in one process")
+            layers_in = sorted(set(share) | {r for r in share.values() if r is not None})  # targets and references
+            inputs = capture_mlp_inputs(original, windows, layers_in, out_dir=cache)["mlp_inputs"]
         else:
             inputs = capture_mlp_inputs(original, windows, mine, out_dir=cache)["mlp_inputs"]
         cfg = SLWConfig(
@@ -218,21 +236,25 @@ def stage_slw(args) -> dict:
             seed=args.seed,
             scales_init=args.scales_init,
         )
-        report = run_slw(
-            model,
-            original,
-            inputs,
-            cfg,
-            log=lambda line: say(group, line, every_rank=True),
-            group=group,
-        )
-    say(distributed.group(), sharemap.savings_line(config, share, rank, args.baseline, kind))
+        if args.reference_rank:
+            report = run_joint(model, original, inputs, cfg, log=lambda line: say(group, line))
+        else:
+            report = run_slw(
+                model,
+                original,
+                inputs,
+                cfg,
+                log=lambda line: say(group, line, every_rank=True),
+                group=group,
+            )
+    say(distributed.group(), sharemap.savings_line(config, share, rank, args.baseline, kind, args.reference_rank))
     record = {
         "stage": "slw",
         "baseline": args.baseline,
         "share": {str(k): v for k, v in share.items()},
         "rank": SharpArgs(rank=rank).to_dict()["rank"],
         "recovery": kind,
+        "reference_rank": args.reference_rank,
         "layers": {str(k): v for k, v in report.items()},
     }
     return {"model": model, "config": new_config, "record": record}
@@ -420,6 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=SLWRun.slw_order,
         help="independent: every target fitted on the original model's MLP inputs; sequential: in order, each on the "
         "inputs of the model with the targets before it already fitted (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reference-rank",
+        type=int,
+        default=SLWRun.reference_rank,
+        help="> 0: each reference also gets recovery factors of this rank, and its stored MLP is fitted jointly with "
+        "its targets' factors (W_r ~= W_s + B_r A_r, W_t ~= W_s + B_t A_t; 0: SHARP's untouched reference) "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--slw-objective",
+        choices=("mlp", "block"),
+        default=SLWRun.slw_objective,
+        help="mlp: fit the target MLP's output on its inputs; block (with --slw-order sequential): fit what the MLP "
+        "must add for the block's output to be the original's, correcting the earlier targets' error "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--scales-init",

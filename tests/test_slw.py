@@ -242,3 +242,35 @@ def test_sequential_slw_lowers_the_end_to_end_loss_against_independent_slw():
         run_slw(model, original, inputs, cfg, log=lambda *_: None)
         kl[order] = _end_to_end_kl(model, original, windows)
     assert kl["sequential"] < kl["independent"], kl
+
+
+def test_block_objective_fits_what_makes_the_block_output_the_originals():
+    """With the original given, StudentInputs returns (inputs, outputs): at the first target the
+    student's states are the original's, so the outputs are MLP_t's own; fitting later targets
+    to them ends closer to the original, end to end, than fitting each MLP alone independently."""
+    from sharp_mlx.capture import StudentInputs, capture_mlp_inputs
+    from sharp_mlx.sharemap import share_model
+
+    original, config = tiny_model(seed=3)
+    windows = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (16, 32)).astype(np.int32))
+    share = {2: 1, 3: 1, 4: 1, 5: 1}
+    mx.random.seed(0)
+    model, _ = share_model(original, config, share, 4)
+    x, y = StudentInputs(windows, sorted(share), original=original)(model, 2)
+    assert np.array_equal(x, capture_mlp_inputs(original, windows, [2])["mlp_inputs"][2])
+    want = np.array(original.model.layers[2].mlp(mx.array(x.astype(np.float32))))
+    assert np.abs(y - want).max() < 1e-2 * np.abs(want).max()
+
+    cfg = SLWConfig(steps=20, batch_rows=256)
+    kl = {}
+    for objective in ("independent", "block"):
+        mx.random.seed(0)
+        model, _ = share_model(original, config, share, 4)
+        inputs = (
+            capture_mlp_inputs(original, windows, sorted(share))["mlp_inputs"]
+            if objective == "independent"
+            else StudentInputs(windows, sorted(share), original=original)
+        )
+        run_slw(model, original, inputs, cfg, log=lambda *_: None)
+        kl[objective] = _end_to_end_kl(model, original, windows)
+    assert kl["block"] < kl["independent"], kl
