@@ -28,7 +28,9 @@ The families (``--list`` prints every point):
 ``--row LABEL=DIR`` adds any other model folder (kind ``sharp`` when a target borrows an MLP,
 else ``control``; ``LABEL@control=DIR`` sets it). Each point's folder and result are cached
 (``runs/frontier/<name>/`` and ``<name>.json``), so an interrupted run resumes; ``--force``
-rebuilds the points asked for.
+rebuilds the points asked for. ``--keep REPORT.json`` takes every point and row of an earlier
+report made with the same evaluation settings as it was measured there (the report names the
+command that measured it), so new rows join a frontier without rebuilding it.
 """
 
 import argparse
@@ -570,7 +572,8 @@ def markdown(rep: dict) -> str:
         f"Made by `{rep['command']}`. Building and measuring every point listed took {rep['compute_s'] / 60:.1f} min "
         "of wall time in all (each step's own time as it was run, cached steps included; this machine, 2 cores shared "
         f"with other jobs); this invocation {rep['wall_s'] / 60:.1f} min ({rep.get('cpu_s', 0) / 60:.1f} min of CPU "
-        "time), the rest read from `runs/frontier/`.",
+        "time), the rest read from `runs/frontier/` or, where a point names the command that measured it, kept from "
+        "an earlier report (`--keep`).",
         "",
         f"Perplexity: the first {e['windows']} windows of {e['seq_len']} tokens of each domain's test split, "
         "quantized weights run by their "
@@ -603,7 +606,8 @@ def markdown(rep: dict) -> str:
         extra = ""
         if r.get("build", {}).get("mlp_bits"):
             extra = "; MLP bits per block " + "".join(map(str, r["build"]["mlp_bits"]))
-        lines.append(f"- `{r['name']}` ({r['kind']}): {r.get('note') or r['path']}{extra}. `{how}`")
+        by = f" Measured by `{r['measured_by']}`." if r.get("measured_by") else ""
+        lines.append(f"- `{r['name']}` ({r['kind']}): {r.get('note') or r['path']}{extra}. `{how}`{by}")
     return "\n".join(lines) + "\n"
 
 
@@ -688,6 +692,20 @@ def row_kind(folder: Path) -> str:
     return "sharp" if any(r is not None for r in share.values()) else "control"
 
 
+def kept_report(path: Path, eval_key: dict) -> dict:
+    """An earlier report to keep points from; it must have measured them as this run would."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SharpError(f"--keep {path}: cannot read it as a frontier report ({e}): give the OUT.json of a run")
+    if earlier.get("eval") != eval_key:
+        raise SharpError(
+            f"--keep {path} was measured with {earlier.get('eval')}, this run with {eval_key}: use the same "
+            "--windows, or drop --keep"
+        )
+    return earlier
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m sharp_mlx.frontier", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -737,6 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="writes OUT.json, OUT.md and OUT.png (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="rebuild and re-measure the points asked for, even if cached")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        metavar="REPORT.json",
+        help="take the points and rows of this earlier report as measured there (same evaluation settings); "
+        "rows given with --row are measured again",
+    )
     p.add_argument("--list", action="store_true", help="print the points and exit")
     return p
 
@@ -779,10 +804,16 @@ def main(argv=None):
         force=args.force,
         original=ensure_default_model(),
     )
-    original = run.original_ppl()
+    kept, original = {}, None
+    if args.keep:
+        earlier = kept_report(args.keep, run.eval_key())
+        original = earlier["original"]
+        kept = {r["name"]: {**r, "measured_by": r.get("measured_by", earlier["command"])} for r in earlier["points"]}
+    original = original or run.original_ppl()
     results = []
     for name in tqdm(names, desc="frontier", unit="point"):
-        results.append(run.point_result(BY_NAME[name]))
+        results.append(kept[name] if name in kept and not args.force else run.point_result(BY_NAME[name]))
+    results += [r for n, r in kept.items() if n not in BY_NAME and n not in labels]  # earlier rows
     for label, kind, folder in rows:
         results.append(run.row_result(label, kind or row_kind(folder), folder))
     command = "python -m sharp_mlx.frontier" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

@@ -173,3 +173,19 @@ def test_the_cli_rejects_a_bad_row_with_exit_2(spec, tmp_path, capsys):
 def test_the_cli_rejects_an_unknown_point_with_exit_2(capsys):
     assert main(["--points", "gptq-w7g64-e4"]) == 2
     assert "no such point" in capsys.readouterr().err
+
+
+def test_keep_refuses_a_report_measured_with_other_settings(tmp_path, capsys):
+    """--keep takes points as an earlier report measured them, so it must have measured them as this run would."""
+    from sharp_mlx.errors import SharpError
+    from sharp_mlx.frontier import kept_report
+
+    good = {"command": "python -m sharp_mlx.frontier", "eval": {"windows": 8}, "original": {}, "points": []}
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(good))
+    assert kept_report(path, {"windows": 8}) == good
+    with pytest.raises(SharpError, match="--windows"):
+        kept_report(path, {"windows": 4})
+    path.write_text("not json")
+    with pytest.raises(SharpError, match="cannot read"):
+        kept_report(path, {"windows": 8})
