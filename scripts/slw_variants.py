@@ -6,9 +6,12 @@ At the main job's targets (every other layer of --layers borrows the one before)
 budget, SLW only: SHARP at rank 64, the control (rank 64, nothing borrowed), and SHARP at rank 63
 with row/column scaling vectors (one rank's worth: the same stored size) started at one and
 started by least squares (``--scales-init lsq``), and SHARP and the control fitted in sequence
-(``--slw-order sequential``). Writes docs/results/slw_variants.{md,json}: the
+(``--slw-order sequential``), also to the block's output (``--slw-objective block``), and a jointly fitted stored weight (rank 48 per
+target plus rank 16 per reference: the same stored size, ``--reference-rank``). Writes docs/results/slw_variants.{md,json}: the
 per-layer held-out MLP errors after the closed-form fits and after Adam, and test perplexity.
-Each model is kept under models/scales-init/ and skipped when it exists.
+Each model is kept under models/scales-init/ and skipped when it exists. ``--variants A B``
+runs only those; the rows of the others are kept from the report already there (the same
+command and settings: SLW is deterministic), each row saying which run made it.
 """
 
 import argparse
@@ -28,7 +31,14 @@ VARIANTS = {  # name -> SLWRun fields
     "scaled r63, lsq": dict(rank=63, recovery="scaled", scales_init="lsq"),
     "sharp r64, sequential": dict(rank=64, slw_order="sequential"),
     "control r64, sequential": dict(rank=64, baseline="lowrank", slw_order="sequential"),
-}
+    "sharp r64, block": dict(rank=64, slw_order="sequential", slw_objective="block"),
+    "control r64, block": dict(rank=64, baseline="lowrank", slw_order="sequential", slw_objective="block"),
+    "scaled r63, lsq, block": dict(rank=63, recovery="scaled", scales_init="lsq", slw_order="sequential",
+                                   slw_objective="block"),
+    "joint r48 + reference r16": dict(rank=48, reference_rank=16),
+    # the targets scripts/target_damage.py chose by their damage after SLW, instead of every other layer
+    "sharp r64, targets by damage": dict(rank=64, share="docs/results/target_damage_map.json", layers=None),
+}  # fmt: skip
 
 
 def main(argv=None):
@@ -40,22 +50,29 @@ def main(argv=None):
     p.add_argument("--slw-steps", type=int, default=50)
     p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain")
     p.add_argument("--out", type=Path, default=Path("docs/results/slw_variants"))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="run only these (default: all)")
     args = p.parse_args(argv)
+    command = "python scripts/slw_variants.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    previous = Path(f"{args.out}.json")
+    kept = {}
+    if args.variants and previous.exists():
+        old = json.loads(previous.read_text())
+        kept = {n: {**r, "run": r.get("run", old["command"])} for n, r in old["rows"].items() if n not in args.variants}
     tic = time.time()
     original = ensure_default_model()
     root = Path("models/scales-init")
     folders, records = {}, {}
     for name, fields in VARIANTS.items():
+        if args.variants and name not in args.variants:
+            continue
         out = root / name.replace(" ", "-").replace(",", "")
         if not out.exists():
             run = train.SLWRun(
                 model=original,
                 out=out,
-                share="next",
-                layers=args.layers,
                 tokens=args.tokens,
                 slw_steps=args.slw_steps,
-                **fields,
+                **{"share": "next", "layers": args.layers, **fields},
             )
             train.run_stage(run)
         folders[name] = out
@@ -65,17 +82,21 @@ def main(argv=None):
     base = {t: ppl[str(original)][t]["ppl"] for t in map(str, tests)}
     rows = {}
     for name, folder in folders.items():
-        layers = records[name]["layers"]
+        # the targets' errors (a joint fit also reports its references'; its closed form is its start)
+        layers = {t: e for t, e in records[name]["layers"].items() if "group" not in e or "none" in e}
         ratios = [ppl[str(folder)][t]["ppl"] / base[t] for t in base]
         rows[name] = {
-            "closed_form": sum(e.get("closed_form_down", e["init"]) for e in layers.values()) / len(layers),
+            "closed_form": sum(e.get("closed_form_down", e.get("init", e.get("start"))) for e in layers.values())
+            / len(layers),
             "final": sum(e["final"] for e in layers.values()) / len(layers),
             "ppl": {Path(t).parent.name: ppl[str(folder)][t]["ppl"] for t in base},
             "x_geo": math.exp(sum(map(math.log, ratios)) / len(ratios)),
             "x_max": max(ratios),
             "wall_s": records[name]["wall_s"],
+            "run": command,
         }
-    command = "python scripts/slw_variants.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = {n: ({**kept, **rows}[n]) for n in VARIANTS if n in kept or n in rows}
+    runs = sorted({r["run"] for r in rows.values()})
     lines = [
         "# SLW variants at a matched stored size (SLW only)",
         "",
@@ -84,16 +105,19 @@ def main(argv=None):
         f"{args.slw_steps} Adam steps per layer. MLP error: held-out relative error of the target's MLP output, mean over targets. "
         f"Perplexity: {args.windows} test windows of 256 tokens per domain, ratio to the original.",
         "",
+        "",
+        "Runs: " + "; ".join(f"({k + 1}) `{r}`" for k, r in enumerate(runs)) + ".",
+        "",
         "| variant | MLP error, closed form | MLP error, final | "
         + " | ".join(corpora.DOMAINS)
-        + " | x original (geo) | worst x |",
-        "|---|---|---|" + "---|" * len(corpora.DOMAINS) + "---|---|",
+        + " | x original (geo) | worst x | run |",
+        "|---|---|---|" + "---|" * len(corpora.DOMAINS) + "---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['closed_form']:.3f} | {r['final']:.3f} | "
             + " | ".join(f"{r['ppl'][d]:.2f}" for d in corpora.DOMAINS)
-            + f" | {r['x_geo']:.2f} | {r['x_max']:.2f} |"
+            + f" | {r['x_geo']:.2f} | {r['x_max']:.2f} | ({runs.index(r['run']) + 1}) |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in (
