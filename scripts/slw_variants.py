@@ -38,6 +38,9 @@ VARIANTS = {  # name -> SLWRun fields
     "joint r48 + reference r16": dict(rank=48, reference_rank=16),
     # the targets scripts/target_damage.py chose by their damage after SLW, instead of every other layer
     "sharp r64, targets by damage": dict(rank=64, share="docs/results/target_damage_map.json", layers=None),
+    "scaled r63, lsq, block, targets by damage": dict(rank=63, recovery="scaled", scales_init="lsq",
+                                                      slw_order="sequential", slw_objective="block",
+                                                      share="docs/results/target_damage_map.json", layers=None),
 }  # fmt: skip
 
 
