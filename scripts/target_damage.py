@@ -37,26 +37,6 @@ def mean_loss(model, windows: mx.array) -> float:
     return total / (windows.size - len(windows))
 
 
-def choose(damage: dict, k: int) -> list:
-    """The k non-adjacent layers of ``damage`` with the least summed damage."""
-    layers = sorted(damage)
-    # best[i][j]: (cost, chosen) using layers[:i] with j chosen
-    inf = (float("inf"), [])
-    best = [[inf] * (k + 1) for _ in range(len(layers) + 1)]
-    best[0][0] = (0.0, [])
-    for i, t in enumerate(layers, 1):
-        for j in range(k + 1):
-            skip = best[i - 1][j]
-            take = inf
-            if j > 0:
-                prev = i - 2 if i >= 2 and layers[i - 2] == t - 1 else i - 1  # the layer below cannot be a target
-                prev = max(prev, 0)
-                c, chosen = best[prev][j - 1]
-                take = (c + damage[t], chosen + [t])
-            best[i][j] = min(skip, take, key=lambda x: x[0])
-    return sorted(best[len(layers)][k][1])
-
-
 def plot(path: Path, damage: dict, chosen: list) -> None:
     import matplotlib
 
@@ -109,7 +89,7 @@ def main(argv=None):
         damage[t] = mean_loss(model, valid) - base
         errors[t] = out["errors"]["final"]
         print(f"target {t:2d} <- {t - 1}: MLP error {errors[t]:.3f}, loss +{damage[t]:.4f}", flush=True)
-    chosen = choose(damage, args.targets)
+    chosen = sharemap.least_damage_targets(damage, args.targets)
     share = {str(t): t - 1 for t in chosen}
     command = "python scripts/target_damage.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [

@@ -1,6 +1,6 @@
 """The main job: import -> share -> SLW -> SFT -> evaluate -> 4-bit -> generate, on the embedded model.
 
-    python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores
+    python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores (no other jobs)
     python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
     python -m sharp_mlx.pipeline --share next:2 --layers 2:29 --name smollm2-135m-instruct-sharp50   # the ~50% setting
 

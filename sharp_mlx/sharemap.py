@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -466,3 +466,21 @@ BASELINES = {
         Baseline("lowrank", "MLPs replaced by low-rank factors, nothing borrowed", recovered=True, borrows=False),
     )
 }
+
+
+def least_damage_targets(damage: Dict[int, float], k: int) -> List[int]:
+    """The ``k`` layers of ``damage`` ({candidate target t, borrowing t - 1: its measured damage})
+    with the least summed damage and no two adjacent (a target's reference keeps its MLP), by
+    dynamic programming over the layers in order."""
+    layers = sorted(damage)
+    if k > (len(layers) + 1) // 2:
+        raise SharpError(f"cannot choose {k} non-adjacent targets among {len(layers)} candidates: ask for fewer")
+    inf = (float("inf"), [])
+    # best[i][j]: the least damage (and the targets) choosing j of layers[:i]
+    best = [[(0.0, [])] + [inf] * k] + [[inf] * (k + 1) for _ in layers]
+    for i, t in enumerate(layers, 1):
+        before = i - 2 if i >= 2 and layers[i - 2] == t - 1 else i - 1  # without the layer t borrows from
+        for j in range(k + 1):
+            take = inf if j == 0 else (best[before][j - 1][0] + damage[t], best[before][j - 1][1] + [t])
+            best[i][j] = min(best[i - 1][j], take, key=lambda c: c[0])
+    return best[-1][k][1]

@@ -384,3 +384,24 @@ def test_lora_rank_for_matches_mlx_lm_trainable_count(share, overrides):
         assert lora_rank_for(config, 7 * per_rank + per_rank // 3, blocks) == 7  # the closest rank
         assert lora_rank_for(config, 7 * per_rank - per_rank // 3, blocks) == 7
         assert lora_rank_for(config, 1, blocks) == 1  # at least rank 1
+
+
+def test_least_damage_targets_are_non_adjacent_and_cheapest():
+    """The chosen targets never include a target's reference, and no other such set costs less."""
+    import itertools
+
+    from sharp_mlx.sharemap import least_damage_targets
+
+    rng = np.random.default_rng(0)
+    damage = {t: float(d) for t, d in zip(range(1, 12), rng.random(11))}
+    chosen = least_damage_targets(damage, 4)
+    assert len(chosen) == 4 and all(b - a > 1 for a, b in zip(chosen, chosen[1:]))
+    best = min(
+        sum(damage[t] for t in c)
+        for c in itertools.combinations(sorted(damage), 4)
+        if all(b - a > 1 for a, b in zip(c, c[1:]))
+    )
+    assert abs(sum(damage[t] for t in chosen) - best) < 1e-12
+    assert least_damage_targets({1: 1.0, 2: 0.0, 3: 1.0}, 2) == [1, 3]  # the cheap middle one is not enough
+    with pytest.raises(SharpError, match="fewer"):
+        least_damage_targets({1: 0.0, 2: 0.0, 3: 0.0}, 3)
