@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +75,20 @@ def real_model(real_model_dir):
 def prose() -> str:
     """About 8k characters of public-domain prose: the start of Lincoln's 1862 State of the Union."""
     return (FIXTURES / "prose.txt").read_text()
+
+
+def random_mlp(seed):
+    """A Llama MLP of the tiny config with random weights."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    m = llama.MLP(llama.ModelArgs.from_dict(TINY))
+    mx.eval(m.parameters())
+    return m
+
+
+def correlated_inputs(n=2048, dim=TINY["hidden_size"], seed=0):
+    """Correlated inputs (a random low-dimensional-ish covariance), as real activations are."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(dim, dim)) * (0.9 ** np.arange(dim))[:, None]
+    return (rng.normal(size=(n, dim)) @ mix).astype(np.float32)

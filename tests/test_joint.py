@@ -6,10 +6,9 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY, tiny_model
+from conftest import TINY, correlated_inputs, random_mlp, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.models import llama
 from test_model import TOKENS, randomize_recovery
 from tiny_folder import write_char_tokenizer
 
@@ -194,18 +193,7 @@ def test_a_reference_rank_without_references_is_refused():
 # (b) the joint fit
 
 
-def mlp(seed):
-    mx.random.seed(seed)
-    m = llama.MLP(llama.ModelArgs.from_dict(TINY))
-    mx.eval(m.parameters())
-    return m
-
-
-def inputs(n=2048, dim=TINY["hidden_size"], seed=0):
-    """Correlated inputs, as real activations are (as in test_slw)."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) * (0.9 ** np.arange(dim))[:, None]
-    return (rng.normal(size=(n, dim)) @ mix).astype(np.float32)
+mlp, inputs = random_mlp, correlated_inputs  # shared with the other SLW tests (conftest)
 
 
 def shared_plus_lowrank(seed, k=4):

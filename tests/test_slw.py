@@ -3,8 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TINY, tiny_model
-from mlx_lm.models import llama
+from conftest import TINY, correlated_inputs, random_mlp, tiny_model
 
 from sharp_mlx.model import vector_names
 from sharp_mlx.slw import (
@@ -18,19 +17,7 @@ from sharp_mlx.slw import (
     weights_of,
 )
 
-
-def mlp(seed):
-    mx.random.seed(seed)
-    m = llama.MLP(llama.ModelArgs.from_dict(TINY))
-    mx.eval(m.parameters())
-    return m
-
-
-def inputs(n=2048, dim=TINY["hidden_size"], seed=0):
-    """Correlated inputs (a random low-dimensional-ish covariance), as real activations are."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) * (0.9 ** np.arange(dim))[:, None]
-    return (rng.normal(size=(n, dim)) @ mix).astype(np.float32)
+mlp, inputs = random_mlp, correlated_inputs  # shared with the other SLW tests (conftest)
 
 
 def test_full_rank_fit_is_exact():
