@@ -63,7 +63,8 @@ class StudentInputs:
     batch_size: int = 4
     original: Optional[object] = None
     _states: Optional[List[mx.array]] = field(default=None, repr=False)
-    _teacher: Optional[List[mx.array]] = field(default=None, repr=False)  # the original's, at the same block
+    _teacher: Optional[List[mx.array]] = field(default=None, repr=False)  # the original's states ...
+    _teacher_at: int = field(default=0, repr=False)  # ... entering this block (past the last target: unchanged)
     _at: int = field(default=0, repr=False)  # the block the kept states enter
 
     def __call__(self, model, layer: int):
@@ -71,8 +72,8 @@ class StudentInputs:
         if self._states is None or layer < self._at:
             n, b = self.windows.shape[0], self.batch_size
             self._states, self._at = [inner.embed_tokens(self.windows[i : i + b]) for i in range(0, n, b)], 0
-            if self.original is not None:
-                self._teacher = [self.original.model.embed_tokens(self.windows[i : i + b]) for i in range(0, n, b)]
+            # a shared model keeps the original's embedding: both walks start from the same states
+            self._teacher, self._teacher_at = list(self._states), 0
         rows, outs = [], []
 
         def record(i, block, h, mask, cache, mlp):
@@ -86,11 +87,11 @@ class StudentInputs:
             if self.original is None:
                 mx.eval(self._states[k], rows[-1])
                 continue
-            self._teacher[k] = self.original.model.run(self._teacher[k], self._at, layer)
-            wanted = self.original.model.run(self._teacher[k], layer, layer + 1)  # the original block's output
-            outs.append((wanted - residual).astype(mx.float32))
+            # the original block's output; the original is never fitted, so its walk goes on from there
+            self._teacher[k] = self.original.model.run(self._teacher[k], self._teacher_at, layer + 1)
+            outs.append((self._teacher[k] - residual).astype(mx.float32))
             mx.eval(self._states[k], self._teacher[k], rows[-1], outs[-1])
-        self._at = layer
+        self._at, self._teacher_at = layer, layer + 1
         x = np.concatenate([np.array(r).reshape(-1, r.shape[-1]) for r in rows])
         if self.original is None:
             return x
