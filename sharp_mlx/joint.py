@@ -37,24 +37,24 @@ from tqdm import tqdm
 from .errors import SharpError
 from .model import PROJECTIONS as PROJ
 from .model import QuantizedRecovery, Recovery
-from .slw import SLWConfig, init_recovery, mlp_apply, refit_down, rel_error, weights_of
+from .slw import (
+    SLWConfig,
+    adam_schedule,
+    holdout_rows,
+    init_recovery,
+    mlp_apply,
+    refit_down,
+    rel_error,
+    weights_of,
+)
 
 Factors = Dict[str, np.ndarray]
 
 
 def _split(x: np.ndarray, cfg: SLWConfig):
     """(fit rows, held-out rows) of one layer's inputs, as slw.fit_layer splits them."""
-    rows = np.random.default_rng(cfg.seed).permutation(len(x))
-    n_hold = max(1, int(len(x) * cfg.holdout))
-    return x[rows[n_hold:]].astype(np.float32), x[rows[:n_hold]].astype(np.float32)
-
-
-def _schedule(cfg: SLWConfig):
-    """slw.adam_refine's learning rate: linear warmup, then cosine decay."""
-    warmup = min(cfg.warmup, cfg.steps // 2)
-    return optim.join_schedules(
-        [optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup]
-    )
+    fit, hold = holdout_rows(len(x), cfg)
+    return x[fit].astype(np.float32), x[hold].astype(np.float32)
 
 
 def fit_group(
@@ -164,7 +164,7 @@ def _adam(
     params = {"factors": [{k: mx.array(v) for k, v in f.items()} for f in start]}
     if train_stored:
         params["stored"] = dict(fixed)
-    opt = optim.Adam(learning_rate=_schedule(cfg))
+    opt = optim.Adam(learning_rate=adam_schedule(cfg))
     rng = np.random.default_rng(cfg.seed)
     teacher_fns = [_teacher(t) for t in teachers]
 

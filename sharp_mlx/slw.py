@@ -225,6 +225,21 @@ def refit_down(
     return {**rec, "down_a": a, "down_b": b}
 
 
+def adam_schedule(cfg: SLWConfig):
+    """SLW's Adam learning rate: linear warmup, then cosine decay."""
+    warmup = min(cfg.warmup, cfg.steps // 2)  # a short run still reaches the peak rate
+    return optim.join_schedules(
+        [optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup]
+    )
+
+
+def holdout_rows(n: int, cfg: SLWConfig):
+    """(fit rows, held-out rows): indices of a seeded permutation of n rows, cfg.holdout of them held out."""
+    rows = np.random.default_rng(cfg.seed).permutation(n)
+    n_hold = max(1, int(n * cfg.holdout))
+    return rows[n_hold:], rows[:n_hold]
+
+
 def adam_refine(
     ref,
     target,
@@ -241,11 +256,7 @@ def adam_refine(
     tw = {p: mx.array(v) for p, v in target.items()}
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
-    warmup = min(cfg.warmup, cfg.steps // 2)  # a short run still reaches the peak rate
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(0.0, cfg.lr, warmup), optim.cosine_decay(cfg.lr, max(cfg.steps - warmup, 1))], [warmup]
-    )
-    opt = optim.Adam(learning_rate=schedule)
+    opt = optim.Adam(learning_rate=adam_schedule(cfg))
     rng = np.random.default_rng(cfg.seed)
 
     def loss_fn(p, xb, yb):
@@ -290,15 +301,14 @@ def fit_layer(
         raise ValueError(f"recovery {kind} transforms borrowed weights: a target without a reference has none")
     ref = weights_of(ref_mlp) if ref_mlp is not None else None
     target = weights_of(target_mlp)
-    rows = np.random.default_rng(cfg.seed).permutation(len(x))
-    n_hold = max(1, int(len(x) * cfg.holdout))
-    x_hold, x_fit = x[rows[:n_hold]].astype(np.float32), x[rows[n_hold:]].astype(np.float32)
-    y_fit = None if y is None else y[rows[n_hold:]].astype(np.float32)
+    fit, hold = holdout_rows(len(x), cfg)
+    x_hold, x_fit = x[hold].astype(np.float32), x[fit].astype(np.float32)
+    y_fit = None if y is None else y[fit].astype(np.float32)
     xh = mx.array(x_hold)
     y_hold = (
         mlp_apply({p: mx.array(v) for p, v in target.items()}, xh)
         if y is None
-        else mx.array(y[rows[:n_hold]].astype(np.float32))
+        else mx.array(y[hold].astype(np.float32))
     )
     rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
 
