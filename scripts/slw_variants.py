@@ -41,6 +41,9 @@ VARIANTS = {  # name -> SLWRun fields
     "scaled r63, lsq, block, targets by damage": dict(rank=63, recovery="scaled", scales_init="lsq",
                                                       slw_order="sequential", slw_objective="block",
                                                       share="docs/results/target_damage_map.json", layers=None),
+    "control r64, block, targets by damage": dict(rank=64, baseline="lowrank", slw_order="sequential",
+                                                  slw_objective="block", share="docs/results/target_damage_map.json",
+                                                  layers=None),
 }  # fmt: skip
 
 

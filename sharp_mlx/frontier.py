@@ -611,6 +611,40 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def place_labels(ax, fig, labels, step: float = 8.0, tries: int = 10) -> None:
+    """Annotate each (text, x, y) next to its point: to the right, else to the left, moved up or down in
+    steps of ``step`` points until its text is inside the axes and overlaps no point and no label placed
+    before it; a moved label gets a line to its point. Call it once the axes are laid out."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer, frame = fig.canvas.get_renderer(), ax.get_window_extent()
+    taken = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in ax.transData.transform([t[1:] for t in labels])]
+    offsets = [(side, dy) for k in range(tries + 1) for dy in sorted({k * step, -k * step}) for side in (1, -1)]
+
+    def annotate(text, xy, side, dy):
+        line = dict(arrowstyle="-", lw=0.5, color="0.4", shrinkA=0, shrinkB=3) if dy else None
+        note = ax.annotate(text, xy, textcoords="offset points", xytext=(6 * side, dy - 3), fontsize=7,
+                           ha="left" if side > 0 else "right", arrowprops=line)  # fmt: skip
+        note.update_positions(renderer)
+        return note, Text.get_window_extent(note, renderer)  # the text's box, without the line
+
+    def free(box):
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        return inside and not any(box.overlaps(b) for b in taken)
+
+    for text, x, y in sorted(labels, key=lambda t: t[1:]):
+        for side, dy in offsets:
+            note, box = annotate(text, (x, y), side, dy)
+            if free(box):
+                break
+            note.remove()
+        else:  # nowhere free: beside the point, overlapping
+            note, box = annotate(text, (x, y), 1, 0)
+        taken.append(box)
+
+
 def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
     """Bytes (MB) against the geometric-mean ratio, log y; ratios above ``cap`` are drawn at it (^)."""
     import matplotlib
@@ -643,10 +677,6 @@ def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
         front = [r for r in points if r[key]]
         if front and (key == "frontier" or any(r["kind"] != "quantization" for r in points)):
             ax.step(*xy(front), where="post", color="k", ls=style, lw=1, label=label, zorder=2)
-    for i, r in enumerate(points):  # sorted by bytes: alternate above and below so neighbours' labels part
-        text = r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else "")
-        x, y = xy([r])
-        ax.annotate(text, (x[0], y[0]), textcoords="offset points", xytext=(4, 4 if i % 2 else -10), fontsize=7)
     ticks = [t for t in (1, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= cap]
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(FixedLocator(ticks))
@@ -662,6 +692,8 @@ def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    place_labels(ax, fig, [(r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else ""),
+                            *(v[0] for v in xy([r]))) for r in points])  # fmt: skip
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"), mode="call")
     plt.close(fig)
 
