@@ -20,7 +20,7 @@ from typing import Callable
 from . import analyze, corpora, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
-from .recipes import PRESETS, Recipe, preset
+from .recipes import PRESETS, Recipe, preset, sft_fields, slw_fields
 from .sft import SFTConfig
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
@@ -99,25 +99,10 @@ def main(argv=None):
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.
-    layers = r.layers if r.share.startswith("next") or "layers" in vars(args) else None
+    fields = {**slw_fields(r), **({"layers": r.layers} if "layers" in vars(args) else {})}
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    slw = train.SLWRun(
-        model=original,
-        out=slw_out,
-        share=r.share,
-        layers=layers,
-        cut=r.cut,
-        rank=r.rank,
-        recovery=r.recovery,
-        scales_init=r.scales_init,
-        slw_order=r.slw_order,
-        slw_objective=r.slw_objective,
-        tokens=r.tokens,
-        slw_steps=r.slw_steps,
-        seq_len=r.seq_len,
-        data=corpora.files("train", args.data),
-    )
+    slw = train.SLWRun(model=original, out=slw_out, data=corpora.files("train", args.data), **fields)
     step(
         "slw",
         slw_out,
@@ -128,14 +113,7 @@ def main(argv=None):
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    config = SFTConfig(
-        steps=r.sft_steps,
-        batch_size=r.batch_size,
-        seq_len=r.seq_len,
-        eval_every=r.sft_eval_every,
-        save_every=r.sft_eval_every,
-        eval_windows=r.sft_eval_windows,
-    )
+    config = SFTConfig(**sft_fields(r))
     sft = train.SFTRun(
         model=slw_out,
         out=final,

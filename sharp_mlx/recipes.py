@@ -4,6 +4,8 @@
     PRESETS["default"]   # 9 of 30 MLPs shared (targets chosen by damage), rank 64, the main job's budgets
 
 ``python -m sharp_mlx.pipeline --preset NAME`` runs one; each of its flags overrides one field.
+``python -m sharp_mlx.train --preset NAME`` runs one stage of it (``slw_fields`` and ``sft_fields``
+are the recipe's settings of each stage, the same for both commands).
 """
 
 from dataclasses import dataclass, field, fields, replace
@@ -86,3 +88,22 @@ def preset(name: str, **overrides) -> Recipe:
     if name not in PRESETS:
         raise SharpError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def slw_fields(r: Recipe) -> dict:
+    """The ``train.SLWRun`` fields the recipe sets; its layer range only where its share map takes one."""
+    layers = r.layers if r.share.startswith("next") else None
+    names = ("share", "cut", "rank", "recovery", "scales_init", "slw_order", "slw_objective", "tokens", "slw_steps")
+    return {"layers": layers, "seq_len": r.seq_len, **{n: getattr(r, n) for n in names}}
+
+
+def sft_fields(r: Recipe) -> dict:
+    """The ``sft.SFTConfig`` fields the recipe sets (checkpoints as often as validation)."""
+    return dict(
+        steps=r.sft_steps,
+        batch_size=r.batch_size,
+        seq_len=r.seq_len,
+        eval_every=r.sft_eval_every,
+        save_every=r.sft_eval_every,
+        eval_windows=r.sft_eval_windows,
+    )

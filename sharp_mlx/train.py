@@ -8,6 +8,9 @@
 ``--stage slw`` starts from the original model: it builds the shared model from the share map,
 captures each target's real MLP inputs on calibration text and fits the recovery factors.
 ``--stage sft`` fine-tunes a shared model's recovery factors end to end.
+``--preset NAME`` takes every setting of the stage from the main job's recipe (``sharp_mlx.recipes``;
+``--preset default`` is what ``python -m sharp_mlx.pipeline`` runs); the flags given override it.
+Without it the defaults are SHARP as the paper describes it: plain recovery, fitted independently.
 ``--baseline`` builds the comparison models at the same targets instead of SHARP:
 direct (borrow, no recovery), mlp-prune (no MLP at the targets), layer-prune (no target
 layers at all), lowrank (the control: recovery factors with no borrowed weights).
@@ -19,7 +22,7 @@ worth of parameters, so ``--rank 63 --recovery scaled`` stores as much as ``--ra
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,6 +37,7 @@ from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
 from .joint import run_joint
 from .model import RECOVERY_KINDS, SharpArgs
+from .recipes import PRESETS, sft_fields, slw_fields
 from .sft import SFTConfig
 from .slw import SLWConfig, run_slw
 
@@ -366,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, required=True, help="input model folder (the original for slw, a shared model for sft)"
     )
     p.add_argument("--out", type=Path, required=True, help="output model folder")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="every setting of this stage from the main job's recipe NAME (default: the paper's plain SHARP and "
+        "SFTConfig's defaults); the flags given override it",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", type=Path, nargs="+", help="training / calibration files (default: data/*/train.jsonl)")
     p.add_argument("--seed", type=int, default=SLWRun.seed, help="random seed (default: %(default)s)")
@@ -512,6 +522,34 @@ def run_stage(run, force: bool = False) -> Path:
     return run.out
 
 
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations that ``argv`` sets itself (a parse with every default suppressed)."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with ``--preset``'s recipe filling each setting of the stage that they leave out."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        given = given_flags(parser, argv)
+        r = PRESETS[args.preset]
+        if "share" in given:  # the recipe's range goes with the share kind given
+            r = replace(r, share=args.share)
+        stage = slw_fields(r) if args.stage == "slw" else {**sft_fields(r), "max_train_tokens": r.max_train_tokens}
+        for name, value in stage.items():
+            if name not in given:
+                setattr(args, name, value)
+    return args
+
+
 def run_from_args(args):
     """The SLWRun or SFTRun of parsed ``python -m sharp_mlx.train`` flags."""
     from .sft import SFTConfig
@@ -531,7 +569,7 @@ def run_from_args(args):
 
 @cli("sharp_mlx.train")
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     run_stage(run_from_args(args), args.force)
 
 

@@ -239,3 +239,26 @@ def test_scales_init_needs_scaled_recovery(tmp_path, capsys):
     from sharp_mlx.checkpoint import load
 
     assert "gate_in" in load(tmp_path / "s")[0].model.layers[3].recovery
+
+
+def test_preset_gives_the_main_jobs_stages_and_flags_given_override_it():
+    from sharp_mlx.recipes import PRESETS, sft_fields, slw_fields
+
+    r = PRESETS["default"]
+    slw = train.run_from_args(train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default"]))
+    for name, value in slw_fields(r).items():
+        assert getattr(slw, name) == value, name
+    assert slw.recovery == "scaled" and slw.slw_objective == "block" and slw.layers is None  # a JSON map
+    own = train.run_from_args(
+        train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default", "--rank", "32"])
+    )
+    assert own.rank == 32 and own.scales_init == r.scales_init
+    nxt = train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default", "--share", "next"])
+    assert nxt.layers == r.layers  # next takes the recipe's range
+    plain = train.run_from_args(train.parse_args(["--stage", "slw", "--model", "m", "--out", "o"]))
+    assert (plain.recovery, plain.slw_order, plain.share) == ("plain", "independent", "next")
+    sft = train.run_from_args(
+        train.parse_args(["--stage", "sft", "--model", "m", "--out", "o", "--preset", "default", "--eval-windows", "2"])
+    )
+    assert sft.sft.steps == sft_fields(r)["steps"] and sft.sft.eval_windows == 2
+    assert sft.max_train_tokens == r.max_train_tokens
