@@ -57,7 +57,7 @@ from .checkpoint import atomic_dir, copy_tokenizer
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
 from .gptq import BLOCK_LINEARS, Codes, mlp_sensitivity, sequential_gptq
-from .quantize import code_params, folder_bytes, quantization_config
+from .quantize import apply_codes, code_params, folder_bytes, quantization_config
 
 ORIGINAL = Path("models/smollm2-135m-instruct")
 SEQ_LEN = 256
@@ -211,10 +211,7 @@ def with_codes(model: nn.Module, config: dict, codes: Codes) -> Tuple[nn.Module,
     }
     if set(codes) - set(params):
         raise SharpError(f"codes for modules the model does not have: {sorted(set(codes) - set(params))[:3]}")
-    nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
-    model.load_weights(
-        [(f"{p}.{k}", v) for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)], strict=False
-    )
+    apply_codes(model, params, codes)
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization_config(params)}
 

@@ -222,18 +222,24 @@ def quantize(
             layers[i].recovery.update(
                 tree_map(lambda x: x.astype(RECOVERY_DTYPES[recovery_dtype]), layers[i].recovery.parameters())
             )
-    nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
-    # Lazy: the codes replace the re-quantized weights before those are ever computed.
-    model.load_weights(
-        [(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)],
-        strict=False,
-    )
+    apply_codes(model, params, codes)
     dt = SCALES_DTYPES[scales_dtype]
     for path, module in model.named_modules():  # the codes made here (the GGUF's keep their own)
         if path not in codes:
             module.update({k: v.astype(dt) for k, v in module.parameters().items() if k.endswith(("scales", "biases"))})
     mx.eval(model.parameters())
     return model, {**config, "quantization": quantization}
+
+
+def apply_codes(model: nn.Module, params: Dict[str, dict], codes: Codes) -> None:
+    """Quantize each module in ``params`` (path -> mlx quantization parameters), in place, and give
+    those in ``codes`` exactly their codes."""
+    nn.quantize(model, class_predicate=lambda p, m: params.get(p, False))
+    # Lazy: the codes replace the re-quantized weights before those are ever computed.
+    model.load_weights(
+        [(f"{p}.{n}", x) for p, code in codes.items() for n, x in zip(("weight", "scales", "biases"), code)],
+        strict=False,
+    )
 
 
 def dequantized(model: nn.Module) -> nn.Module:
