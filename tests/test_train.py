@@ -8,6 +8,16 @@ from sharp_mlx import save, train
 from sharp_mlx.sft import SFTConfig
 
 
+def tiny_slw(tmp_path, *extra: str) -> list:
+    """``train --stage slw`` flags for a tiny seeded model and a little text, plus ``extra``."""
+    from tiny_folder import write_text_data, write_tiny_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = write_text_data(tmp_path / "train.jsonl")
+    flags = ["--stage", "slw", "--model", orig, "--data", data, "--seq-len", 32, "--tokens", 256, *extra]
+    return list(map(str, flags))
+
+
 def test_every_sft_setting_has_a_flag_with_its_default():
     parser = train.build_parser()
     args = parser.parse_args(["--stage", "sft", "--model", "m", "--out", "o"])
@@ -58,27 +68,11 @@ def test_rank_allocation_keeps_the_total_and_follows_the_damage():
 def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
     import json
 
-    from tiny_folder import write_text_data, write_tiny_model
-
     from sharp_mlx import load
     from sharp_mlx.model import SharpArgs
 
-    orig = write_tiny_model(tmp_path / "orig", seed=3)
-    data = write_text_data(tmp_path / "train.jsonl")
-    common = [
-        "--stage",
-        "slw",
-        "--model",
-        str(orig),
-        "--data",
-        str(data),
-        "--seq-len",
-        "32",
-        "--tokens",
-        "256",
-        "--slw-steps",
-        "2",
-    ]
+    common = tiny_slw(tmp_path, "--slw-steps", "2")
+    orig = tmp_path / "orig"
     assert (
         train.main(
             common
@@ -135,29 +129,9 @@ def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
 def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tmp_path, capsys):
     import json
 
-    from tiny_folder import write_text_data, write_tiny_model
-
     from sharp_mlx import load
 
-    orig = write_tiny_model(tmp_path / "orig", seed=3)
-    data = write_text_data(tmp_path / "train.jsonl")
-    common = [
-        "--stage",
-        "slw",
-        "--model",
-        str(orig),
-        "--data",
-        str(data),
-        "--seq-len",
-        "32",
-        "--tokens",
-        "256",
-        "--slw-steps",
-        "2",
-        "--rank",
-        "4",
-        "--scales",
-    ]
+    common = tiny_slw(tmp_path, "--slw-steps", "2", "--rank", "4", "--scales")
     assert train.main(common + ["--share", '{"3": 2, "5": 4}', "--out", str(tmp_path / "s")]) == 0
     assert "2 of 6 MLPs shared with scaling vectors" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {
@@ -198,24 +172,7 @@ def test_fresh_factors_are_the_same_every_run(tmp_path):
 
 
 def test_scales_init_needs_scaled_recovery(tmp_path, capsys):
-    from tiny_folder import write_text_data, write_tiny_model
-
-    orig = write_tiny_model(tmp_path / "orig", seed=3)
-    data = write_text_data(tmp_path / "train.jsonl")
-    argv = [
-        "--stage",
-        "slw",
-        "--model",
-        str(orig),
-        "--data",
-        str(data),
-        "--seq-len",
-        "32",
-        "--tokens",
-        "256",
-        "--rank",
-        "4",
-    ]
+    argv = tiny_slw(tmp_path, "--rank", "4")
     assert train.main(argv + ["--share", '{"3": 2}', "--scales-init", "lsq", "--out", str(tmp_path / "bad")]) == 2
     assert "add --recovery scaled" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert (
