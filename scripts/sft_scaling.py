@@ -11,12 +11,18 @@ the next, so an interrupted run leaves every variant at the same budgets; a budg
 folder exists is skipped, so running again continues. After each budget: test perplexity on the
 first ``--windows`` windows of each domain's test split, as in every other report.
 
+Several invocations may write one ``--out`` at once (say one per variant, each on its own core
+with ``OPENBLAS_NUM_THREADS=1``): each merges its points into the report under a lock, and the
+report shows every variant it holds.
+
 The report fits x(T) = 1 + a T^-b to each variant's geometric-mean ratio (least squares on
 log(x - 1) against log T) and extrapolates the tokens at which it would reach ``--target``: an
 extrapolation from the measured points, said as such.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import sys
@@ -120,7 +126,28 @@ def main(argv=None):
             write(args, variants, results, base, tic)
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock for the read-merge-write of the report ``path`` (its lock file in runs/)."""
+    lock = Path("runs/sft-scaling") / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def write(args, variants, results, base, tic) -> None:
+    report = Path(f"{args.out}.json")
+    with locked(report):
+        earlier = json.loads(report.read_text()) if report.exists() else {}
+        results.update({k: v for k, v in earlier.get("results", {}).items() if k not in results})  # other runs'
+        variants = {**earlier.get("variants", {}), **variants}
+        write_locked(args, variants, results, base, tic)
+
+
+def write_locked(args, variants, results, base, tic) -> None:
+    variants = {n: v for n, v in variants.items() if any(r["variant"] == n for r in results.values())}
     rows = {n: sorted((r for r in results.values() if r["variant"] == n), key=lambda r: r["tokens"]) for n in variants}
     fits = {n: fit_power([r["tokens"] for r in pts], [r["x_geo"] for r in pts]) for n, pts in rows.items()}
     command = "python scripts/sft_scaling.py " + " ".join(sys.argv[1:])
@@ -156,7 +183,7 @@ def write(args, variants, results, base, tic) -> None:
             + (f" (~{reach / speed / 3600:.3g} h at this machine's {speed:.0f} tok/s)" if math.isfinite(reach) else "")
         )
     for suffix, text in ((".md", "\n".join(lines) + "\n"),
-                         (".json", json.dumps({"command": command, "base": base, "results": results}, indent=1))):  # fmt: skip
+                         (".json", json.dumps({"command": command, "base": base, "variants": variants, "results": results}, indent=1))):  # fmt: skip
         tmp = Path(f"{args.out}{suffix}.tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
