@@ -1,3 +1,5 @@
+import importlib.util
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +23,15 @@ TINY = dict(
     max_position_embeddings=256,
     tie_word_embeddings=True,
 )
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module (registered under NAME, so its dataclasses resolve)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model(share=None, rank=0, seed=0, scales=False, **overrides):

@@ -1,13 +1,13 @@
 """scripts/answers.py: the loop detector on strings, bad input as one-line errors, and the whole
 path on a tiny random model folder (seconds; the real run is docs/results/answers.md)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from tiny_folder import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,10 +16,7 @@ SCRIPT = ROOT / "scripts" / "answers.py"
 
 @pytest.fixture(scope="module")
 def answers():
-    spec = importlib.util.spec_from_file_location("answers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("answers")
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,14 @@
 layer count, the LoRA budget it matches is the one SFT trains, and its report is written whole
 from a results record (the real run takes half an hour; these take seconds)."""
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import load_script, tiny_model
 from tiny_folder import write_text_data, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce")
 
 
 def test_lora_rank_matches_what_sft_trains(tmp_path, capsys):

@@ -1,21 +1,16 @@
 """scripts/sft_scaling.py: the power-law fit, and one report written by several invocations at once."""
 
-import importlib.util
 import json
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sft_scaling.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("sft_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sft_scaling")
 
 
 def test_fit_recovers_a_power_law(scaling):
