@@ -131,7 +131,6 @@ def locked(path: Path):
     """An exclusive lock for the read-merge-write of the report ``path`` (its lock file in runs/)."""
     lock = Path("runs/sft-scaling") / f"{path.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
@@ -140,10 +139,9 @@ def locked(path: Path):
 def write(args, variants, results, base, tic) -> None:
     report = Path(f"{args.out}.json")
     with locked(report):
-        earlier = json.loads(report.read_text()) if report.exists() else {}
-        results.update({k: v for k, v in earlier.get("results", {}).items() if k not in results})  # other runs'
-        variants = {**earlier.get("variants", {}), **variants}
-        write_locked(args, variants, results, base, tic)
+        earlier = json.loads(report.read_text()) if report.exists() else {}  # other runs' points too
+        merged = {**earlier.get("results", {}), **results}
+        write_locked(args, {**earlier.get("variants", {}), **variants}, merged, base, tic)
 
 
 def write_locked(args, variants, results, base, tic) -> None:

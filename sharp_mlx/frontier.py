@@ -689,8 +689,11 @@ def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    place_labels(ax, fig, [(r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else ""),
-                            *(v[0] for v in xy([r]))) for r in points])  # fmt: skip
+    labels = []
+    for r in points:
+        (x,), (y,) = xy([r])
+        labels.append((r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else ""), x, y))
+    place_labels(ax, fig, labels)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"), mode="call")
     plt.close(fig)
 

@@ -12,8 +12,6 @@ import pytest
 from conftest import load_script, tiny_model
 from tiny_folder import write_text_data, write_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def reproduce():
