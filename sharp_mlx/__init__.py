@@ -1,5 +1,5 @@
 """sharp_mlx: SHARP layer sharing with low-rank recovery for Llama models in MLX."""
 
-from .checkpoint import load, save
+from .io.checkpoint import load, save
 
 __all__ = ["load", "save"]

@@ -28,10 +28,10 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 from tqdm import tqdm
 
-from . import corpora
-from .capture import calibration_text, capture_mlp_inputs
-from .checkpoint import load, read_config
+from .data import corpora
 from .errors import ArgumentParser, SharpError, cli
+from .io.checkpoint import load, read_config
+from .recovery.capture import calibration_text, capture_mlp_inputs
 
 PROJECTIONS = ("gate", "up", "down")
 SCHEMA_VERSION = 1

@@ -9,7 +9,7 @@ Every repetition of every row is a fresh process, started in alternating order (
 even repetitions, backward on odd ones), so no row enjoys a warmer process than another. Each
 process times its load twice: from the moment it was spawned to the weights being materialised
 (interpreter, imports and reading the weights: what a user waits for) and the weight-loading call
-alone (in-process: ``sharp_mlx.checkpoint.load_model`` or ``mlx_lm.utils.load_model``, then
+alone (in-process: ``sharp_mlx.io.checkpoint.load_model`` or ``mlx_lm.utils.load_model``, then
 ``mx.eval``); the tokenizer, the same for every row, is loaded and timed after that. It then
 answers every prompt greedily and reports time to first token, prompt and decode tokens/s, and
 peak memory (MLX's allocator, this process only). The report gives medians with min-max, and
@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import ArgumentParser, SharpError, cli
-from .quantize import folder_bytes
+from .quant.codes import folder_bytes
 
 PROMPTS = (
     "What is the capital of France?",
@@ -47,7 +47,7 @@ PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 )
 REFERENCE = "original-4bit mlx-lm"  # the row every ratio is taken against
-WORKER = Path(__file__).with_name("bench_worker.py")  # run by path: an mlx-lm row never imports sharp_mlx
+WORKER = Path(__file__).parent / "eval" / "bench_worker.py"  # run by path: an mlx-lm row never imports sharp_mlx
 
 
 @dataclass
@@ -151,7 +151,7 @@ def time_rows(rows: List[Row], cfg: BenchConfig) -> Dict[str, dict]:
 
 def perplexities(rows: List[Row], cfg: BenchConfig) -> Dict[str, Dict[str, float]]:
     """{row: {domain: ppl}}, quantized weights scored by their float values; each folder once."""
-    from .evaluate import evaluate
+    from .eval.perplexity import evaluate
 
     folders = list(dict.fromkeys(row.path for row in rows))
     results = evaluate(folders, cfg.data, cfg.seq_len, 4, cfg.ppl_windows, float_weights=True)
@@ -265,7 +265,7 @@ def mlx_4bit(original: Path, out: Optional[Path] = None) -> Path:
     made once at ``out`` (default: ``<original>-mlx-4bit``)."""
     import importlib
 
-    from .checkpoint import atomic_dir
+    from .io.checkpoint import atomic_dir
 
     out = Path(out) if out else Path(f"{original}-mlx-4bit")
     if not out.exists():

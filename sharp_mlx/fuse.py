@@ -21,10 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
 from .errors import ArgumentParser, SharpError, cli
-from .model import Model, ModelArgs, projection_shapes
-from .quantize import dequantized
+from .io.checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .models.llama import Model, ModelArgs, projection_shapes
+from .quant.codes import dequantized
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 

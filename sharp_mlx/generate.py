@@ -19,8 +19,8 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .checkpoint import load, parameter_bytes
 from .errors import ArgumentParser, SharpError, cli
+from .io.checkpoint import load, parameter_bytes
 
 DEFAULT_PROMPT = "What is the capital of France?"
 

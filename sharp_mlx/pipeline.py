@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import analyze, corpora, evaluate, generate, quantize, train
+from . import analyze, generate, train
 from .convert import ensure_default_model
+from .data import corpora
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
+from .eval import perplexity as evaluate
+from .quant import codes as quantize
 from .recipes import PRESETS, Recipe, preset, sft_fields, slw_fields
-from .sft import SFTConfig
+from .recovery.sft import SFTConfig
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 

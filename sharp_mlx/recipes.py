@@ -29,7 +29,7 @@ class Recipe:
     layers: Optional[str] = option("11:29", "layer range A:B for next, next:K and auto")
     cut: Optional[float] = option(None, "stored-MLP fraction to remove, for --share auto")
     rank: int = option(64, "recovery rank per target")
-    # The best point measured (docs/results/slw_variants.md, sft_scaling.md): each borrowed weight scaled by
+    # The best point measured (experiments/results/slw_variants.md, sft_scaling.md): each borrowed weight scaled by
     # least-squares row and column vectors (zero allowed), fitted in sequence to the original's block outputs.
     recovery: str = option("scaled", "recovery kind: plain (W_r + B A) | scaled (diag(out) W_r diag(in) + B A)")
     scales_init: str = option("lsq", "scaled: vectors start at one | lsq (least squares, zero allowed)")

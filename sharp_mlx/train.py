@@ -30,16 +30,18 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import corpora, distributed, sharemap
-from .capture import StudentInputs, calibration_text, capture_mlp_inputs
-from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
-from .data import load_tokens
+from .data import corpora
+from .data.batches import load_tokens
 from .errors import ArgumentParser, SharpError, cli
-from .joint import run_joint
-from .model import RECOVERY_KINDS, SharpArgs
+from .io.checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
+from .models import sharemap
+from .models.llama import RECOVERY_KINDS, SharpArgs
 from .recipes import PRESETS, sft_fields, slw_fields
-from .sft import SFTConfig
-from .slw import SLWConfig, run_slw
+from .recovery import distributed
+from .recovery.capture import StudentInputs, calibration_text, capture_mlp_inputs
+from .recovery.joint import run_joint
+from .recovery.sft import SFTConfig
+from .recovery.slw import SLWConfig, run_slw
 
 SFT_HELP = {  # the flags' help; their defaults live on sft.SFTConfig's fields
     "steps": "optimizer steps",
@@ -299,7 +301,7 @@ SENSITIVITY_WINDOWS = 4
 def sensitivity(original, config: dict, share: dict, windows) -> dict:
     """{target: mean next-token loss on ``windows`` with that target's MLP removed, minus the
     original's}: how much each target alone costs before any recovery."""
-    from .evaluate import window_losses
+    from .eval.perplexity import window_losses
 
     def loss(model) -> float:  # per token, 4 windows at a time
         return sum(window_losses(model, windows[i : i + 4]).sum().item() for i in range(0, len(windows), 4)) / (
@@ -326,7 +328,7 @@ def _similarity(args):
 
 
 def stage_sft(args: SFTRun) -> dict:
-    from .sft import merge_lora, train_sft
+    from .recovery.sft import merge_lora, train_sft
 
     config = read_config(args.model)
     sharp = SharpArgs.from_dict(config.get("sharp"))
@@ -355,7 +357,7 @@ def stage_sft(args: SFTRun) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sft import SFTConfig
+    from .recovery.sft import SFTConfig
 
     p = ArgumentParser(
         prog="python -m sharp_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -552,7 +554,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_from_args(args):
     """The SLWRun or SFTRun of parsed ``python -m sharp_mlx.train`` flags."""
-    from .sft import SFTConfig
+    from .recovery.sft import SFTConfig
 
     if args.stage == "slw":
         return SLWRun(**{f.name: getattr(args, f.name) for f in fields(SLWRun)})

@@ -26,8 +26,8 @@ TINY = dict(
 
 
 def load_script(name: str):
-    """``scripts/NAME.py`` as a module (registered under NAME, so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    """``experiments/NAME.py`` as a module (registered under NAME, so its dataclasses resolve)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -38,7 +38,7 @@ def tiny_model(share=None, rank=0, seed=0, scales=False, **overrides):
     """A small random Llama (our model class). Recovery factors draw random numbers too, so
     layers after the first target differ between share maps: copy weights to compare models.
     ``scales``: targets also get scaling vectors (ones, drawing nothing)."""
-    from sharp_mlx.model import Model, ModelArgs
+    from sharp_mlx.models.llama import Model, ModelArgs
 
     mx.random.seed(seed)
     config = {

@@ -17,9 +17,10 @@ from mlx.utils import tree_flatten
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_model  # noqa: E402
 
-from sharp_mlx import distributed, sharemap  # noqa: E402
-from sharp_mlx.sft import SFTConfig, train_sft  # noqa: E402
-from sharp_mlx.slw import SLWConfig, run_slw  # noqa: E402
+from sharp_mlx.models import sharemap  # noqa: E402
+from sharp_mlx.recovery import distributed  # noqa: E402
+from sharp_mlx.recovery.sft import SFTConfig, train_sft  # noqa: E402
+from sharp_mlx.recovery.slw import SLWConfig, run_slw  # noqa: E402
 
 SHARE = {1: 0, 3: 2, 5: 4}
 

@@ -11,7 +11,7 @@ from conftest import FIXTURES, TINY, tiny_model
 from mlx_lm.models import llama
 
 from sharp_mlx import analyze
-from sharp_mlx.sharemap import parse_share
+from sharp_mlx.models.sharemap import parse_share
 
 PROJ = ("gate", "up", "down")
 

@@ -1,5 +1,5 @@
-"""scripts/answers.py: the loop detector on strings, bad input as one-line errors, and the whole
-path on a tiny random model folder (seconds; the real run is docs/results/answers.md)."""
+"""experiments/answers.py: the loop detector on strings, bad input as one-line errors, and the whole
+path on a tiny random model folder (seconds; the real run is experiments/results/answers.md)."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from conftest import load_script
 from tiny_folder import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "answers.py"
+SCRIPT = ROOT / "experiments" / "answers.py"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,9 @@ def test_answers_of_two_folders_side_by_side(answers, tmp_path, capsys):
     prefix = tmp_path / "out" / "answers"
     assert answers.main(["--model", f"one={a}", str(b), "--out", str(prefix), "--max-tokens", "6"]) == 0
     record = json.loads(prefix.with_suffix(".json").read_text())
-    assert list(record["models"]) == ["one", "b"] and record["command"].startswith("python scripts/answers.py --model")
+    assert list(record["models"]) == ["one", "b"] and record["command"].startswith(
+        "python experiments/answers.py --model"
+    )
     for m in record["models"].values():
         assert len(m["answers"]) == len(answers.PROMPTS) == 10
         assert all(0 < x["tokens"] <= 6 and x["stopped"] == (x["tokens"] < 6) for x in m["answers"])

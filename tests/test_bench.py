@@ -7,7 +7,7 @@ from tiny_folder import write_text_data, write_tiny_model
 
 from sharp_mlx import bench
 from sharp_mlx.errors import SharpError
-from sharp_mlx.quantize import quantize_model_folder
+from sharp_mlx.quant.codes import quantize_model_folder
 
 
 def test_bench_reports_every_row_against_mlx_lm(tmp_path):

@@ -145,7 +145,7 @@ def test_convert_hugging_face_folder_matches_transformers(tmp_path):
     assert "rope_theta" not in saved  # the pitfall this test guards against
 
     out = convert.import_model(str(tmp_path / "hf"), tmp_path / "mlx")
-    from sharp_mlx.checkpoint import load_model
+    from sharp_mlx.io.checkpoint import load_model
 
     model, config = load_model(out)
     assert config["rope_theta"] == 500.0

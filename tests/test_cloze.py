@@ -12,8 +12,9 @@ import pytest
 from tiny_folder import write_tiny_model
 
 import sharp_mlx
-from sharp_mlx import cloze
-from sharp_mlx.data import DataError
+from sharp_mlx import cloze as cloze_cmd
+from sharp_mlx.data.batches import DataError
+from sharp_mlx.eval import cloze
 
 # Five short texts on unrelated topics: a model that follows the context tells the true next
 # sentence from ones of the other texts; one that does not is right a quarter of the time.
@@ -181,7 +182,7 @@ def test_too_few_sentences_and_missing_file_are_one_line_errors(tiny, tmp_path, 
     with pytest.raises(DataError, match="not found"):
         cloze.build_items(tmp_path / "nope.jsonl", tokenizer, 2)
     folder = write_tiny_model(tmp_path / "model")
-    assert cloze.main(["--model", str(folder), "--data", str(short), "--items", "2"]) == 2
+    assert cloze_cmd.main(["--model", str(folder), "--data", str(short), "--items", "2"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "short.jsonl" in err
 
@@ -190,11 +191,11 @@ def test_cli_table_and_json(tiny, tmp_path, capsys):
     _, _, path = tiny
     folders = [str(write_tiny_model(tmp_path / f"model{seed}", seed=seed)) for seed in (0, 1)]
     args = ["--model", *folders, "--data", str(path), "--items", "3", "--context-tokens", "16"]
-    assert cloze.main(args + ["--json"]) == 0
+    assert cloze_cmd.main(args + ["--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out) == folders
     for per_file in out.values():
         assert per_file["overall"]["n"] == 3 and set(per_file[str(path)]) == {"accuracy", "n", "stderr"}
-    assert cloze.main(args + ["--choices", "3"]) == 0
+    assert cloze_cmd.main(args + ["--choices", "3"]) == 0
     table = capsys.readouterr().out
     assert "| chance | 0.33 | 0.33 |" in table and "overall" in table

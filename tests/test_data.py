@@ -1,4 +1,4 @@
-"""Offline tests of sharp_mlx.corpora parsing and sharp_mlx.data loading, masking, packing."""
+"""Offline tests of sharp_mlx.data.corpora parsing and sharp_mlx.data.batches loading, masking, packing."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharp_mlx import corpora
-from sharp_mlx.data import DataError, batches, load_records, load_tokens, tokenize_record, windows
+from sharp_mlx.data import corpora
+from sharp_mlx.data.batches import DataError, batches, load_records, load_tokens, tokenize_record, windows
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "models" / "smollm2-135m-instruct"

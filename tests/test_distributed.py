@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from sharp_mlx import distributed
+from sharp_mlx.recovery import distributed
 
 LAUNCH = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
 

@@ -6,12 +6,24 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import load_script
 from mlx_lm import load as mlx_lm_load
 from tiny_folder import write_tiny_model
 
-from sharp_mlx.checkpoint import load_model
-from sharp_mlx.frontier import allocate_bits, main, markdown, pareto, plot, report, save_folder, with_codes
-from sharp_mlx.gptq import BLOCK_LINEARS, mlp_sensitivity, sequential_gptq
+from sharp_mlx.io.checkpoint import load_model
+from sharp_mlx.quant.gptq import BLOCK_LINEARS, mlp_sensitivity, sequential_gptq
+
+frontier = load_script("frontier")
+allocate_bits, main, markdown, pareto, plot, report, save_folder, with_codes = (
+    frontier.allocate_bits,
+    frontier.main,
+    frontier.markdown,
+    frontier.pareto,
+    frontier.plot,
+    frontier.report,
+    frontier.save_folder,
+    frontier.with_codes,
+)
 
 LAYERS = 6  # conftest.TINY
 
@@ -150,7 +162,7 @@ def test_report_marks_the_frontier_and_writes_the_table_and_plot(tmp_path):
             row("s", "sharp", 50, 2.0),
             row("big", "quantization", 90, 1.5),
         ],
-        "python -m sharp_mlx.frontier",
+        "python experiments/frontier.py",
         1.0,
         {"windows": 8, "seq_len": 256},
     )
@@ -167,7 +179,7 @@ def test_report_marks_the_frontier_and_writes_the_table_and_plot(tmp_path):
 def test_the_cli_rejects_a_bad_row_with_exit_2(spec, tmp_path, capsys):
     assert main(["--row", spec.format(missing=tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sharp_mlx.frontier: error: --row") and len(err.strip().splitlines()) == 1
+    assert err.startswith("experiments/frontier.py: error: --row") and len(err.strip().splitlines()) == 1
 
 
 def test_the_cli_rejects_an_unknown_point_with_exit_2(capsys):
@@ -178,9 +190,10 @@ def test_the_cli_rejects_an_unknown_point_with_exit_2(capsys):
 def test_keep_refuses_a_report_measured_with_other_settings(tmp_path, capsys):
     """--keep takes points as an earlier report measured them, so it must have measured them as this run would."""
     from sharp_mlx.errors import SharpError
-    from sharp_mlx.frontier import kept_report
 
-    good = {"command": "python -m sharp_mlx.frontier", "eval": {"windows": 8}, "original": {}, "points": []}
+    kept_report = frontier.kept_report
+
+    good = {"command": "python experiments/frontier.py", "eval": {"windows": 8}, "original": {}, "points": []}
     path = tmp_path / "f.json"
     path.write_text(json.dumps(good))
     assert kept_report(path, {"windows": 8}) == good

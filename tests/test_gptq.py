@@ -8,10 +8,11 @@ import pytest
 from mlx.utils import tree_flatten
 from tiny_folder import write_text_data, write_tiny_model
 
-from sharp_mlx.checkpoint import load, load_model
 from sharp_mlx.errors import SharpError
-from sharp_mlx.gptq import gptq, gptq_codes, output_hessian, pack
-from sharp_mlx.quantize import BITS, main, options_record, quantize_model_folder
+from sharp_mlx.io.checkpoint import load, load_model
+from sharp_mlx.quant.codes import BITS, options_record, quantize_model_folder
+from sharp_mlx.quant.gptq import gptq, gptq_codes, output_hessian, pack
+from sharp_mlx.quantize import main
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -1,5 +1,5 @@
-"""Offline tests of the evaluation-only kinds of text in sharp_mlx.heldout: cleaning, selection,
-and that no default of the domains in sharp_mlx.corpora can reach them. Archives are tiny ones
+"""Offline tests of the evaluation-only kinds of text in sharp_mlx.data.heldout: cleaning, selection,
+and that no default of the domains in sharp_mlx.data.corpora can reach them. Archives are tiny ones
 made here."""
 
 import ast
@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharp_mlx import corpora, heldout
+from sharp_mlx import corpora as corpora_cmd
+from sharp_mlx import heldout as heldout_cmd
+from sharp_mlx.data import corpora, heldout
 
 MESSAGE = b"""From list-admin@example.org  Thu Aug 22 12:36:23 2002
 Received: from localhost (localhost [127.0.0.1])
@@ -158,9 +160,9 @@ def test_fetch_heldout_is_deterministic(fake_data):
 
 def test_cli_keeps_heldout_and_domains_apart(fake_data, capsys):
     with pytest.raises(SystemExit) as e:
-        corpora.main(["--out", str(fake_data), "--domains", "brown", "--heldout"])
+        corpora_cmd.main(["--out", str(fake_data), "--domains", "brown", "--heldout"])
     assert e.value.code == 2 and "not both" in capsys.readouterr().err
-    assert corpora.main(["--out", str(fake_data), "--heldout", "fortunes"]) == 0
+    assert corpora_cmd.main(["--out", str(fake_data), "--heldout", "fortunes"]) == 0
     assert "fortunes" in capsys.readouterr().out
     assert [p.exists() for p in heldout.heldout_files(fake_data)] == [k == "fortunes" for k in heldout.HELDOUT]
     assert not any(f.exists() for f in corpora.files("train", fake_data))
@@ -168,13 +170,13 @@ def test_cli_keeps_heldout_and_domains_apart(fake_data, capsys):
 
 def test_heldout_cli_builds_the_kinds_named_and_rejects_others(fake_data, capsys):
     with pytest.raises(SystemExit) as e:
-        heldout.main(["spam", "--out", str(fake_data)])
+        heldout_cmd.main(["spam", "--out", str(fake_data)])
     assert e.value.code == 2 and "'spam'" in capsys.readouterr().err
     assert not (fake_data / "heldout").exists()
-    assert heldout.main(["novel", "--out", str(fake_data)]) == 0
+    assert heldout_cmd.main(["novel", "--out", str(fake_data)]) == 0
     assert "novel" in capsys.readouterr().out
     assert [p.exists() for p in heldout.heldout_files(fake_data)] == [k == "novel" for k in heldout.HELDOUT]
-    assert heldout.main(["--out", str(fake_data)]) == 0  # no kind named: all of them
+    assert heldout_cmd.main(["--out", str(fake_data)]) == 0  # no kind named: all of them
     assert all(p.exists() for p in heldout.heldout_files(fake_data))
 
 

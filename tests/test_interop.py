@@ -20,8 +20,8 @@ from test_model import TOKENS, randomize_recovery
 import sharp_mlx
 from sharp_mlx import fuse, generate
 from sharp_mlx.errors import SharpError
-from sharp_mlx.quantize import quantize_model_folder
-from sharp_mlx.sharemap import share_model
+from sharp_mlx.models.sharemap import share_model
+from sharp_mlx.quant.codes import quantize_model_folder
 
 PROMPT = "What is the capital of France?"
 MAX_TOKENS = 8
@@ -140,7 +140,7 @@ def test_fuse_dequantizes_a_quantized_input(tmp_path, recovery_bits, scales):
     randomize_recovery(model)
     src = sharp_mlx.save(tmp_path / "sharp", model, config)
     q = quantize_model_folder(src, tmp_path / "q", group_size=32, from_gguf="none", recovery_bits=recovery_bits)["out"]
-    quantized, _ = sharp_mlx.checkpoint.load_model(q)
+    quantized, _ = sharp_mlx.io.checkpoint.load_model(q)
     fused, _ = fuse.fuse(quantized, config, dtype="float32")
     assert not any(k.endswith(".scales") for k, _ in tree_flatten(fused.parameters()))
     assert np.allclose(np.array(fused(TOKENS)), np.array(quantized(TOKENS)), atol=1e-4)

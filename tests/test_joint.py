@@ -14,14 +14,14 @@ from tiny_folder import write_char_tokenizer
 
 import sharp_mlx
 from sharp_mlx import fuse
-from sharp_mlx.capture import capture_mlp_inputs
 from sharp_mlx.errors import SharpError
-from sharp_mlx.joint import _split, fit_group, groups_of, run_joint
-from sharp_mlx.model import Model, ModelArgs, QuantizedRecovery, Recovery, SharpArgs
-from sharp_mlx.quantize import gguf_codes, quantize_model_folder
-from sharp_mlx.sft import SFTConfig, prepare
-from sharp_mlx.sharemap import savings, share_model, stored_params
-from sharp_mlx.slw import PROJ, SLWConfig, fit_layer, mlp_apply, rel_error, weights_of
+from sharp_mlx.models.llama import Model, ModelArgs, QuantizedRecovery, Recovery, SharpArgs
+from sharp_mlx.models.sharemap import savings, share_model, stored_params
+from sharp_mlx.quant.codes import gguf_codes, quantize_model_folder
+from sharp_mlx.recovery.capture import capture_mlp_inputs
+from sharp_mlx.recovery.joint import _split, fit_group, groups_of, run_joint
+from sharp_mlx.recovery.sft import SFTConfig, prepare
+from sharp_mlx.recovery.slw import PROJ, SLWConfig, fit_layer, mlp_apply, rel_error, weights_of
 
 SHARE = {3: 2, 4: 2, 5: None}
 RANK = 32  # a multiple of the recovery group size (32), so the factors can be quantized too

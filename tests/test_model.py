@@ -12,7 +12,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 import sharp_mlx
-from sharp_mlx.model import ModelArgs, Recovery, SharpArgs
+from sharp_mlx.models.llama import ModelArgs, Recovery, SharpArgs
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 
@@ -153,7 +153,7 @@ def test_save_load_round_trip_is_exact(tmp_path, sharp):
     model, config = tiny_model(share=sharp["share"], rank=sharp["rank"], scales=sharp.get("recovery") == "scaled")
     randomize_recovery(model)
     sharp_mlx.save(tmp_path / "m", model, config)
-    loaded, saved_config = sharp_mlx.checkpoint.load_model(tmp_path / "m")
+    loaded, saved_config = sharp_mlx.io.checkpoint.load_model(tmp_path / "m")
     before, after = base_weights(model), base_weights(loaded)
     assert before.keys() == after.keys()
     assert all(mx.array_equal(before[k], after[k]) for k in before)

@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import FIXTURES
 
-from sharp_mlx.corpora import DOMAINS
+from sharp_mlx.data.corpora import DOMAINS
 
 pytestmark = pytest.mark.real
 
@@ -72,7 +72,7 @@ def test_main_job_and_clis_without_torch(tmp_path):
     ppl = json.loads(
         no_torch(
             tmp_path,
-            "sharp_mlx.evaluate",
+            "sharp_mlx.eval.perplexity",
             "--model",
             models / "smoke-4bit",
             "--data",
@@ -87,7 +87,7 @@ def test_main_job_and_clis_without_torch(tmp_path):
     assert all(r["ppl"] > 1 for r in ppl.values())
     no_torch(
         tmp_path,
-        "sharp_mlx.cloze",
+        "sharp_mlx.eval.cloze",
         "--model",
         models / "smoke",
         "--data",

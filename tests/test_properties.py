@@ -10,10 +10,10 @@ import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sharp_mlx.data import DataError, batches, load_records
+from sharp_mlx.data.batches import DataError, batches, load_records
 from sharp_mlx.errors import SharpError
-from sharp_mlx.model import SharpArgs
-from sharp_mlx.sharemap import parse_layers, parse_share
+from sharp_mlx.models.llama import SharpArgs
+from sharp_mlx.models.sharemap import parse_layers, parse_share
 
 LAYERS = 12
 maps = st.dictionaries(st.integers(-2, LAYERS + 2), st.none() | st.integers(-2, LAYERS + 2), max_size=6)

@@ -10,11 +10,12 @@ from mlx.utils import tree_flatten
 from test_model import TOKENS, randomize_recovery
 
 import sharp_mlx
-from sharp_mlx.checkpoint import load_model
 from sharp_mlx.convert import embedded_gguf
 from sharp_mlx.errors import SharpError
-from sharp_mlx.quantize import folder_bytes, gguf_codes, main, quantize, quantize_model_folder
-from sharp_mlx.sharemap import share_model
+from sharp_mlx.io.checkpoint import load_model
+from sharp_mlx.models.sharemap import share_model
+from sharp_mlx.quant.codes import folder_bytes, gguf_codes, quantize, quantize_model_folder
+from sharp_mlx.quantize import main
 
 SHARE = {3: 2, 4: 2}
 
@@ -128,8 +129,8 @@ def test_gguf_codes_on_a_shared_model_skip_the_targets(real_model, real_model_di
 def test_recovery_codes_round_trip_through_sharp_mlx_and_mlx_lm(tmp_path, scales):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    from sharp_mlx.model import QuantizedRecovery, vector_names
-    from sharp_mlx.quantize import dequantized as float_copy
+    from sharp_mlx.models.llama import QuantizedRecovery, vector_names
+    from sharp_mlx.quant.codes import dequantized as float_copy
 
     model, config = tiny_model(share=SHARE, rank=32, scales=scales)
     randomize_recovery(model)

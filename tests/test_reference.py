@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch", reason="torch==2.13.0 could not be installe
 pytest.importorskip("accelerate", reason="transformers needs accelerate to read a GGUF")
 
 from sharp_mlx.convert import embedded_gguf  # noqa: E402
-from sharp_mlx.data import windows  # noqa: E402
-from sharp_mlx.evaluate import perplexity  # noqa: E402
+from sharp_mlx.data.batches import windows  # noqa: E402
+from sharp_mlx.eval.perplexity import perplexity  # noqa: E402
 
 SEQ_LEN = 512
 

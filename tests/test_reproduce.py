@@ -1,4 +1,4 @@
-"""scripts/reproduce.py: its variant table makes the same models as before from the original's
+"""experiments/reproduce.py: its variant table makes the same models as before from the original's
 layer count, the LoRA budget it matches is the one SFT trains, and its report is written whole
 from a results record (the real run takes half an hour; these take seconds)."""
 
@@ -21,7 +21,7 @@ def reproduce():
 def test_lora_rank_matches_what_sft_trains(tmp_path, capsys):
     """The matched-budget LoRA rank: per rank, exactly the count SFT reports (MLP-pruned blocks have attention only)."""
     from sharp_mlx import train
-    from sharp_mlx.sharemap import lora_rank_for
+    from sharp_mlx.models.sharemap import lora_rank_for
 
     orig = write_tiny_model(tmp_path / "orig", seed=1)
     data = write_text_data(tmp_path / "train.jsonl")
@@ -162,7 +162,7 @@ def fake_results(reproduce, quick: bool) -> dict:
         **{n: n for n in ("original-4bit", "sharp-4bit", "sharp-4bit-emb6", "sharp65-4bit")},
     }
     return {
-        "command": "python scripts/reproduce.py" + " --quick" * quick,
+        "command": "python experiments/reproduce.py" + " --quick" * quick,
         "tag": "repro-quick",
         "quick": quick,
         "date": "2026-01-01",
@@ -228,7 +228,7 @@ def test_settings_of_a_30_layer_stack_are_the_literal_ones(reproduce):
 
 @pytest.mark.parametrize("n", [6, 12, 30, 32])
 def test_spans_hold_k_targets_inside_any_stack(reproduce, n):
-    from sharp_mlx.sharemap import parse_share
+    from sharp_mlx.models.sharemap import parse_share
 
     for k in (1, 2, (n - 2) // 2):
         for where in ("early", "middle", "late"):
@@ -278,7 +278,7 @@ def test_build_variants_runs_the_table_in_order(reproduce, tmp_path, monkeypatch
     """One step per made variant, in table order; a given variant is its source's folder; a hidden
     step is not reported; the rules' flags go first and their facts into the label."""
     from sharp_mlx import save
-    from sharp_mlx.sharemap import lora_rank_for, prune_layers, savings
+    from sharp_mlx.models.sharemap import lora_rank_for, prune_layers, savings
 
     calls = []
 

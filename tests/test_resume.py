@@ -100,9 +100,9 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
     import numpy as np
     from conftest import tiny_model
 
-    from sharp_mlx import sft
     from sharp_mlx.errors import SharpError
-    from sharp_mlx.sharemap import share_model
+    from sharp_mlx.models.sharemap import share_model
+    from sharp_mlx.recovery import sft
 
     original, config = tiny_model()
     cfg = sft.SFTConfig(steps=2, batch_size=2, seq_len=16, loss="ce", eval_windows=1, save_every=1)

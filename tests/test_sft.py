@@ -1,4 +1,4 @@
-"""SFT of the recovery factors (sharp_mlx.sft) on tiny random models."""
+"""SFT of the recovery factors (sharp_mlx.recovery.sft) on tiny random models."""
 
 import json
 import math
@@ -10,10 +10,11 @@ import pytest
 from conftest import tiny_model
 from mlx.utils import tree_flatten
 
-from sharp_mlx import data, sft
+from sharp_mlx.data.batches import batches as data
 from sharp_mlx.errors import SharpError
-from sharp_mlx.model import Model, ModelArgs
-from sharp_mlx.sft import SFTConfig, train_sft
+from sharp_mlx.models.llama import Model, ModelArgs
+from sharp_mlx.recovery import sft
+from sharp_mlx.recovery.sft import SFTConfig, train_sft
 
 SHARE = {3: 2, 5: 4}
 RANK = 4

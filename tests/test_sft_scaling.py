@@ -1,4 +1,4 @@
-"""scripts/sft_scaling.py: the power-law fit, and one report written by several invocations at once."""
+"""experiments/sft_scaling.py: the power-law fit, and one report written by several invocations at once."""
 
 import json
 from argparse import Namespace

@@ -16,8 +16,8 @@ from mlx_lm.models.base import create_attention_mask
 
 import sharp_mlx
 from sharp_mlx.errors import SharpError
-from sharp_mlx.model import SharpArgs
-from sharp_mlx.sharemap import parse_share, prune_layers, savings, savings_line, share_model
+from sharp_mlx.models.llama import SharpArgs
+from sharp_mlx.models.sharemap import parse_share, prune_layers, savings, savings_line, share_model
 
 TOKENS = mx.array([[5, 17, 3, 99, 42, 7, 7, 1, 60, 23, 88, 14]])
 SMOL = dict(
@@ -336,13 +336,13 @@ def test_every_kind_of_map_round_trips_through_save_and_load(tmp_path):
     for name, share in maps.items():
         model, model_config = share_model(original, config, share, 4)
         sharp_mlx.save(tmp_path / name, model, model_config)
-        loaded, loaded_config = sharp_mlx.checkpoint.load_model(tmp_path / name)
+        loaded, loaded_config = sharp_mlx.io.checkpoint.load_model(tmp_path / name)
         assert loaded.args.sharp_args.share == share, name
         assert SharpArgs.from_dict(loaded_config["sharp"]) == SharpArgs(share=share, rank=4)
         assert mx.array_equal(model(TOKENS), loaded(TOKENS)), name
     pruned, pruned_config = prune_layers(original, config, [2])
     sharp_mlx.save(tmp_path / "pruned", pruned, pruned_config)
-    loaded, loaded_config = sharp_mlx.checkpoint.load_model(tmp_path / "pruned")
+    loaded, loaded_config = sharp_mlx.io.checkpoint.load_model(tmp_path / "pruned")
     assert loaded_config["pruned_layers"] == [2] and mx.array_equal(pruned(TOKENS), loaded(TOKENS))
 
 
@@ -353,7 +353,7 @@ def test_every_kind_of_map_round_trips_through_save_and_load(tmp_path):
 def test_stored_params_is_the_saved_arrays_sizes(tmp_path, share, rank):
     from tiny_folder import write_tiny_model
 
-    from sharp_mlx.sharemap import stored_params
+    from sharp_mlx.models.sharemap import stored_params
 
     folder = write_tiny_model(tmp_path / "m", share=share, rank=rank)
     saved = sum(a.size for f in folder.glob("model*.safetensors") for a in mx.load(str(f)).values())
@@ -369,7 +369,7 @@ def test_lora_rank_for_matches_mlx_lm_trainable_count(share, overrides):
     """Per rank, exactly what linear_to_lora_layers makes trainable on the last N blocks (as SFT calls it)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from sharp_mlx.sharemap import lora_rank_for
+    from sharp_mlx.models.sharemap import lora_rank_for
 
     for blocks in (1, 3, 6):
         counts = {}
@@ -390,7 +390,7 @@ def test_least_damage_targets_are_non_adjacent_and_cheapest():
     """The chosen targets never include a target's reference, and no other such set costs less."""
     import itertools
 
-    from sharp_mlx.sharemap import least_damage_targets
+    from sharp_mlx.models.sharemap import least_damage_targets
 
     rng = np.random.default_rng(0)
     damage = {t: float(d) for t, d in zip(range(1, 12), rng.random(11))}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from conftest import TINY, correlated_inputs, random_mlp, tiny_model
 
-from sharp_mlx.model import vector_names
-from sharp_mlx.slw import (
+from sharp_mlx.models.llama import vector_names
+from sharp_mlx.recovery.slw import (
     PROJ,
     SLWConfig,
     fit_layer,
@@ -144,7 +144,7 @@ def test_run_slw_writes_factors_into_the_model(scales):
 
 
 def test_lsq_scales_recover_a_scaled_copy_and_scale_a_useless_weight_away():
-    from sharp_mlx.slw import lsq_scales
+    from sharp_mlx.recovery.slw import lsq_scales
 
     rng = np.random.default_rng(4)
     w_r = rng.normal(size=(24, 16))
@@ -206,8 +206,8 @@ def _end_to_end_kl(model, original, windows):
 def test_sequential_slw_lowers_the_end_to_end_loss_against_independent_slw():
     """Targets fitted in order, each on the inputs of the model whose earlier targets are already
     fitted, end closer to the original than targets all fitted on the original's inputs."""
-    from sharp_mlx.capture import StudentInputs, capture_mlp_inputs, mlp_inputs_of
-    from sharp_mlx.sharemap import share_model
+    from sharp_mlx.models.sharemap import share_model
+    from sharp_mlx.recovery.capture import StudentInputs, capture_mlp_inputs, mlp_inputs_of
 
     original, config = tiny_model(seed=3)
     windows = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (16, 32)).astype(np.int32))
@@ -235,8 +235,8 @@ def test_block_objective_fits_what_makes_the_block_output_the_originals():
     """With the original given, StudentInputs returns (inputs, outputs): at the first target the
     student's states are the original's, so the outputs are MLP_t's own; fitting later targets
     to them ends closer to the original, end to end, than fitting each MLP alone independently."""
-    from sharp_mlx.capture import StudentInputs, capture_mlp_inputs
-    from sharp_mlx.sharemap import share_model
+    from sharp_mlx.models.sharemap import share_model
+    from sharp_mlx.recovery.capture import StudentInputs, capture_mlp_inputs
 
     original, config = tiny_model(seed=3)
     windows = mx.array(np.random.default_rng(0).integers(0, TINY["vocab_size"], (16, 32)).astype(np.int32))

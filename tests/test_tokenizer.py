@@ -1,4 +1,4 @@
-"""The GGUF tokenizer built without torch (sharp_mlx.gguf_tokenizer) tokenizes exactly as
+"""The GGUF tokenizer built without torch (sharp_mlx.io.gguf_tokenizer) tokenizes exactly as
 transformers' own GGUF reader does (which needs torch: the reference)."""
 
 import json
@@ -8,9 +8,10 @@ from conftest import ROOT
 
 torch = pytest.importorskip("torch", reason="transformers' GGUF reader, the reference, needs torch")
 
-from sharp_mlx import corpora, gguf_tokenizer  # noqa: E402
 from sharp_mlx.convert import embedded_gguf  # noqa: E402
-from sharp_mlx.gguf_import import open_gguf  # noqa: E402
+from sharp_mlx.data import corpora  # noqa: E402
+from sharp_mlx.io import gguf_tokenizer  # noqa: E402
+from sharp_mlx.io.gguf_import import open_gguf  # noqa: E402
 
 pytestmark = pytest.mark.real
 CHARS_PER_DOMAIN, PIECE = 4000, 500

@@ -5,7 +5,7 @@ from dataclasses import fields
 from conftest import tiny_model
 
 from sharp_mlx import save, train
-from sharp_mlx.sft import SFTConfig
+from sharp_mlx.recovery.sft import SFTConfig
 
 
 def tiny_slw(tmp_path, *extra: str) -> list:
@@ -57,7 +57,7 @@ def test_existing_output_is_refused_without_force(tmp_path, capsys):
 
 
 def test_rank_allocation_keeps_the_total_and_follows_the_damage():
-    from sharp_mlx.sharemap import allocate_ranks
+    from sharp_mlx.models.sharemap import allocate_ranks
 
     ranks = allocate_ranks({12: 0.05, 20: 0.15, 28: 0.6}, 3 * 64)
     assert sum(ranks.values()) == 3 * 64 and all(k % 16 == 0 and k >= 16 for k in ranks.values())
@@ -69,7 +69,7 @@ def test_slw_by_sensitivity_and_auto_with_any_reference(tmp_path, capsys):
     import json
 
     from sharp_mlx import load
-    from sharp_mlx.model import SharpArgs
+    from sharp_mlx.models.llama import SharpArgs
 
     common = tiny_slw(tmp_path, "--slw-steps", "2")
     orig = tmp_path / "orig"
@@ -193,7 +193,7 @@ def test_scales_init_needs_scaled_recovery(tmp_path, capsys):
         )
         == 0
     )
-    from sharp_mlx.checkpoint import load
+    from sharp_mlx.io.checkpoint import load
 
     assert "gate_in" in load(tmp_path / "s")[0].model.layers[3].recovery
 
