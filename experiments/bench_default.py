@@ -1,7 +1,7 @@
 """The project's own benchmark rows: every SHARP setting of the embedded model that exists under
 models/, as the main job makes its 4-bit checkpoint, against mlx-lm's 4-bit original.
 
-    python experiments/bench_default.py --reps 3 --prompts 1 --max-tokens 32 --ppl-windows 8 --cold --out experiments/results/bench-cold
+    python experiments/bench_default.py --reps 3 --prompts 1 --max-tokens 32 --eval-windows 8 --cold --out experiments/results/bench-cold
 
 Rows: the float original, mlx-lm's 4-bit conversion of it (run by mlx-lm: the reference) and the
 same folder loaded by sharp_mlx, the original with its GGUF codes, and for each float SHARP model

@@ -310,14 +310,14 @@ def variants(b: Budget, n: int) -> List[Variant]:
         # (full), or SLW on the ablation targets (--quick).
         *(
             [
-                slw("scales-slw", "param", f"{scales}, SLW only", *D[:4], "--rank", 63, "--scales"),
+                slw("scales-slw", "param", f"{scales}, SLW only", *D[:4], "--rank", 63, "--recovery", "scaled"),
                 sft("scales", "param", f"{scales}, SLW + SFT", "scales-slw"),
                 given("plain-slw", "param", "rank 64, SLW only", "sharp-slw"),
                 given("plain", "param", "rank 64, SLW + SFT", "sharp"),
             ]
             if b.scales_full
             else [
-                slw("scales-slw", "param", f"{scales}, SLW only", *LATE, "--rank", 63, "--scales"),
+                slw("scales-slw", "param", f"{scales}, SLW only", *LATE, "--rank", 63, "--recovery", "scaled"),
                 given("plain-slw", "param", "rank 64, SLW only", "pos-late"),
             ]
         ),
@@ -380,12 +380,11 @@ class Steps:
     def sft(self, name: str, src: Path, *argv) -> Path:
         b = self.b
         budget = {
-            "--steps": b.sft_steps,
+            "--sft-steps": b.sft_steps,
             "--batch-size": b.sft_batch,
             "--seq-len": b.sft_seq,
-            "--eval-every": b.sft_steps,
-            "--save-every": b.sft_steps,
-            "--eval-windows": b.sft_valid_windows,
+            "--valid-every": b.sft_steps,
+            "--valid-windows": b.sft_valid_windows,
             "--max-train-tokens": b.sft_tokens,
             "--run-dir": self.runs / "sft" / name,
         }

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sharp_mlx import train
 from sharp_mlx.convert import ensure_default_model
 from sharp_mlx.data import corpora
 from sharp_mlx.eval import perplexity as evaluate
-from sharp_mlx.recovery.sft import SFTConfig
+from sharp_mlx.recipes import PAPER, preset
+from sharp_mlx.recovery.stages import SFTRun, run_stage
 
 BATCH, SEQ = 2, 256
 
@@ -83,7 +83,7 @@ def main(argv=None):
     )
     p.add_argument("--variant", nargs="+", required=True, help="NAME=SLW_FOLDER, one SFT run each")
     p.add_argument("--budgets", nargs="+", type=int, default=[20480, 40960, 81920, 163840], help="SFT tokens")
-    p.add_argument("--learning-rate", type=float, default=SFTConfig.learning_rate)
+    p.add_argument("--learning-rate", type=float, default=PAPER.learning_rate)
     p.add_argument("--windows", type=int, default=8, help="test windows of 256 tokens per domain")
     p.add_argument("--max-train-tokens", type=int, default=200_000, help="of each training file")
     p.add_argument("--target", type=float, default=1.25, help="ratio to extrapolate to (default: %(default)s)")
@@ -109,15 +109,14 @@ def main(argv=None):
                 continue
             run_dir = Path("runs/sft-scaling") / name
             steps = budget // per_step
-            cfg = SFTConfig(
-                steps=steps, batch_size=BATCH, seq_len=SEQ, learning_rate=args.learning_rate,
-                min_learning_rate=args.learning_rate, eval_every=40, eval_windows=8, save_every=40,
+            recipe = preset(
+                "paper", sft_steps=steps, batch_size=BATCH, seq_len=SEQ, learning_rate=args.learning_rate,
+                min_learning_rate=args.learning_rate, valid_every=40, valid_windows=8,
+                max_train_tokens=args.max_train_tokens,
             )  # fmt: skip
             if not out.exists():
-                run = train.SFTRun(model=Path(slw), out=out, sft=cfg, teacher=original, run_dir=run_dir,
-                                   resume=(run_dir / "checkpoint.json").exists(),
-                                   max_train_tokens=args.max_train_tokens)  # fmt: skip
-                train.run_stage(run)
+                run_stage(SFTRun(Path(slw), out, recipe, teacher=original, run_dir=run_dir,
+                                 resume=(run_dir / "checkpoint.json").exists()))  # fmt: skip
             record = json.loads((out / "training.json").read_text())[-1]
             ppl = evaluate.evaluate([out], tests, seq_len=SEQ, max_windows=args.windows)[str(out)]
             per = {Path(t).parent.name: r["ppl"] for t, r in ppl.items()}

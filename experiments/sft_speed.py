@@ -63,8 +63,8 @@ def ours(sharp: Path, original: Path, data: Path, valid: Path, loss: str, steps:
     cmd = [
         sys.executable, "-m", "sharp_mlx.train", "--stage", "sft", "--model", str(sharp), "--teacher", str(original),
         "--out", str(out), "--run-dir", str(work / f"run-{loss}"), "--data", str(data), "--valid", str(valid),
-        "--loss", loss, "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
-        "--eval-every", str(10 * steps), "--eval-windows", "1", "--save-every", str(10 * steps),
+        "--loss", loss, "--sft-steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ),
+        "--valid-every", str(10 * steps), "--valid-windows", "1",
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     record = json.loads((out / "training.json").read_text())[-1]

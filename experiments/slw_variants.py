@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from sharp_mlx import train
 from sharp_mlx.convert import ensure_default_model
 from sharp_mlx.data import corpora
 from sharp_mlx.eval import perplexity as evaluate
+from sharp_mlx.recipes import preset
+from sharp_mlx.recovery.stages import SLWRun, run_stage
 
 VARIANTS = {  # name -> SLWRun fields
     "sharp r64": dict(rank=64),
@@ -77,14 +78,9 @@ def main(argv=None):
             continue
         out = root / name.replace(" ", "-").replace(",", "")
         if not out.exists():
-            run = train.SLWRun(
-                model=original,
-                out=out,
-                tokens=args.tokens,
-                slw_steps=args.slw_steps,
-                **{"share": "next", "layers": args.layers, **fields},
-            )
-            train.run_stage(run)
+            recipe = preset("paper", tokens=args.tokens, slw_steps=args.slw_steps,
+                            **{"share": "next", "layers": args.layers, **fields})  # fmt: skip
+            run_stage(SLWRun(original, out, recipe))
         folders[name] = out
         records[name] = json.loads((out / "training.json").read_text())[-1]
     tests = corpora.files("test")

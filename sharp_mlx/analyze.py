@@ -31,6 +31,8 @@ from tqdm import tqdm
 from .data import corpora
 from .errors import ArgumentParser, SharpError, cli
 from .io.checkpoint import load, read_config
+from .options import at_least
+from .recipes import PAPER
 from .recovery.capture import calibration_text, capture_mlp_inputs
 
 PROJECTIONS = ("gate", "up", "down")
@@ -250,13 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=at_least(1),
         default=16384,
         help="calibration tokens, drawn evenly from the files (default: %(default)s)",
     )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     p.add_argument(
-        "--rank", type=int, default=64, help="recovery rank k of the err@k and own@k columns (default: %(default)s)"
+        "--seq-len",
+        type=at_least(2),
+        default=PAPER.seq_len,
+        help="tokens per calibration window (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rank",
+        type=at_least(1),
+        default=PAPER.rank,
+        help="recovery rank k of the err@k and own@k columns (default: %(default)s)",
     )
     p.add_argument(
         "--all-pairs",
@@ -264,9 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare every reference r < t, not only r = t-1 (about n_layers/2 times slower)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=4, help="windows per forward pass while capturing (default: %(default)s)"
+        "--batch-size",
+        type=at_least(1),
+        default=PAPER.batch_size,
+        help="windows per forward pass while capturing (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=at_least(0), default=PAPER.seed, help="seed of the calibration sample (default: %(default)s)"
+    )
     p.add_argument(
         "--out",
         type=Path,

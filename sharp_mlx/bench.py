@@ -39,7 +39,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import ArgumentParser, SharpError, cli
+from .options import at_least, between
 from .quant.codes import folder_bytes
+from .recipes import PAPER
 
 PROMPTS = (
     "What is the capital of France?",
@@ -330,21 +332,23 @@ def parse_row(spec: str) -> Row:
 
 def add_timing_flags(p: argparse.ArgumentParser) -> None:
     """The flags of what is measured and how (see ``config_from``)."""
-    p.add_argument("--reps", type=int, default=3, help="fresh processes per row (default: %(default)s)")
+    p.add_argument("--reps", type=at_least(1), default=3, help="fresh processes per row (default: %(default)s)")
     p.add_argument(
         "--prompts",
-        type=int,
+        type=between(1, len(PROMPTS), int),
         default=len(PROMPTS),
         help=f"how many of the {len(PROMPTS)} built-in prompts to run (default: %(default)s)",
     )
-    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default: %(default)s)")
+    p.add_argument("--max-tokens", type=at_least(1), default=48, help="new tokens per prompt (default: %(default)s)")
     p.add_argument(
-        "--ppl-windows",
-        type=int,
-        default=8,
+        "--eval-windows",
+        type=at_least(0),
+        default=PAPER.eval_windows,
         help="test windows per domain for perplexity; 0 skips it (default: %(default)s)",
     )
-    p.add_argument("--seq-len", type=int, default=256, help="perplexity window (default: %(default)s)")
+    p.add_argument(
+        "--seq-len", type=at_least(2), default=PAPER.seq_len, help="perplexity window (default: %(default)s)"
+    )
     p.add_argument("--data", type=Path, nargs="+", help="perplexity files (default: data/*/test.jsonl)")
     p.add_argument(
         "--cold",
@@ -391,7 +395,7 @@ def config_from(args) -> BenchConfig:
         reps=args.reps,
         max_tokens=args.max_tokens,
         prompts=list(PROMPTS[: args.prompts]),
-        ppl_windows=args.ppl_windows,
+        ppl_windows=args.eval_windows,
         seq_len=args.seq_len,
         cold=args.cold,
     )

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from .errors import ArgumentParser, SharpError, cli
 from .eval.cloze import evaluate, markdown_table, pooled
+from .options import at_least
+from .recipes import PAPER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats"
     )
-    p.add_argument("--items", type=int, default=10, help="items per file (default: %(default)s)")
+    p.add_argument("--items", type=at_least(1), default=10, help="items per file (default: %(default)s)")
     p.add_argument(
-        "--choices", type=int, default=4, help="choices per item, the true one included (default: %(default)s)"
+        "--choices", type=at_least(2), default=4, help="choices per item, the true one included (default: %(default)s)"
     )
     p.add_argument(
-        "--context-tokens", type=int, default=64, help="tokens of context before the choices (default: %(default)s)"
+        "--context-tokens",
+        type=at_least(1),
+        default=64,
+        help="tokens of context before the choices (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the items (default: %(default)s)")
-    p.add_argument("--batch-items", type=int, default=1, help="items per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=at_least(0), default=PAPER.seed, help="seed of the items (default: %(default)s)")
+    p.add_argument("--batch-items", type=at_least(1), default=1, help="items per forward pass (default: %(default)s)")
     p.add_argument(
         "--float-weights",
         action="store_true",

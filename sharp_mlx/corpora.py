@@ -22,11 +22,12 @@ import sys
 from . import heldout
 from .data.corpora import DOMAINS, MAX_TRAIN_CHARS, FetchError, fetch, format_table
 from .data.heldout import HELDOUT
+from .errors import ArgumentParser, SharpError, cli
+from .options import at_least
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m sharp_mlx.corpora", description=__doc__.split("\n\n")[0])
     p.add_argument("--domains", nargs="+", choices=DOMAINS, help="domains to build (default: all)")
     p.add_argument(
         "--heldout",
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data", help="output folder; downloads are cached in <out>/.cache (default: data)")
     p.add_argument(
         "--max-train-chars",
-        type=int,
+        type=at_least(1),
         default=MAX_TRAIN_CHARS,
         help=f"characters of train text per domain (default: {MAX_TRAIN_CHARS:,}); "
         "add --force to apply it to domains already built",
@@ -47,10 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("sharp_mlx.corpora")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_train_chars <= 0:
-        build_parser().error(f"--max-train-chars must be positive, got {args.max_train_chars}")
     if args.heldout is not None and args.domains is not None:
         build_parser().error("pass --domains or --heldout, not both: held-out kinds are never built with the domains")
     if args.heldout is not None:  # hand over to the held-out CLI, which prints its own table and errors
@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     try:
         stats = fetch(args.domains or DOMAINS, args.out, args.max_train_chars, args.force)
     except FetchError as e:
-        print(f"sharp_mlx.corpora: error: {e}", file=sys.stderr)
-        return 2
+        raise SharpError(str(e))
     print(format_table(stats))
     return 0
 

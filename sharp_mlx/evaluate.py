@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .errors import ArgumentParser, SharpError, cli
 from .eval.perplexity import evaluate, markdown_table, plot
+from .options import at_least
+from .recipes import PAPER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", type=Path, nargs="+", required=True, help="text files: .txt, or .jsonl in mlx_lm.lora formats"
     )
-    p.add_argument("--seq-len", type=int, default=512, help="window length in scored tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, help="score at most this many windows per file (default: all)")
+    p.add_argument("--seq-len", type=at_least(2), default=PAPER.seq_len, help="window length (default: %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=at_least(1),
+        default=PAPER.batch_size,
+        help="windows per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=at_least(1),
+        default=PAPER.eval_windows,
+        help="score at most this many test windows per file (default: %(default)s)",
+    )
     p.add_argument(
         "--float-weights",
         action="store_true",
@@ -49,7 +61,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.seq_len < 1 or args.batch_size < 1:
         raise SharpError(f"--seq-len and --batch-size must be at least 1, got {args.seq_len} and {args.batch_size}")
-    results = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.max_windows, args.float_weights)
+    results = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.eval_windows, args.float_weights)
     if args.plot:
         plot(results, args.plot)
     if args.json:

@@ -21,6 +21,8 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import ArgumentParser, SharpError, cli
 from .io.checkpoint import load, parameter_bytes
+from .options import at_least, between
+from .recipes import PAPER
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -128,12 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     p.add_argument("--system", help="a system message for chat models")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables it (default: %(default)s)"
+        "--max-tokens",
+        type=at_least(1),
+        default=PAPER.max_tokens,
+        help="most tokens to generate (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    p.add_argument(
+        "--temp", type=between(0, 100), default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=between(0, 1, lo_open=True),
+        default=1.0,
+        help="nucleus sampling mass; 1 disables it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=at_least(0), default=PAPER.seed, help="random seed for sampling (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 

@@ -22,10 +22,11 @@ from sharp_mlx.data.corpora import (
 )
 
 from .data.heldout import HELDOUT, fetch_heldout
+from .errors import ArgumentParser, SharpError, cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m sharp_mlx.heldout", description=__doc__.split("\n\n")[0])
     # no `choices`: argparse rejects an empty list against them, and an empty list means all
     p.add_argument("kinds", nargs="*", metavar="KIND", help=f"kinds to build: {', '.join(HELDOUT)} (default: all)")
     p.add_argument("--out", default="data", help="output folder; downloads are cached in <out>/.cache (default: data)")
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("sharp_mlx.heldout")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,8 +43,7 @@ def main(argv=None) -> int:
     try:
         stats = fetch_heldout(args.kinds or HELDOUT, args.out, args.force)
     except FetchError as e:
-        print(f"sharp_mlx.heldout: error: {e}", file=sys.stderr)
-        return 2
+        raise SharpError(str(e))
     print(format_table(stats))
     return 0
 

@@ -6,7 +6,7 @@
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
 run continues where it stopped (``--force`` redoes everything). Each step calls the function
-behind the command a user would type (``train.run_stage`` for ``python -m sharp_mlx.train``,
+behind the command a user would type (``recovery.stages.run_stage`` behind ``python -m sharp_mlx.train``,
 ``quantize.quantize_model_folder``, ``evaluate.evaluate``, ``generate.answer``) with its config.
 """
 
@@ -14,19 +14,19 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable
 
-from . import analyze, generate, train
+from . import analyze, generate, options
+from . import quantize as quantize_cmd
 from .convert import ensure_default_model
 from .data import corpora
-from .errors import ArgumentParser, SharpError, bits_or_none, cli
+from .errors import ArgumentParser, SharpError, cli
 from .eval import perplexity as evaluate
 from .quant import codes as quantize
-from .recipes import PRESETS, Recipe, preset, sft_fields, slw_fields
-from .recovery.sft import SFTConfig
-
-ANALYSIS = Path("runs") / "analyze" / "analysis.json"
+from .recipes import PRESETS, Recipe
+from .recovery.stages import ANALYSIS, SFTRun, SLWRun, run_stage
 
 
 def ensure_data(data: Path) -> None:
@@ -48,6 +48,9 @@ def step(name: str, out: Path, run: Callable[[bool], object], force: bool, what:
     run(out.exists())
 
 
+RECIPE_FIELDS = tuple(f.name for f in dataclass_fields(Recipe))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m sharp_mlx.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,85 +59,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="the recipe whose budgets the flags below override (default: %(default)s)",
+        help="the recipe whose settings the flags below override (default: %(default)s)",
     )
-    d = PRESETS["default"]
-    # Every recipe flag defaults to the preset's value: only the flags given reach the namespace.
-    for name, kind in (
-        ("share", str),
-        ("layers", str),
-        ("cut", float),
-        ("rank", int),
-        ("recovery", str),
-        ("scales_init", str),
-        ("slw_order", str),
-        ("slw_objective", str),
-        ("tokens", int),
-        ("slw_steps", int),
-        ("sft_steps", int),
-        ("eval_windows", int),
-        ("recovery_bits", bits_or_none),
-        ("embedding_bits", bits_or_none),
-        ("max_tokens", int),
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"{Recipe.help(name)} (default preset: {getattr(d, name)})",
-        )
     p.add_argument(
         "--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)"
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
+    options.add_recipe_flags(p.add_argument_group("recipe (each flag overrides one setting of --preset)"),
+                             RECIPE_FIELDS, "default")  # fmt: skip
     return p
 
 
 @cli("sharp_mlx.pipeline")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    own = {"preset", "name", "data", "force"}
-    r = preset(args.preset, **{k: v for k, v in vars(args).items() if k not in own})
+    r = options.recipe_from(args, args.preset, RECIPE_FIELDS)
     tic = time.perf_counter()
     original = ensure_default_model()
     ensure_data(args.data)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
-    # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.
-    fields = {**slw_fields(r), **({"layers": r.layers} if "layers" in vars(args) else {})}
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
-    slw = train.SLWRun(model=original, out=slw_out, data=corpora.files("train", args.data), **fields)
-    step(
-        "slw",
-        slw_out,
-        lambda force: train.run_stage(slw, force),
-        args.force,
-        f"{slw.share} {slw.layers or ''} rank {slw.rank} -> {slw_out}",
-    )
+    slw = SLWRun(original, slw_out, r, data=corpora.files("train", args.data), analysis=ANALYSIS)
+    step("slw", slw_out, lambda force: run_stage(slw, force), args.force, f"{r.share} rank {r.rank} -> {slw_out}")
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    config = SFTConfig(**sft_fields(r))
-    sft = train.SFTRun(
-        model=slw_out,
-        out=final,
-        sft=config,
-        teacher=original,
-        data=corpora.files("train", args.data),
-        valid=corpora.files("valid", args.data),
-        max_train_tokens=r.max_train_tokens,
-        run_dir=run_dir,
-        resume=(run_dir / "checkpoint.json").exists(),
-    )  # an interrupted SFT continues
-    step(
-        "sft",
-        final,
-        lambda force: train.run_stage(sft, force),
-        args.force,
-        f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens -> {final}",
-    )
+    sft = SFTRun(slw_out, final, r, teacher=original, data=corpora.files("train", args.data),
+                 valid=corpora.files("valid", args.data), run_dir=run_dir,
+                 resume=(run_dir / "checkpoint.json").exists())  # fmt: skip  # an interrupted SFT continues
+    what = f"{r.sft_steps} steps of {r.batch_size} x {r.seq_len} tokens -> {final}"
+    step("sft", final, lambda force: run_stage(sft, force), args.force, what)
     tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +103,7 @@ def main(argv=None):
     ratios = {Path(t).parent.name: results[str(final)][t]["ppl"] / base[t]["ppl"] for t in base}
     print("recovered / original perplexity: " + ", ".join(f"{d} {x:.2f}x" for d, x in ratios.items()))
     q4 = Path("models") / f"{args.name}-4bit"
-    options = quantize.QuantizeOptions(
+    q_options = quantize.QuantizeOptions(
         recovery_bits=r.recovery_bits,
         embedding_bits=r.embedding_bits,
         calibration_windows=r.calibration_windows,
@@ -155,9 +112,9 @@ def main(argv=None):
     step(
         "quantize",
         q4,
-        lambda force: print(quantize.summary(quantize.quantize_model_folder(final, q4, options, force=force))),
+        lambda force: print(quantize_cmd.summary(quantize.quantize_model_folder(final, q4, q_options, force=force))),
         args.force,
-        f"{options} -> {q4}",
+        f"{q_options} -> {q4}",
     )
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ArgumentParser, cli
-from .quant.codes import RECOVERY_DTYPES, SCALES_DTYPES, QuantizeOptions, quantize_model_folder
+from .options import at_least
+from .quant.codes import BITS, RECOVERY_DTYPES, SCALES_DTYPES, QuantizeOptions, quantize_model_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bits",
         type=int,
+        choices=BITS,
         default=QuantizeOptions.bits,
         help="bits per weight not taken from GGUF codes (default: %(default)s)",
     )
     p.add_argument(
         "--group-size",
         type=int,
+        choices=(32, 64, 128),
         default=QuantizeOptions.group_size,
         help="quantization group size for weights not taken from GGUF codes (default: %(default)s)",
     )
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recovery-bits",
         type=int,
+        choices=BITS,
         help="quantize the recovery factors too, to this many bits (default: keep them float)",
     )
     p.add_argument(
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedding-bits",
         type=int,
+        choices=BITS,
         help="bits for the embedding, overriding its GGUF codes (default: its codes, else --bits)",
     )
     p.add_argument(
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration-windows",
-        type=int,
+        type=at_least(1),
         default=QuantizeOptions.calibration_windows,
         help="windows of 256 tokens per calibration file (default: %(default)s)",
     )

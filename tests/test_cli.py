@@ -58,7 +58,7 @@ def test_generate_cli_samples_reproducibly(real_model_dir, capsys):
 
 def test_evaluate_cli_table_and_json(real_model_dir, capsys, tmp_path):
     prose = ROOT / "tests" / "fixtures" / "prose.txt"
-    args = ["--model", str(real_model_dir), "--data", str(prose), "--seq-len", "64", "--max-windows", "2"]
+    args = ["--model", str(real_model_dir), "--data", str(prose), "--seq-len", "64", "--eval-windows", "2"]
     assert evaluate.main(args + ["--json", "--plot", str(tmp_path / "p.png")]) == 0
     result = json.loads(capsys.readouterr().out)[str(prose)]
     assert result["tokens"] == 128 and 2 < result["ppl"] < 500

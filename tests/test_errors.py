@@ -57,7 +57,7 @@ SFT = [
     "32",
     "--batch-size",
     "2",
-    "--eval-windows",
+    "--valid-windows",
     "2",
 ]
 DATA = ["--data", "train.jsonl", "--valid", "train.jsonl"]
@@ -128,9 +128,9 @@ CASES = [
     Case("sft-kd-without-teacher", "train", SFT[:8] + ["--loss", "kd"] + SFT[10:] + DATA),
     Case("sft-unshared-model", "train", SFT[:2] + ["--model", "orig"] + SFT[4:] + DATA),
     Case("sft-teacher-differs", "train", SFT[:8] + ["--loss", "kd", "--teacher", "other"] + SFT[10:] + DATA),
-    Case("sft-bad-setting", "train", SFT + DATA + ["--steps", "0"]),
+    Case("sft-bad-setting", "train", SFT + DATA + ["--sft-steps", "0"]),
     Case("flag-misspelt", "train", SFT + DATA + ["--setps", "10"]),
-    Case("flag-bad-value", "train", SFT + DATA + ["--steps", "ten"]),
+    Case("flag-bad-value", "train", SFT + DATA + ["--sft-steps", "ten"]),
     Case("sft-run-dir-holds-a-checkpoint", "train", SFT[:6] + ["--run-dir", "run-done"] + SFT[8:] + DATA),
     Case("sft-resume-without-checkpoint", "train", SFT + DATA + ["--resume"]),
     Case(
@@ -204,11 +204,7 @@ def world(tmp_path_factory):
         == 0
     )
     done = (
-        SFT[:4]
-        + ["--out", str(w / "done"), "--run-dir", str(w / "run-done")]
-        + SFT[8:]
-        + DATA
-        + ["--steps", "2", "--save-every", "1"]
+        SFT[:4] + ["--out", str(w / "done"), "--run-dir", str(w / "run-done")] + SFT[8:] + DATA + ["--sft-steps", "2"]
     )
     assert (
         train.main(

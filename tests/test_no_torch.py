@@ -79,7 +79,7 @@ def test_main_job_and_clis_without_torch(tmp_path):
             *tests,
             "--seq-len",
             32,
-            "--max-windows",
+            "--eval-windows",
             1,
             "--json",
         )

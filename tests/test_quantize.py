@@ -202,7 +202,7 @@ def test_evaluate_float_weights_is_the_same_function(shared_dir, tmp_path, capsy
     for flag in ([], ["--float-weights"]):
         assert (
             evaluate.main(
-                ["--model", str(out), "--data", str(text), "--seq-len", "32", "--max-windows", "4", "--json", *flag]
+                ["--model", str(out), "--data", str(text), "--seq-len", "32", "--eval-windows", "4", "--json", *flag]
             )
             == 0
         )

@@ -63,17 +63,15 @@ def test_lora_rank_matches_what_sft_trains(tmp_path, capsys):
                     str(rank),
                     "--lora-layers",
                     "5",
-                    "--steps",
+                    "--sft-steps",
                     "1",
                     "--batch-size",
                     "1",
                     "--seq-len",
                     "16",
-                    "--eval-every",
+                    "--valid-every",
                     "1",
-                    "--save-every",
-                    "1",
-                    "--eval-windows",
+                    "--valid-windows",
                     "1",
                     "--data",
                     str(data),
@@ -222,7 +220,7 @@ def test_settings_of_a_30_layer_stack_are_the_literal_ones(reproduce):
     assert labels["next-late"] == "next: every other layer of 24..28 borrows the one before"
     assert labels["pos-middle"] == "middle: targets 13, 15, 17"
     full = {x.name: x for x in reproduce.variants(reproduce.FULL, 30)}
-    assert full["scales-slw"].flags == ("--share", "next", "--layers", "1:29", "--rank", 63, "--scales")
+    assert full["scales-slw"].flags == ("--share", "next", "--layers", "1:29", "--rank", 63, "--recovery", "scaled")
     assert full["next3-late"].flags == ("--share", "next:3", "--layers", "19:29", "--rank", 64)
 
 

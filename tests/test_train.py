@@ -1,11 +1,8 @@
 """The train CLI's wiring: every SFT setting has a flag, and mistakes are one-line errors."""
 
-from dataclasses import fields
-
 from conftest import tiny_model
 
 from sharp_mlx import save, train
-from sharp_mlx.recovery.sft import SFTConfig
 
 
 def tiny_slw(tmp_path, *extra: str) -> list:
@@ -16,29 +13,6 @@ def tiny_slw(tmp_path, *extra: str) -> list:
     data = write_text_data(tmp_path / "train.jsonl")
     flags = ["--stage", "slw", "--model", orig, "--data", data, "--seq-len", 32, "--tokens", 256, *extra]
     return list(map(str, flags))
-
-
-def test_every_sft_setting_has_a_flag_with_its_default():
-    parser = train.build_parser()
-    args = parser.parse_args(["--stage", "sft", "--model", "m", "--out", "o"])
-    for f in fields(SFTConfig):
-        assert hasattr(args, f.name), f.name
-    args = parser.parse_args(
-        [
-            "--stage",
-            "sft",
-            "--model",
-            "m",
-            "--out",
-            "o",
-            "--grad-accum",
-            "3",
-            "--no-frozen-prefix",
-            "--lora-layers",
-            "2",
-        ]
-    )
-    assert (args.grad_accum, args.frozen_prefix, args.lora_layers) == (3, False, 2)
 
 
 def test_slw_refuses_an_already_shared_model(tmp_path, capsys):
@@ -131,7 +105,7 @@ def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tm
 
     from sharp_mlx import load
 
-    common = tiny_slw(tmp_path, "--slw-steps", "2", "--rank", "4", "--scales")
+    common = tiny_slw(tmp_path, "--slw-steps", "2", "--rank", "4", "--recovery", "scaled")
     assert train.main(common + ["--share", '{"3": 2, "5": 4}', "--out", str(tmp_path / "s")]) == 0
     assert "2 of 6 MLPs shared with scaling vectors" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "config.json").read_text())["sharp"] == {
@@ -151,7 +125,10 @@ def test_slw_with_scales_records_them_and_refuses_targets_without_a_reference(tm
         assert len(err) == 1 and "--recovery scaled" in err[0] and needle in err[0], err
     assert not (tmp_path / "bad").exists()
     assert (
-        train.main(["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--scales"]) == 2
+        train.main(
+            ["--stage", "sft", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "bad"), "--recovery", "scaled"]
+        )
+        == 2
     )
     assert "--recovery applies to --stage slw" in capsys.readouterr().err
 
@@ -199,23 +176,22 @@ def test_scales_init_needs_scaled_recovery(tmp_path, capsys):
 
 
 def test_preset_gives_the_main_jobs_stages_and_flags_given_override_it():
-    from sharp_mlx.recipes import PRESETS, sft_fields, slw_fields
+    from sharp_mlx.recipes import PRESETS
 
     r = PRESETS["default"]
     slw = train.run_from_args(train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default"]))
-    for name, value in slw_fields(r).items():
-        assert getattr(slw, name) == value, name
-    assert slw.recovery == "scaled" and slw.slw_objective == "block" and slw.layers is None  # a JSON map
+    assert slw.recipe == r
     own = train.run_from_args(
         train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default", "--rank", "32"])
     )
-    assert own.rank == 32 and own.scales_init == r.scales_init
-    nxt = train.parse_args(["--stage", "slw", "--model", "m", "--out", "o", "--preset", "default", "--share", "next"])
-    assert nxt.layers == r.layers  # next takes the recipe's range
-    plain = train.run_from_args(train.parse_args(["--stage", "slw", "--model", "m", "--out", "o"]))
-    assert (plain.recovery, plain.slw_order, plain.share) == ("plain", "independent", "next")
+    assert own.recipe.rank == 32 and own.recipe.scales_init == r.scales_init
+    plain = train.run_from_args(train.parse_args(["--stage", "slw", "--model", "m", "--out", "o"])).recipe
+    assert (plain.recovery, plain.slw_order, plain.share, plain.layers) == ("plain", "independent", "next", "11:29")
+    assert plain == PRESETS["paper"]
     sft = train.run_from_args(
-        train.parse_args(["--stage", "sft", "--model", "m", "--out", "o", "--preset", "default", "--eval-windows", "2"])
+        train.parse_args(
+            ["--stage", "sft", "--model", "m", "--out", "o", "--preset", "default", "--valid-windows", "2"]
+        )
     )
-    assert sft.sft.steps == sft_fields(r)["steps"] and sft.sft.eval_windows == 2
-    assert sft.max_train_tokens == r.max_train_tokens
+    assert sft.recipe.sft_steps == r.sft_steps and sft.recipe.valid_windows == 2
+    assert sft.recipe.max_train_tokens == r.max_train_tokens

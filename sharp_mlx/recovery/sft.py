@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from ..data.batches import DataError, batches, windows
 from ..errors import SharpError
+from ..recipes import PAPER
 from . import distributed
 
 LOSSES = ("ce", "kd", "mix")
@@ -59,26 +60,28 @@ RESUME_FIXED = ("batch_size", "seq_len", "grad_accum", "seed", "lora_rank", "lor
 
 @dataclass
 class SFTConfig:
-    steps: int = 200  # optimizer steps
-    batch_size: int = 4  # windows per micro-batch
-    seq_len: int = 512  # tokens per window
-    grad_accum: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-4  # peak, after warmup_steps (1e-3 undid an SLW start: valid 4.76 -> 5.02 in 20 steps)
-    min_learning_rate: float = 1e-5  # end of the cosine decay
-    warmup_steps: int = 4
-    weight_decay: float = 0.0
-    loss: str = "kd"  # "ce", "kd" or "mix"
-    kd_alpha: float = 0.5  # weight of kd in "mix"
-    kd_temperature: float = 1.0
-    lora_rank: int = 0  # > 0: also LoRA on the linear layers of the trained blocks
-    lora_scale: float = 20.0  # mlx-lm's default
-    lora_layers: Optional[int] = None  # LoRA on the last N blocks; None: from the first target on
-    grad_checkpoint: bool = False  # recompute each trained block in the backward pass
-    frozen_prefix: bool = True  # run blocks before the first trainable one without gradients
-    eval_every: int = 50
-    eval_windows: int = 16  # validation windows of seq_len tokens
-    save_every: int = 50
-    seed: int = 0
+    steps: int = PAPER.sft_steps  # optimizer steps
+    batch_size: int = PAPER.batch_size  # windows per micro-batch
+    seq_len: int = PAPER.seq_len  # tokens per window
+    grad_accum: int = PAPER.grad_accum  # micro-batches per optimizer step
+    learning_rate: float = (
+        PAPER.learning_rate
+    )  # peak, after warmup_steps (1e-3 undid an SLW start: valid 4.76 -> 5.02 in 20 steps)
+    min_learning_rate: float = PAPER.min_learning_rate  # end of the cosine decay
+    warmup_steps: int = PAPER.warmup_steps
+    weight_decay: float = PAPER.weight_decay
+    loss: str = PAPER.loss  # "ce", "kd" or "mix"
+    kd_alpha: float = PAPER.kd_alpha  # weight of kd in "mix"
+    kd_temperature: float = PAPER.kd_temperature
+    lora_rank: int = PAPER.lora_rank  # > 0: also LoRA on the linear layers of the trained blocks
+    lora_scale: float = PAPER.lora_scale  # mlx-lm's default
+    lora_layers: Optional[int] = PAPER.lora_layers  # LoRA on the last N blocks; None: from the first target on
+    grad_checkpoint: bool = PAPER.grad_checkpoint  # recompute each trained block in the backward pass
+    frozen_prefix: bool = PAPER.frozen_prefix  # run blocks before the first trainable one without gradients
+    eval_every: int = PAPER.valid_every
+    eval_windows: int = PAPER.valid_windows  # validation windows of seq_len tokens
+    save_every: int = PAPER.valid_every
+    seed: int = PAPER.seed
 
     def validate(self) -> None:
         """Raise SharpError naming the first bad value."""

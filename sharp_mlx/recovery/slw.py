@@ -36,24 +36,25 @@ from tqdm import tqdm
 
 from ..models.llama import PROJECTIONS as PROJ
 from ..models.llama import Recovery, lowrank, projection_shapes, recovered_mlp, recovery_kind
+from ..recipes import PAPER
 from . import distributed
 
 
 @dataclass
 class SLWConfig:
-    init: str = "asvd"  # zero | svd | asvd
-    closed_form_down: bool = True
-    steps: int = 200
-    lr: float = 1e-3
+    init: str = PAPER.init  # zero | svd | asvd
+    closed_form_down: bool = PAPER.closed_form
+    steps: int = PAPER.slw_steps
+    lr: float = PAPER.slw_lr
     warmup: int = 20
-    batch_rows: int = 1024
+    batch_rows: int = PAPER.slw_batch_rows
     damping: float = 1e-2  # of the mean eigenvalue, keeps the covariance inverse stable
     holdout: float = 0.1  # fraction of rows kept out of the fit to report the error on
-    seed: int = 0
+    seed: int = PAPER.seed
     # scaled kind: "ones" starts the vectors at one; "lsq" fits them by least squares (zero
     # allowed) before the factors fit what is left, and keeps whichever of that start and the
     # all-zero one (nothing borrowed: the control's start) holds out better
-    scales_init: str = "ones"
+    scales_init: str = PAPER.scales_init
 
 
 def weights_of(mlp) -> Dict[str, np.ndarray]:
