@@ -57,7 +57,7 @@ def test_mlx_lm_load_runs_the_sharp_model(sharp_dirs, kind):
     path = sharp_dirs[kind]
     theirs, tokenizer = mlx_lm_load(path, trust_remote_code=True)
     ours, _ = sharp_mlx.load(path)
-    assert type(theirs).__module__ == "custom_model"  # the checkpoint's copy of sharp_mlx/model.py
+    assert type(theirs).__module__ == "custom_model"  # the checkpoint's copy of sharp_mlx/models/llama.py
     assert "recovery" in theirs.model.layers[27] and "mlp" not in theirs.model.layers[27]
     prompt_ids, text = sharp_text(path)
     assert prompt_ids == tokenizer.encode(PROMPT)

@@ -21,7 +21,8 @@ SKIP = ("http://", "https://", "mailto:")
 
 def markdown_files(root: Path):
     names = [root / "README.md", root / "data" / "README.md", root / "models" / "README.md"]
-    return [p for p in names if p.exists()] + sorted((root / "docs").rglob("*.md"))
+    experiments = [p for p in sorted((root / "experiments").rglob("*.md")) if "results" not in p.parts]
+    return [p for p in names if p.exists()] + sorted((root / "docs").rglob("*.md")) + experiments
 
 
 def prose_lines(path: Path):

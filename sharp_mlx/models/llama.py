@@ -1,29 +1,16 @@
 """A Llama whose target layers borrow an earlier layer's MLP plus low-rank recovery factors.
 
-Pure model file: arrays in, arrays out. It builds on mlx-lm's llama (attention, MLP, norms,
-masks, cache, sanitize) and imports nothing but mlx and mlx-lm, so a checkpoint folder can carry
-a copy of it as mlx-lm's ``model_file`` and stock ``mlx_lm.load`` can open it.
-
-Sharing is described by ``config["sharp"]``:
-
-    {"share": {"15": 14, "17": 16}, "rank": 64}
-
-``share`` maps a target layer to the reference layer whose MLP it runs (``null``: no borrowed
-MLP, the recovery factors alone; with rank 0 that is a pruned MLP). ``rank`` is an int or a
-``{target: rank}`` map. ``"recovery"`` names the recovery kind (``RECOVERY_KINDS``; absent:
-``plain``, W_t ~= W_r + B A); ``scaled`` gives every projection of every target two more vectors,
-``{p}_in`` and ``{p}_out``: W_t ~= diag(out) W_r diag(in) + B A (older configs say
-``"scales": true``). Each MLP lives at exactly one path (``model.layers.{r}.mlp``); a target
-block owns no MLP and is handed its reference's at call time. Recovery factors and vectors are
-plain arrays, so ``nn.quantize`` leaves them in float.
-
-``"reference_rank"`` (an int or a ``{reference: rank}`` map; absent: 0) gives each reference
-its own plain low-rank recovery too. Then the weight stored at ``model.layers.{r}.mlp`` is a
-shared W_s fitted jointly (sharp_mlx.recovery.joint) and every layer of the group recovers from it:
-W_r ~= W_s + B_r A_r, W_t ~= W_s + B_t A_t. At 0 the reference runs W_s = W_r as it is (SHARP).
-
-What a target computes is defined once, by ``recovered_mlp``; ``LlamaModel.run`` is the one walk
-over the blocks (with an optional hook per block), and ``Model.head`` the one head.
+Pure model file: arrays in, arrays out, importing nothing but mlx and mlx-lm (whose llama it builds
+on), so a checkpoint folder carries a copy of it as mlx-lm's ``model_file``. Sharing is described by
+``config["sharp"]``, e.g. ``{"share": {"15": 14, "17": 16}, "rank": 64}``: ``share`` maps a target
+to the reference whose MLP it runs (``null``: none, the recovery alone; at rank 0 a pruned MLP),
+``rank`` is an int or a ``{target: rank}`` map, ``"recovery"`` names the kind (``RECOVERY_KINDS``:
+``plain``, W_t ~= W_r + B A, or ``scaled``, W_t ~= diag(out) W_r diag(in) + B A), and
+``"reference_rank"`` gives references factors of their own around a jointly fitted stored W_s
+(``sharp_mlx.recovery.joint``). Each MLP lives at exactly one path (``model.layers.{r}.mlp``); a
+target block owns none and is handed its reference's at call time. Recovery factors are plain
+arrays, so ``nn.quantize`` leaves them in float. ``recovered_mlp`` defines what a target computes,
+``LlamaModel.run`` is the one walk over the blocks, ``Model.head`` the one head.
 """
 
 import operator

@@ -15,7 +15,7 @@ before any code is chosen, so the codes are the ones that dtype dequantizes best
 
 ``sequential_gptq`` applies the same per-matrix algorithm to every Linear layer of a Llama in
 GPTQ's own order (block by block, each block's inputs captured from the model with the blocks
-before it already quantized; python -m sharp_mlx.frontier uses it), and ``mlp_sensitivity``
+before it already quantized; experiments/frontier.py uses it), and ``mlp_sensitivity``
 measures what quantizing each block's MLP alone costs, for choosing bits per layer.
 """
 
