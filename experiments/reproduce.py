@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from sharp_mlx import (
     analyze,  # noqa: E402
     bench,  # noqa: E402
+    quantize,  # noqa: E402
     train,  # noqa: E402
 )
 from sharp_mlx.convert import ensure_default_model  # noqa: E402
@@ -52,7 +53,7 @@ from sharp_mlx.models import sharemap  # noqa: E402
 from sharp_mlx.models.llama import SharpArgs  # noqa: E402
 from sharp_mlx.models.sharemap import lora_rank_for, stored_params  # noqa: E402
 from sharp_mlx.pipeline import ensure_data  # noqa: E402
-from sharp_mlx.quant import codes as quantize  # noqa: E402
+from sharp_mlx.quant.codes import folder_bytes  # noqa: E402
 
 
 @dataclass
@@ -473,7 +474,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
             if wants_cloze[key]
             else {},
             "params": stored_params(path) if "quantization" not in read_config(path) else None,
-            "bytes": quantize.folder_bytes(path),
+            "bytes": folder_bytes(path),
         }
         out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
         f = cache / f"{names[key][0]}.json"

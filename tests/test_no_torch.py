@@ -72,7 +72,7 @@ def test_main_job_and_clis_without_torch(tmp_path):
     ppl = json.loads(
         no_torch(
             tmp_path,
-            "sharp_mlx.eval.perplexity",
+            "sharp_mlx.evaluate",
             "--model",
             models / "smoke-4bit",
             "--data",
@@ -87,7 +87,7 @@ def test_main_job_and_clis_without_torch(tmp_path):
     assert all(r["ppl"] > 1 for r in ppl.values())
     no_torch(
         tmp_path,
-        "sharp_mlx.eval.cloze",
+        "sharp_mlx.cloze",
         "--model",
         models / "smoke",
         "--data",

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 from mlx.utils import tree_flatten
 
-from sharp_mlx.data.batches import batches as data
+from sharp_mlx.data import batches as data
 from sharp_mlx.errors import SharpError
 from sharp_mlx.models.llama import Model, ModelArgs
 from sharp_mlx.recovery import sft
