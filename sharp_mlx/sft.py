@@ -48,6 +48,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import DataError, batches, windows
 from .errors import SharpError
+from .integrity import first_nonfinite
 
 LOSSES = ("ce", "kd", "mix")
 CHECKPOINT = "checkpoint.json"
@@ -439,17 +440,30 @@ def train_sft(
         if size > 1:  # the mean over every process's trained tokens
             summed = distributed.all_sum(mx.array([loss * tokens, tokens]), group).tolist()
             loss = summed[0] / max(summed[1], 1.0)
+        kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
         if not math.isfinite(loss):
             bar.close()
-            kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
             raise SharpError(
                 f"training loss is {loss} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate or "
                 "check the data"
+            )
+        diverged = first_nonfinite(tree_flatten(model.trainable_parameters()))
+        if diverged is not None:  # the loss was finite before this update, the weights are not after it
+            bar.close()
+            raise SharpError(
+                f"trained weight {diverged} is not finite after step {step}: stopped; {out_dir} keeps {kept}. Lower "
+                "learning_rate"
             )
         train_history.append((step, loss))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step - first_step) * tokens_per_step / train_time:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             valid_history.append((step, validate()))
+            if not math.isfinite(valid_history[-1][1]):
+                bar.close()
+                raise SharpError(
+                    f"validation loss is {valid_history[-1][1]} at step {step}: stopped; {out_dir} keeps {kept}. "
+                    "Lower learning_rate"
+                )
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
             if main:

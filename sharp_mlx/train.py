@@ -20,6 +20,7 @@ worth of parameters, so ``--rank 63 --recovery scaled`` stores as much as ``--ra
 """
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -35,8 +36,10 @@ from .capture import StudentInputs, calibration_text, capture_mlp_inputs
 from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
+from .integrity import strict_json
 from .joint import run_joint
 from .model import RECOVERY_KINDS, SharpArgs
+from .outputs import claim_output, folder_weight_bytes
 from .recipes import PRESETS, sft_fields, slw_fields
 from .sft import SFTConfig
 from .slw import SLWConfig, run_slw
@@ -141,7 +144,7 @@ def save_stage(out: Path, model, config: dict, source: Path, record: dict, force
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(source, tmp)
-        (tmp / "training.json").write_text(json.dumps(history + [record], indent=2))
+        (tmp / "training.json").write_text(json.dumps(strict_json(history + [record]), indent=2, allow_nan=False))
 
 
 def stage_slw(args) -> dict:
@@ -513,12 +516,19 @@ def run_stage(run, force: bool = False) -> Path:
     """Run one stage (an ``SLWRun`` or an ``SFTRun``) and write its output folder; returns it."""
     if run.out.exists() and not force:
         raise SharpError(f"{run.out} already exists: pass --force to replace it, or choose another --out")
-    tic = time.perf_counter()
-    result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
-    result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
-    if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
-        save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
-        print(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
+    with contextlib.ExitStack() as claims:  # one writer per output and run folder, before any work
+        if distributed.is_main(distributed.group()):
+            claims.enter_context(claim_output(run.out, need=folder_weight_bytes(run.model)))
+            if isinstance(run, SFTRun):
+                claims.enter_context(claim_output(run.run_dir or Path("runs") / run.out.name))
+        if run.out.exists() and not force:  # a restored .old-PID counts
+            raise SharpError(f"{run.out} already exists: pass --force to replace it, or choose another --out")
+        tic = time.perf_counter()
+        result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
+        result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+        if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
+            save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
+            print(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
     return run.out
 
 
