@@ -21,9 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .checkpoint import atomic_dir, copy_tokenizer, load_model, read_config, require_tokenizer, write_model
 from .errors import ArgumentParser, SharpError, cli
 from .model import Model, ModelArgs, projection_shapes
+from .outputs import claim_output, model_bytes
 from .quantize import dequantized
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -81,6 +82,13 @@ def fuse_folder(
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    config = read_config(model_dir)
+    require_tokenizer(model_dir)  # the output gets a copy of it
+    with claim_output(out, need=model_bytes(config, mx.zeros(1, DTYPES.get(dtype, mx.float16)).itemsize)):
+        return _fuse_folder(model_dir, out, dtype, force)
+
+
+def _fuse_folder(model_dir: Path, out: Path, dtype: str, force: bool) -> Path:
     model, config = load_model(model_dir)
     fused, plain_config = fuse(model, config, dtype)
     with atomic_dir(out, force=force) as tmp:

@@ -45,9 +45,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model
 
-from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .checkpoint import atomic_dir, copy_tokenizer, load_model, read_config, require_tokenizer, write_model
 from .errors import ArgumentParser, SharpError, cli
 from .model import QuantizedRecovery
+from .outputs import claim_output, folder_weight_bytes
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
 RECOVERY_DTYPES = {"float16": mx.float16, "float32": mx.float32}
@@ -351,6 +352,13 @@ def quantize_model_folder(
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
+    read_config(model_dir)
+    require_tokenizer(model_dir)  # the output gets a copy of it
+    with claim_output(out, need=folder_weight_bytes(model_dir) // 3):  # one writer, room checked, before the work
+        return _quantize_folder(model_dir, out, o, force)
+
+
+def _quantize_folder(model_dir: Path, out: Path, o: QuantizeOptions, force: bool) -> dict:
     model, config = load_model(model_dir)
     if o.calibration and not config.get("tie_word_embeddings", True):
         raise SharpError(

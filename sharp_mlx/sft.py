@@ -273,6 +273,23 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> 
             old.unlink()
 
 
+CHECKPOINT_KEYS = ("step", "batch", "config", "adapters", "optimizer", "rng", "train_history", "valid_history")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """checkpoint.json, refused in one line if it is cut off or lacks a field."""
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SharpError(
+            f"cannot resume: {path} is not valid JSON ({e}); it was cut off: start a new run in another --run-dir"
+        )
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SharpError(f"cannot resume: {path} lacks {missing[0]}: start a new run in another --run-dir")
+    return state
+
+
 def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processes: int = 1) -> dict:
     """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
     path = out_dir / CHECKPOINT
@@ -280,7 +297,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
         raise SharpError(
             f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run"
         )
-    state = json.loads(path.read_text())
+    state = read_checkpoint(path)
     saved, wanted = state["config"], asdict(config)
     changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
     if changed:
@@ -293,7 +310,20 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
             f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has "
             f"{processes}; resume with the same number (the global batch depends on it)"
         )
-    params = mx.load(str(out_dir / state["adapters"]))
+    for key in ("adapters", "optimizer"):
+        if not (out_dir / state[key]).is_file():
+            raise SharpError(
+                f"cannot resume: {out_dir / state[key]} (named by {path}) is missing; restore it, or start a new run "
+                "in another --run-dir"
+            )
+    try:
+        params = mx.load(str(out_dir / state["adapters"]))
+        optimizer_state = mx.load(str(out_dir / state["optimizer"]))
+    except RuntimeError as e:
+        raise SharpError(
+            f"cannot resume: a checkpoint file in {out_dir} is unreadable ({str(e).splitlines()[0]}); start a new run "
+            "in another --run-dir"
+        )
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if set(params) != expected:
         raise SharpError(
@@ -301,7 +331,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
             "and share map"
         )
     model.load_weights(list(params.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(out_dir / state["optimizer"])).items()))
+    optimizer.state = tree_unflatten(list(optimizer_state.items()))
     key = state["rng"]
     mx.random.seed((key[0] << 32) | key[1])
     mx.eval(model.parameters(), optimizer.state)

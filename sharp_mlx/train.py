@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import corpora, distributed, sharemap
 from .capture import StudentInputs, calibration_text, capture_mlp_inputs
-from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
+from .checkpoint import atomic_dir, copy_tokenizer, load, read_config, verify, write_model
 from .data import load_tokens
 from .errors import ArgumentParser, SharpError, cli
 from .integrity import strict_json
@@ -192,6 +192,7 @@ def stage_slw(args) -> dict:
             f"--scales-init {args.scales_init} fits scaling vectors: add --recovery scaled, or drop --scales-init"
         )
     rank = args.rank
+    verify(args.model)  # a long stage checks its input's checksums first
     original, tokenizer = load(args.model)
     windows = None
     if fits or (baseline.recovered and args.rank_allocation == "sensitivity"):
@@ -339,6 +340,9 @@ def stage_sft(args: SFTRun) -> dict:
             f"{args.model} {what}, so it has no recovery factors to train: make a shared model with --stage slw "
             "first, or fine-tune this one with LoRA (--lora-rank R)"
         )
+    for folder in (args.model, args.teacher):  # a long stage checks its inputs' checksums first
+        if folder is not None:
+            verify(folder)
     model, tokenizer = load(args.model)
     teacher = load(args.teacher)[0] if args.teacher else None
     cfg = args.sft
