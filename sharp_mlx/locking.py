@@ -49,7 +49,10 @@ def _acquire(path: Path, folder: Path, log: Callable[[str], None]) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise SharpError(f"cannot lock {folder}: {path} cannot be created ({e.strerror}): choose a writable folder")
+            raise SharpError(
+                f"cannot write {folder}: {path.parent} is not writable ({e.strerror}; its lock {path.name} cannot be "
+                "made): choose another output folder"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

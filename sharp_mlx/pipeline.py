@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from . import analyze, corpora, evaluate, generate, quantize, train
 from .convert import ensure_default_model
@@ -36,13 +36,56 @@ def ensure_data(data: Path) -> None:
         raise SharpError(f"building the corpora failed: {e}")
 
 
-def step(name: str, out: Path, run: Callable[[bool], object], force: bool, what: str = "") -> None:
-    """Run ``run(force)`` unless its output folder exists (and ``force`` is not set)."""
+def step(
+    name: str, out: Path, run: Callable[[bool], object], force: bool, what: str = "", settings: Optional[dict] = None
+) -> None:
+    """Run ``run(force)`` unless its output folder exists (and ``force`` is not set). An existing
+    folder made with other ``settings`` than these (as its record says) is refused, naming the field."""
     if out.exists() and not force:
+        check_same_settings(name, out, settings)
         print(f"[{name}] {out} exists, skipping (--force redoes it)", flush=True)
         return
     print(f"[{name}] {what or out}", flush=True)
     run(out.exists())
+
+
+def recorded(out: Path) -> Optional[dict]:
+    """What the folder ``out`` records about how it was made: a training stage's settings, or quantize's options."""
+    found = train.recorded_settings(out)
+    if found is None and (out / "config.json").exists():
+        try:
+            found = json.loads((out / "config.json").read_text()).get("sharp_quantize")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+    return found
+
+
+def check_same_settings(name: str, out: Path, settings: Optional[dict]) -> None:
+    if settings is None:
+        return
+    before = recorded(out)
+    if before is None:
+        print(f"[{name}] {out} records no settings (made before they were recorded): reusing it unchecked", flush=True)
+        return
+    settings = json.loads(json.dumps(settings))  # tuples as lists, paths as text: as they were recorded
+    for key, (old, new) in differences(before, settings).items():
+        raise SharpError(
+            f"[{name}] {out} was made with {key}={old!r}, this run asks for {key}={new!r}: pass --force to redo it, or "
+            "choose another --name"
+        )
+
+
+def differences(before: dict, now: dict, prefix: str = "") -> dict:
+    """{field: (recorded, now)} for each field both record and that differs; nested dicts by dotted names."""
+    found = {}
+    for key, value in now.items():
+        if key not in before:
+            continue
+        if isinstance(value, dict) and isinstance(before[key], dict):
+            found.update(differences(before[key], value, f"{prefix}{key}."))
+        elif before[key] != value:
+            found[f"{prefix}{key}"] = (before[key], value)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +152,7 @@ def main(argv=None):
         lambda force: train.run_stage(slw, force),
         args.force,
         f"{slw.share} {slw.layers or ''} rank {slw.rank} -> {slw_out}",
+        train.settings_of(slw),
     )
     run_dir = Path("runs") / args.name
     if args.force:
@@ -131,6 +175,7 @@ def main(argv=None):
         lambda force: train.run_stage(sft, force),
         args.force,
         f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens -> {final}",
+        train.settings_of(sft),
     )
     tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
@@ -155,6 +200,7 @@ def main(argv=None):
         lambda force: print(quantize.summary(quantize.quantize_model_folder(final, q4, options, force=force))),
         args.force,
         f"{options} -> {q4}",
+        options.record(),
     )
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)

@@ -496,6 +496,13 @@ def train_sft(
                 )
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
+            # A checkpoint is kept only of a model that still computes finite losses (weights of 1e30 are finite).
+            checked = valid_history[-1][1] if valid_history[-1][0] == step else validate()
+            if not math.isfinite(checked):
+                bar.close()
+                raise SharpError(
+                    f"validation loss is {checked} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate"
+                )
             if main:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 history = {

@@ -530,10 +530,36 @@ def run_stage(run, force: bool = False) -> Path:
         tic = time.perf_counter()
         result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
         result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+        result["record"]["settings"] = settings_of(run)
         if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
             save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
             print(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
     return run.out
+
+
+def settings_of(run) -> dict:
+    """The settings of an ``SLWRun`` or ``SFTRun`` that shape its output, as JSON values (paths as text)."""
+
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    skip = {"out", "cache_dir", "run_dir", "resume"}
+    return {f.name: plain(asdict(run)[f.name]) for f in fields(run) if f.name not in skip}
+
+
+def recorded_settings(out: Path) -> Optional[dict]:
+    """The settings the last stage of the model folder ``out`` recorded (None: none recorded)."""
+    try:
+        history = json.loads((Path(out) / "training.json").read_text())
+        return history[-1].get("settings")
+    except (OSError, json.JSONDecodeError, IndexError, AttributeError, TypeError):
+        return None
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> set:
