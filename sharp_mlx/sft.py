@@ -280,9 +280,10 @@ def read_checkpoint(path: Path) -> dict:
     """checkpoint.json, refused in one line if it is cut off or lacks a field."""
     try:
         state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise SharpError(
-            f"cannot resume: {path} is not valid JSON ({e}); it was cut off: start a new run in another --run-dir"
+            f"cannot resume: {path} is not valid JSON (cut off by a crash or a full disk?): start a new run in another "
+            "--run-dir"
         )
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:

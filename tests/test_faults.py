@@ -365,3 +365,13 @@ def test_pipeline_step_refuses_an_output_made_with_other_settings(world, capsys)
     assert history[-1]["settings"]["rank"] == 4
     pipeline.step("slw", again.out, lambda f: pytest.fail("reran"), False, settings=train.settings_of(again))
     assert "exists, skipping" in capsys.readouterr().out
+
+
+def test_the_catalogue_of_faults_names_a_test_for_each_row():
+    text = (ROOT / "docs" / "ERRORS.md").read_text().split("## Faults during a run")[1]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 14
+    for row in rows:
+        tests = [t.strip(" `") for t in row.rstrip(" |").rsplit("|", 1)[1].split(",")]
+        for name in tests:
+            assert callable(globals().get(name)), f"{row.split('|')[1]} names {name}, which is not a test here"
