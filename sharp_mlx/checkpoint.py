@@ -153,9 +153,8 @@ def verify(path: PathLike) -> int:
 
 def load(path: PathLike, lazy: bool = False) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) of a model folder; weights are materialised unless ``lazy``."""
-    read_config(path)
-    require_tokenizer(path)
     model, config = load_model(path, lazy=lazy)
+    require_tokenizer(path)
     try:
         return model, load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
     except (ValueError, OSError, json.JSONDecodeError) as e:

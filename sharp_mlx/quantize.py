@@ -339,12 +339,13 @@ def quantize_model_folder(
     out: Union[str, Path],
     options: Optional[QuantizeOptions] = None,
     force: bool = False,
+    tokenizer: bool = False,
     **fields,
 ) -> dict:
     """Quantize the model folder ``model_dir`` into ``out`` as ``options`` say (or a
     ``QuantizeOptions`` of ``fields``); returns what was done, with bytes on disk. With
     ``calibration`` the tied embedding's ``embedding_bits`` codes are fitted by GPTQ
-    (``sharp_mlx.gptq``) instead of rounded to nearest."""
+    (``sharp_mlx.gptq``) instead of rounded to nearest. ``tokenizer``: refuse a folder without one."""
     o = options if options is not None else QuantizeOptions(**fields)
     model_dir, out = Path(model_dir), Path(out)
     o.check()
@@ -353,7 +354,8 @@ def quantize_model_folder(
     if out.resolve() == model_dir.resolve():
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
     read_config(model_dir)
-    require_tokenizer(model_dir)  # the output gets a copy of it
+    if tokenizer:  # the output gets a copy of it: the command writes no tokenizer-less folder
+        require_tokenizer(model_dir)
     with claim_output(out, need=folder_weight_bytes(model_dir) // 3):  # one writer, room checked, before the work
         return _quantize_folder(model_dir, out, o, force)
 
@@ -531,7 +533,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
     options = QuantizeOptions(**{f.name: getattr(args, f.name) for f in fields(QuantizeOptions)})
-    r = quantize_model_folder(args.model, args.out, options, force=args.force)
+    r = quantize_model_folder(args.model, args.out, options, force=args.force, tokenizer=True)
     print(json.dumps(r) if args.json else summary(r, time.perf_counter() - tic))
 
 
