@@ -49,6 +49,7 @@ from . import distributed
 from .data import DataError, batches, windows
 from .errors import SharpError
 from .integrity import first_nonfinite
+from .outputs import is_write_error, write_error
 
 LOSSES = ("ce", "kd", "mix")
 CHECKPOINT = "checkpoint.json"
@@ -255,8 +256,14 @@ class _Validator:
 
 def _replace(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_write_error(e):  # a full or read-only disk: one line; the previous checkpoint is intact
+            raise write_error(path, e) from e
+        raise
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> None:

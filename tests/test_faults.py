@@ -375,3 +375,21 @@ def test_the_catalogue_of_faults_names_a_test_for_each_row():
         tests = [t.strip(" `") for t in row.rstrip(" |").rsplit("|", 1)[1].split(",")]
         for name in tests:
             assert callable(globals().get(name)), f"{row.split('|')[1]} names {name}, which is not a test here"
+
+
+def test_a_full_disk_under_the_sft_run_folder_stops_with_one_line(world, small_disk, capsys):
+    if small_disk is None:
+        pytest.skip("needs a tmpfs mount (root)")
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 20_000))  # about 20 kB left
+    run = small_disk / "run"
+    status = train.main(sft_args(world, "sft-full", "unused", "--steps", "2", "--save-every", "1")[: -0 or None])
+    capsys.readouterr()
+    assert status == 0  # the unused run folder is on the big disk: the model itself is fine
+    args = sft_args(world, "sft-full2", "unused", "--steps", "2", "--save-every", "1")
+    args[args.index("--run-dir") + 1] = str(run)
+    assert train.main(args) == 2
+    line = error_line(capsys.readouterr().err, "train")
+    assert line.startswith(f"sharp_mlx.train: error: writing {run}/") and "nothing was written" in line, line
+    assert [p.name for p in run.iterdir() if p.name.startswith(".tmp-")] == []
+    assert not (world / "sft-full2").exists()
