@@ -20,6 +20,7 @@ COMMANDS = {  # name -> what it does (each is also `python -m sharp_mlx.NAME`)
     "fuse": "a plain dense Llama with the recovery merged in",
     "generate": "generate text, timing load, prompt and decode",
     "bench": "load, decode and perplexity against mlx-lm's 4-bit",
+    "verify": "check a model folder: weights files, checksums, finite weights",
 }
 
 

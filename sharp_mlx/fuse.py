@@ -22,7 +22,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ArgumentParser, SharpError, cli
-from .io.checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .io.checkpoint import atomic_dir, copy_tokenizer, load_model, read_config, require_tokenizer, write_model
+from .io.outputs import claim_output, model_bytes
 from .models.llama import Model, ModelArgs, projection_shapes
 from .quant.codes import dequantized
 
@@ -75,12 +76,21 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
 
 
 def fuse_folder(
-    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False
+    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False, tokenizer=False
 ) -> Path:
-    """Fuse the model folder ``model_dir`` into the plain Llama folder ``out``."""
+    """Fuse the model folder ``model_dir`` into the plain Llama folder ``out`` (``tokenizer``: refuse a
+    folder without one, which would give a tokenizer-less output)."""
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    config = read_config(model_dir)
+    if tokenizer:
+        require_tokenizer(model_dir)
+    with claim_output(out, need=model_bytes(config, mx.zeros(1, DTYPES.get(dtype, mx.float16)).itemsize)):
+        return _fuse_folder(model_dir, out, dtype, force)
+
+
+def _fuse_folder(model_dir: Path, out: Path, dtype: str, force: bool) -> Path:
     model, config = load_model(model_dir)
     fused, plain_config = fuse(model, config, dtype)
     with atomic_dir(out, force=force) as tmp:
@@ -106,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
-    out = fuse_folder(args.model, args.out, args.dtype, args.force)
+    out = fuse_folder(args.model, args.out, args.dtype, args.force, tokenizer=True)
     print(
         f"fused {args.model} -> {out}, a plain Llama for mlx_lm.load and transformers "
         f"({time.perf_counter() - tic:.1f} s)"

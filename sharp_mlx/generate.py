@@ -70,6 +70,17 @@ def prompt_tokens(tokenizer, prompt: str, chat: bool = True, system: Optional[st
     return tokenizer.encode(prompt)
 
 
+def check_utf8(name: str, text: Optional[str]) -> None:
+    """Text from the command line is UTF-8 (bytes that are not arrive as lone surrogates)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SharpError(
+            f"{name} is not UTF-8 text (a byte 0x{ord(text[e.start]) & 0xFF:02x} at character {e.start}): pass the "
+            "prompt as UTF-8"
+        )
+
+
 def check_request(model, tokens: List[int], max_tokens: int) -> None:
     if max_tokens <= 0:
         raise SharpError(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -168,6 +179,8 @@ def answer(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # a long prompt is our own one-line error, not a tokenizer warning
+    for name, text in (("--prompt", prompt), ("--system", system)):
+        check_utf8(name, text)
     model, tokenizer, load_s = timed_load(model_dir)
     tokens = prompt_tokens(tokenizer, prompt, chat=chat, system=system)
     pieces, timing = [], None

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from . import analyze, generate, options
 from . import quantize as quantize_cmd
@@ -26,7 +26,7 @@ from .errors import ArgumentParser, SharpError, cli
 from .eval import perplexity as evaluate
 from .quant import codes as quantize
 from .recipes import PRESETS, Recipe
-from .recovery.stages import ANALYSIS, SFTRun, SLWRun, run_stage
+from .recovery.stages import ANALYSIS, SFTRun, SLWRun, recorded_settings, run_stage, settings_of
 
 
 def ensure_data(data: Path) -> None:
@@ -39,13 +39,56 @@ def ensure_data(data: Path) -> None:
         raise SharpError(f"building the corpora failed: {e}")
 
 
-def step(name: str, out: Path, run: Callable[[bool], object], force: bool, what: str = "") -> None:
-    """Run ``run(force)`` unless its output folder exists (and ``force`` is not set)."""
+def step(
+    name: str, out: Path, run: Callable[[bool], object], force: bool, what: str = "", settings: Optional[dict] = None
+) -> None:
+    """Run ``run(force)`` unless its output folder exists (and ``force`` is not set). An existing
+    folder made with other ``settings`` than these (as its record says) is refused, naming the field."""
     if out.exists() and not force:
+        check_same_settings(name, out, settings)
         print(f"[{name}] {out} exists, skipping (--force redoes it)", flush=True)
         return
     print(f"[{name}] {what or out}", flush=True)
     run(out.exists())
+
+
+def recorded(out: Path) -> Optional[dict]:
+    """What the folder ``out`` records about how it was made: a training stage's settings, or quantize's options."""
+    found = recorded_settings(out)
+    if found is None and (out / "config.json").exists():
+        try:
+            found = json.loads((out / "config.json").read_text()).get("sharp_quantize")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+    return found
+
+
+def check_same_settings(name: str, out: Path, settings: Optional[dict]) -> None:
+    if settings is None:
+        return
+    before = recorded(out)
+    if before is None:
+        print(f"[{name}] {out} records no settings (made before they were recorded): reusing it unchecked", flush=True)
+        return
+    settings = json.loads(json.dumps(settings))  # tuples as lists, paths as text: as they were recorded
+    for key, (old, new) in differences(before, settings).items():
+        raise SharpError(
+            f"[{name}] {out} was made with {key}={old!r}, this run asks for {key}={new!r}: pass --force to redo it, or "
+            "choose another --name"
+        )
+
+
+def differences(before: dict, now: dict, prefix: str = "") -> dict:
+    """{field: (recorded, now)} for each field both record and that differs; nested dicts by dotted names."""
+    found = {}
+    for key, value in now.items():
+        if key not in before:
+            continue
+        if isinstance(value, dict) and isinstance(before[key], dict):
+            found.update(differences(before[key], value, f"{prefix}{key}."))
+        elif before[key] != value:
+            found[f"{prefix}{key}"] = (before[key], value)
+    return found
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclass_fields(Recipe))
@@ -83,7 +126,8 @@ def main(argv=None):
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
     slw = SLWRun(original, slw_out, r, data=corpora.files("train", args.data), analysis=ANALYSIS)
-    step("slw", slw_out, lambda force: run_stage(slw, force), args.force, f"{r.share} rank {r.rank} -> {slw_out}")
+    step("slw", slw_out, lambda force: run_stage(slw, force), args.force, f"{r.share} rank {r.rank} -> {slw_out}",
+         settings_of(slw))  # fmt: skip
     run_dir = Path("runs") / args.name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -91,7 +135,7 @@ def main(argv=None):
                  valid=corpora.files("valid", args.data), run_dir=run_dir,
                  resume=(run_dir / "checkpoint.json").exists())  # fmt: skip  # an interrupted SFT continues
     what = f"{r.sft_steps} steps of {r.batch_size} x {r.seq_len} tokens -> {final}"
-    step("sft", final, lambda force: run_stage(sft, force), args.force, what)
+    step("sft", final, lambda force: run_stage(sft, force), args.force, what, settings_of(sft))
     tests = corpora.files("test", args.data)
     report = run_dir / "perplexity.json"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +159,7 @@ def main(argv=None):
         lambda force: print(quantize_cmd.summary(quantize.quantize_model_folder(final, q4, q_options, force=force))),
         args.force,
         f"{q_options} -> {q4}",
+        q_options.record(),
     )
     for model in (original, final, q4):
         print(f"\n[generate] {model}", flush=True)

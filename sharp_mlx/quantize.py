@@ -153,7 +153,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     tic = time.perf_counter()
     options = QuantizeOptions(**{f.name: getattr(args, f.name) for f in fields(QuantizeOptions)})
-    r = quantize_model_folder(args.model, args.out, options, force=args.force)
+    r = quantize_model_folder(args.model, args.out, options, force=args.force, tokenizer=True)
     print(json.dumps(r) if args.json else summary(r, time.perf_counter() - tic))
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
-from sharp_mlx import convert, evaluate, generate, quantize, train
+from sharp_mlx import convert, evaluate, fuse, generate, quantize, train, verify
 
 MAINS = {
     "train": train.main,
@@ -23,8 +23,11 @@ MAINS = {
     "evaluate": evaluate.main,
     "generate": generate.main,
     "quantize": quantize.main,
+    "fuse": fuse.main,
+    "verify": verify.main,
 }
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
+FAULTS_HEADING = "## Faults during a run"  # the table after it is tests/test_faults.py's
 LONG_PROMPT = "a" * 300  # the tiny model's context is 256 tokens, one a character
 SLW = [
     "--stage",
@@ -158,6 +161,32 @@ CASES = [
         "quantize",
         ["--model", "orig", "--out", "q", "--from-gguf", "none", "--calibration", "train.jsonl"],
     ),
+    # broken folders (issue 25)
+    Case("config-is-a-list", "generate", ["--model", "listcfg"]),
+    Case("config-without-layers", "generate", ["--model", "nolayers"]),
+    Case("tokenizer-missing", "generate", ["--model", "notok"]),
+    Case("quantize-without-tokenizer", "quantize", ["--model", "notok", "--out", "q", "--from-gguf", "none"]),
+    Case("fuse-without-tokenizer", "fuse", ["--model", "notok", "--out", "fused"]),
+    Case("convert-truncated-safetensors", "convert", ["--source", "truncated", "--out", "imported"]),
+    Case("weights-stray-file", "generate", ["--model", "stray"]),
+    Case("weights-stray-file-without-index", "generate", ["--model", "strayplain"]),
+    Case("weights-shard-missing", "generate", ["--model", "shardmissing"]),
+    Case("weights-in-two-files", "generate", ["--model", "twice"]),
+    Case("weights-index-names-missing-file", "generate", ["--model", "indexmissing"]),
+    Case("weights-not-finite", "evaluate", ["--model", "nanmodel", "--data", "train.jsonl"]),
+    Case("weights-corrupted", "verify", ["--model", "flipped"]),
+    Case(
+        "prompt-not-utf8",
+        "generate",
+        ["--model", "orig", "--prompt", "caf\udce9"],
+        shown="python -m sharp_mlx.generate --model orig --prompt $'caf\\xe9'",
+    ),
+    Case("sft-resume-checkpoint-cut-off", "train", SFT[:6] + ["--run-dir", "run-cut"] + SFT[8:] + DATA + ["--resume"]),
+    Case(
+        "sft-resume-adapters-missing",
+        "train",
+        SFT[:6] + ["--run-dir", "run-noadapters"] + SFT[8:] + DATA + ["--resume"],
+    ),
 ]
 
 
@@ -195,6 +224,7 @@ def world(tmp_path_factory):
     edit_config(w / "mismatch", intermediate_size=128)
     edit_config(w / "remote", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLlama"})
     (w / "remote" / "modeling_custom.py").write_text("raise SystemExit('this code must never run')\n")
+    broken_folders(w, orig)
     (w / "existing").mkdir()
     (w / "existing" / "keep.txt").write_text("an earlier result\n")
     assert (
@@ -212,7 +242,50 @@ def world(tmp_path_factory):
         )
         == 0
     )
+    for name, damage in (("run-cut", "cut"), ("run-noadapters", "adapters")):
+        shutil.copytree(w / "run-done", w / name)
+        state = (w / name / "checkpoint.json").read_text()
+        if damage == "cut":
+            (w / name / "checkpoint.json").write_text(state[: len(state) // 2])
+        else:
+            (w / name / json.loads(state)["adapters"]).unlink()
     return w
+
+
+def broken_folders(w: Path, orig: Path) -> None:
+    """Model folders broken in the ways issue 25 found: each refused in one line."""
+    import mlx.core as mx
+
+    for name in ("listcfg", "nolayers", "notok", "stray", "strayplain", "shardmissing", "twice", "indexmissing"):
+        shutil.copytree(orig, w / name)
+    (w / "listcfg" / "config.json").write_text("[]")
+    config = json.loads((orig / "config.json").read_text())
+    (w / "nolayers" / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "num_hidden_layers"})
+    )
+    (w / "notok" / "tokenizer.json").unlink()
+    shutil.copy(orig / "model.safetensors", w / "stray" / "model-backup.safetensors")
+    (w / "strayplain" / "model.safetensors.index.json").unlink()
+    shutil.copy(orig / "model.safetensors", w / "strayplain" / "model.old.safetensors")
+    weights = mx.load(str(orig / "model.safetensors"))
+    names = sorted(weights)
+    for name, parts in (("shardmissing", [names[:10], names[10:]]), ("twice", [names[:10], names[9:]])):
+        (w / name / "model.safetensors").unlink()
+        (w / name / "model.safetensors.index.json").unlink()
+        for k, part in enumerate(parts):
+            shard = w / name / f"model-0000{k + 1}-of-0000{len(parts) + (name == 'shardmissing')}.safetensors"
+            mx.save_safetensors(str(shard), {n: weights[n] for n in part})
+    index = json.loads((orig / "model.safetensors.index.json").read_text())
+    index["weight_map"][names[0]] = "model-00002-of-00002.safetensors"
+    (w / "indexmissing" / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copytree(orig, w / "nanmodel")
+    weights["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    mx.save_safetensors(str(w / "nanmodel" / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (w / "nanmodel" / "checksums.json").unlink()
+    shutil.copytree(orig, w / "flipped")
+    data = bytearray((orig / "model.safetensors").read_bytes())
+    data[-100:-96] = bytes(b ^ 0xFF for b in data[-100:-96])
+    (w / "flipped" / "model.safetensors").write_bytes(bytes(data))
 
 
 def snapshot(folder: Path) -> dict:
@@ -227,7 +300,7 @@ def snapshot(folder: Path) -> dict:
 def read_catalogue() -> dict:
     """{id: {"command", "message"}} from the table rows of docs/ERRORS.md."""
     rows = {}
-    for line in CATALOGUE.read_text().splitlines():
+    for line in CATALOGUE.read_text().split(FAULTS_HEADING)[0].splitlines():
         if not line.startswith("| `"):
             continue
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]

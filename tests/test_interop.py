@@ -16,6 +16,7 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from test_model import TOKENS, randomize_recovery
+from tiny_folder import write_char_tokenizer
 
 import sharp_mlx
 from sharp_mlx import fuse, generate
@@ -112,6 +113,7 @@ def test_fused_model_equals_sharp_model(tmp_path, share, scales):
     model, config = tiny_model(share=share, rank=4, scales=scales)
     randomize_recovery(model)
     src = sharp_mlx.save(tmp_path / "sharp", model, config)
+    write_char_tokenizer(src)  # the command refuses a folder without a tokenizer
     assert fuse.main(["--model", str(src), "--out", str(tmp_path / "fused"), "--dtype", "float32"]) == 0
     out = tmp_path / "fused"
     on_disk = json.loads((out / "config.json").read_text())

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from ..data.batches import DataError, load_tokens, windows
+from ..errors import SharpError
 from ..io.checkpoint import load, load_model
 from ..quant.codes import dequantized
 
@@ -43,6 +44,11 @@ def perplexity(
         loss = window_losses(model, wins[i : i + batch_size]).sum()
         mx.eval(loss)
         total += loss.item()
+    if not math.isfinite(total) or total / scored > 700:  # exp(700) is about the largest float
+        raise SharpError(
+            f"{desc}: the loss is {total / scored} per token, so the perplexity is not a finite number: the model's "
+            "outputs overflow (try float32 weights) or the model is broken"
+        )
     return {"ppl": math.exp(total / scored), "tokens": scored}
 
 

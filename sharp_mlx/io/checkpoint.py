@@ -21,6 +21,9 @@ from mlx_lm.utils import load_tokenizer, save_config, save_model
 from ..errors import SharpError
 from ..models import llama as model_module
 from ..models.llama import Model, ModelArgs, SharpArgs
+from .integrity import check_finite, verify_checksums, write_checksums
+from .outputs import claim_output, is_write_error, write_error
+from .weightfiles import weight_files
 
 MODEL_FILE = "sharp_model.py"
 TOKENIZER_FILES = (
@@ -59,15 +62,38 @@ def read_config(path: PathLike) -> dict:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise SharpError(f"{path / 'config.json'} is not valid JSON ({e}): re-import the model")
+    except UnicodeDecodeError as e:
+        raise SharpError(
+            f"{path / 'config.json'} is not UTF-8 text ({e.reason} at byte {e.start}): re-import the model"
+        )
+    check_config_shape(path, config)
     asks_for_code(path, config)
     if config.get("model_type") not in SUPPORTED_TYPES:
         raise SharpError(
             f"{path} holds a {config.get('model_type')!r} model; sharp_mlx supports model_type "
             f"{', '.join(SUPPORTED_TYPES)}: pass a Llama-family model"
         )
-    if not list(path.glob("model*.safetensors")):
-        raise SharpError(f"{path} has a config.json but no model*.safetensors weights: re-import or re-save the model")
+    weight_files(path)
     return config
+
+
+REQUIRED = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def check_config_shape(path: Path, config) -> None:
+    """config.json is a JSON object, and a Llama's holds a whole number >= 1 for each size."""
+    if not isinstance(config, dict):
+        raise SharpError(
+            f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of settings: re-import the "
+            "model"
+        )
+    if config.get("model_type") not in SUPPORTED_TYPES:
+        return
+    for key in REQUIRED:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            what = "lacks" if key not in config else f"has {key} = {value!r} instead of a whole number >= 1 for"
+            raise SharpError(f"{path / 'config.json'} {what} {key}: re-import the model")
 
 
 def asks_for_code(path: Path, config: dict) -> None:
@@ -114,34 +140,69 @@ def load_model(path: PathLike, lazy: bool = False) -> Tuple[Model, dict]:
             "re-save the model"
         )
     config.pop("model_file", None)
+    if not lazy:
+        check_finite(model, str(path), "the model is broken (a diverged training run?); re-train or re-import it")
     return model, config
+
+
+def verify(path: PathLike) -> int:
+    """Check the recorded checksums of a model folder's weights files; return how many were checked."""
+    read_config(path)
+    return verify_checksums(path, weight_files(path))
 
 
 def load(path: PathLike, lazy: bool = False) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) of a model folder; weights are materialised unless ``lazy``."""
     model, config = load_model(path, lazy=lazy)
-    return model, load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    require_tokenizer(path)
+    try:
+        return model, load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise SharpError(f"{path}: cannot read its tokenizer ({str(e).splitlines()[0]}): re-import the model")
+
+
+def require_tokenizer(path: PathLike) -> None:
+    """A model folder holds a tokenizer (tokenizer.json or a sentencepiece tokenizer.model)."""
+    path = Path(path)
+    if path.is_dir() and not any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
+        raise SharpError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model): copy the tokenizer files of the model it "
+            "came from into it, or re-import it"
+        )
 
 
 @contextlib.contextmanager
 def atomic_dir(out: PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only once everything in it is written."""
     out = Path(out)
-    if out.exists() and not force:
-        raise SharpError(f"{out} already exists: pass --force to replace it, or choose another output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
+    with claim_output(out):  # the lock and leftovers' cleanup, if the command has not claimed it already
+        if out.exists() and not force:
+            raise SharpError(f"{out} already exists: pass --force to replace it, or choose another output folder")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            tmp.mkdir()
+            yield tmp
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_write_error(e):
+                raise write_error(out, e) from e
+            raise
+        _swap(tmp, out)
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an ``out`` already there is moved aside first and put back if that fails."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
+    try:
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except OSError as e:
+        if old.exists() and not out.exists():
+            old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from e
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -159,8 +220,10 @@ def write_model(folder: Path, model: nn.Module, config: dict) -> None:
         config["sharp"] = sharp.to_dict()
         config["model_file"] = MODEL_FILE
         shutil.copy(model_module.__file__, folder / MODEL_FILE)
+    check_finite(model, f"not writing {folder.name.split('.tmp-')[0].lstrip('.')}", "nothing was saved")
     save_model(folder, model)
     save_config(config, folder / "config.json")
+    write_checksums(folder)
 
 
 def save(

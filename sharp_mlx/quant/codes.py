@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model
 
 from ..errors import SharpError
-from ..io.checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from ..io.checkpoint import atomic_dir, copy_tokenizer, load_model, read_config, require_tokenizer, write_model
+from ..io.outputs import claim_output, folder_weight_bytes
 from ..models.llama import QuantizedRecovery
 
 Codes = Dict[str, Tuple[mx.array, mx.array, mx.array]]  # module path -> (weight, scales, biases)
@@ -306,12 +307,13 @@ def quantize_model_folder(
     out: Union[str, Path],
     options: Optional[QuantizeOptions] = None,
     force: bool = False,
+    tokenizer: bool = False,
     **fields,
 ) -> dict:
     """Quantize the model folder ``model_dir`` into ``out`` as ``options`` say (or a
     ``QuantizeOptions`` of ``fields``); returns what was done, with bytes on disk. With
     ``calibration`` the tied embedding's ``embedding_bits`` codes are fitted by GPTQ
-    (``sharp_mlx.quant.gptq``) instead of rounded to nearest."""
+    (``sharp_mlx.quant.gptq``) instead of rounded to nearest. ``tokenizer``: refuse a folder without one."""
     o = options if options is not None else QuantizeOptions(**fields)
     model_dir, out = Path(model_dir), Path(out)
     o.check()
@@ -319,6 +321,14 @@ def quantize_model_folder(
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     if out.resolve() == model_dir.resolve():
         raise SharpError(f"--out {out} is the input folder: write the quantized model to another folder")
+    read_config(model_dir)
+    if tokenizer:  # the output gets a copy of it: the command writes no tokenizer-less folder
+        require_tokenizer(model_dir)
+    with claim_output(out, need=folder_weight_bytes(model_dir) // 3):  # one writer, room checked, before the work
+        return _quantize_folder(model_dir, out, o, force)
+
+
+def _quantize_folder(model_dir: Path, out: Path, o: QuantizeOptions, force: bool) -> dict:
     model, config = load_model(model_dir)
     if o.calibration and not config.get("tie_word_embeddings", True):
         raise SharpError(

@@ -47,6 +47,8 @@ from tqdm import tqdm
 
 from ..data.batches import DataError, batches, windows
 from ..errors import SharpError
+from ..io.integrity import first_nonfinite
+from ..io.outputs import is_write_error, write_error
 from ..recipes import PAPER
 from . import distributed
 
@@ -257,8 +259,14 @@ class _Validator:
 
 def _replace(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_write_error(e):  # a full or read-only disk: one line; the previous checkpoint is intact
+            raise write_error(path, e) from e
+        raise
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> None:
@@ -275,6 +283,24 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> 
             old.unlink()
 
 
+CHECKPOINT_KEYS = ("step", "batch", "config", "adapters", "optimizer", "rng", "train_history", "valid_history")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """checkpoint.json, refused in one line if it is cut off or lacks a field."""
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SharpError(
+            f"cannot resume: {path} is not valid JSON (cut off by a crash or a full disk?): start a new run in another "
+            "--run-dir"
+        )
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SharpError(f"cannot resume: {path} lacks {missing[0]}: start a new run in another --run-dir")
+    return state
+
+
 def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processes: int = 1) -> dict:
     """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
     path = out_dir / CHECKPOINT
@@ -282,7 +308,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
         raise SharpError(
             f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run"
         )
-    state = json.loads(path.read_text())
+    state = read_checkpoint(path)
     saved, wanted = state["config"], asdict(config)
     changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
     if changed:
@@ -295,7 +321,20 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
             f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has "
             f"{processes}; resume with the same number (the global batch depends on it)"
         )
-    params = mx.load(str(out_dir / state["adapters"]))
+    for key in ("adapters", "optimizer"):
+        if not (out_dir / state[key]).is_file():
+            raise SharpError(
+                f"cannot resume: {out_dir / state[key]} (named by {path}) is missing; restore it, or start a new run "
+                "in another --run-dir"
+            )
+    try:
+        params = mx.load(str(out_dir / state["adapters"]))
+        optimizer_state = mx.load(str(out_dir / state["optimizer"]))
+    except RuntimeError as e:
+        raise SharpError(
+            f"cannot resume: a checkpoint file in {out_dir} is unreadable ({str(e).splitlines()[0]}); start a new run "
+            "in another --run-dir"
+        )
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if set(params) != expected:
         raise SharpError(
@@ -303,7 +342,7 @@ def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processe
             "and share map"
         )
     model.load_weights(list(params.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(out_dir / state["optimizer"])).items()))
+    optimizer.state = tree_unflatten(list(optimizer_state.items()))
     key = state["rng"]
     mx.random.seed((key[0] << 32) | key[1])
     mx.eval(model.parameters(), optimizer.state)
@@ -442,19 +481,39 @@ def train_sft(
         if size > 1:  # the mean over every process's trained tokens
             summed = distributed.all_sum(mx.array([loss * tokens, tokens]), group).tolist()
             loss = summed[0] / max(summed[1], 1.0)
+        kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
         if not math.isfinite(loss):
             bar.close()
-            kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
             raise SharpError(
                 f"training loss is {loss} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate or "
                 "check the data"
+            )
+        diverged = first_nonfinite(tree_flatten(model.trainable_parameters()))
+        if diverged is not None:  # the loss was finite before this update, the weights are not after it
+            bar.close()
+            raise SharpError(
+                f"trained weight {diverged} is not finite after step {step}: stopped; {out_dir} keeps {kept}. Lower "
+                "learning_rate"
             )
         train_history.append((step, loss))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step - first_step) * tokens_per_step / train_time:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             valid_history.append((step, validate()))
+            if not math.isfinite(valid_history[-1][1]):
+                bar.close()
+                raise SharpError(
+                    f"validation loss is {valid_history[-1][1]} at step {step}: stopped; {out_dir} keeps {kept}. "
+                    "Lower learning_rate"
+                )
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
+            # A checkpoint is kept only of a model that still computes finite losses (weights of 1e30 are finite).
+            checked = valid_history[-1][1] if valid_history[-1][0] == step else validate()
+            if not math.isfinite(checked):
+                bar.close()
+                raise SharpError(
+                    f"validation loss is {checked} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate"
+                )
             if main:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 history = {

@@ -4,6 +4,7 @@ warms up its recovery, SFT fine-tunes it end to end. ``python -m sharp_mlx.train
 from a ``sharp_mlx.recipes.Recipe``.
 """
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +18,9 @@ from tqdm import tqdm
 from ..data import corpora
 from ..data.batches import load_tokens
 from ..errors import SharpError
-from ..io.checkpoint import atomic_dir, copy_tokenizer, load, read_config, write_model
+from ..io.checkpoint import atomic_dir, copy_tokenizer, load, read_config, verify, write_model
+from ..io.integrity import strict_json
+from ..io.outputs import claim_output, folder_weight_bytes
 from ..models import sharemap
 from ..models.llama import SharpArgs
 from ..recipes import PAPER, Recipe
@@ -223,6 +226,7 @@ def stage_slw(run: SLWRun) -> dict:
         check_rank(r.rank, config)
     if r.recovery != "plain":
         check_kind(baseline, r.recovery, share, r.rank, config)
+    verify(run.model)  # a long stage checks its input's checksums first
     original, tokenizer = load(run.model)
     windows, rank = None, r.rank
     if fits or (baseline.recovered and r.rank_allocation == "sensitivity"):
@@ -263,6 +267,9 @@ def stage_sft(run: SFTRun) -> dict:
         )
     if cfg.loss != "ce" and run.teacher is None:
         raise SharpError(f"--loss {cfg.loss} distils from the original model: pass --teacher DIR (or use --loss ce)")
+    for folder in (run.model, run.teacher):  # a long stage checks its inputs' checksums first
+        if folder is not None:
+            verify(folder)
     model, tokenizer = load(run.model)
     teacher = load(run.teacher)[0] if run.teacher else None
     train = [load_tokens(f, tokenizer, run.recipe.max_train_tokens) for f in run.data or default_data("train")]
@@ -286,17 +293,50 @@ def save_stage(out: Path, model, config: dict, source: Path, record: dict, force
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, model, config)
         copy_tokenizer(source, tmp)
-        (tmp / "training.json").write_text(json.dumps(history + [record], indent=2))
+        (tmp / "training.json").write_text(json.dumps(strict_json(history + [record]), indent=2, allow_nan=False))
 
 
 def run_stage(run, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run one stage (an ``SLWRun`` or an ``SFTRun``) and write its output folder; returns it."""
     if run.out.exists() and not force:
         raise SharpError(f"{run.out} already exists: pass --force to replace it, or choose another --out")
-    tic = time.perf_counter()
-    result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
-    result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
-    if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
-        save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
-        log(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
+    with contextlib.ExitStack() as claims:  # one writer per output and run folder, before any work
+        if distributed.is_main(distributed.group()):
+            claims.enter_context(claim_output(run.out, need=folder_weight_bytes(run.model)))
+            if isinstance(run, SFTRun):
+                claims.enter_context(claim_output(run.run_dir or Path("runs") / run.out.name))
+        if run.out.exists() and not force:  # a restored .old-PID counts
+            raise SharpError(f"{run.out} already exists: pass --force to replace it, or choose another --out")
+        tic = time.perf_counter()
+        result = (stage_slw if isinstance(run, SLWRun) else stage_sft)(run)
+        result["record"]["wall_s"] = round(time.perf_counter() - tic, 1)
+        result["record"]["settings"] = settings_of(run)
+        if distributed.is_main(distributed.group()):  # rank 0 writes the folder; every process holds the same model
+            save_stage(run.out, result["model"], result["config"], run.model, result["record"], force)
+            log(f"{result['record']['stage']} done in {result['record']['wall_s']:.0f} s -> {run.out}")
     return run.out
+
+
+def settings_of(run) -> dict:
+    """The settings of an ``SLWRun`` or ``SFTRun`` that shape its output, as JSON values (paths as text)."""
+
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    skip = {"out", "cache_dir", "run_dir", "resume"}
+    return {k: plain(v) for k, v in asdict(run).items() if k not in skip}
+
+
+def recorded_settings(out: Path) -> Optional[dict]:
+    """The settings the last stage of the model folder ``out`` recorded (None: none recorded)."""
+    try:
+        history = json.loads((Path(out) / "training.json").read_text())
+        return history[-1].get("settings")
+    except (OSError, json.JSONDecodeError, IndexError, AttributeError, TypeError):
+        return None
