@@ -143,7 +143,7 @@ def plan_size(model, config: dict, candidates: Sequence[int], rank: int, cut=Non
         if k is None:
             raise SharpError(
                 f"a budget of {budget_mb} MB is smaller than any plan: the most sharing here ({most} targets at rank "
-                f"{rank}) stores {nbytes(most) / 1e6:.1f} MB at 4 bits; ask for more, or a smaller --rank"
+                f"{rank}) stores {nbytes(most) / 1e6:.1f} MB at 4 bits; ask for more MB, or a smaller --rank"
             )
     else:
         k = math.ceil(cut / one - 1e-9)
@@ -227,11 +227,11 @@ def advise(
     candidates = list(range(1, n))
     if len(candidates) < 2 and budget_mb is None:
         raise SharpError(f"{folder} has {n} layer(s): sharing needs a reference and a target, at least 2 layers")
+    size = plan_size(model, config, candidates, rank, cut, budget_mb)  # a plan that cannot be made fails first
     windows = calibration_text(list(data), tokenizer, max(tokens, damage_windows * (seq_len + 1)), seq_len + 1)
     dmg = direct_damage(model, windows[:damage_windows], candidates)
     inputs = capture_mlp_inputs(model, windows[:, :-1], candidates)["mlp_inputs"]
     gains = borrow_gains(model, inputs, candidates, rank)
-    size = plan_size(model, config, candidates, rank, cut, budget_mb)
     # KL from the original, not the loss increase, ranks them: it is never negative, so a swap that lowers the
     # loss by chance on a weak model (or on few tokens) cannot win
     chosen = sharemap.least_damage_targets(dmg["kl"], size["k"])

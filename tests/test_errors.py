@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
-from sharp_mlx import convert, evaluate, generate, quantize, train
+from sharp_mlx import advise, convert, evaluate, generate, quantize, train
 
 MAINS = {
     "train": train.main,
@@ -23,6 +23,7 @@ MAINS = {
     "evaluate": evaluate.main,
     "generate": generate.main,
     "quantize": quantize.main,
+    "advise": advise.main,
 }
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
 LONG_PROMPT = "a" * 300  # the tiny model's context is 256 tokens, one a character
@@ -61,6 +62,7 @@ SFT = [
     "2",
 ]
 DATA = ["--data", "train.jsonl", "--valid", "train.jsonl"]
+ADVISE = ["--model", "orig", "--data", "train.jsonl", "--seq-len", "64", "--out", "report"]
 
 
 class Case(NamedTuple):
@@ -157,6 +159,15 @@ CASES = [
         "quantize-calibration-without-bits",
         "quantize",
         ["--model", "orig", "--out", "q", "--from-gguf", "none", "--calibration", "train.jsonl"],
+    ),
+    # the advisor
+    Case("advise-cut-outside", "advise", ADVISE + ["--cut", "1.5"]),
+    Case("advise-too-few-layers-for-the-cut", "advise", ADVISE + ["--cut", "0.5", "--rank", "8"]),
+    Case("advise-budget-below-any-plan", "advise", ADVISE + ["--budget-mb", "0.01", "--rank", "8"]),
+    Case(
+        "advise-calibration-shorter-than-a-window",
+        "advise",
+        ADVISE[:3] + ["short.jsonl"] + ADVISE[4:] + ["--rank", "8"],
     ),
 ]
 
