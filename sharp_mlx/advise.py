@@ -134,6 +134,10 @@ def plan_size(model, config: dict, candidates: Sequence[int], rank: int, cut=Non
     base = four_bit_bytes(model, config, {}, rank)
     per_target = four_bit_bytes(model, config, {candidates[0]: candidates[0] - 1}, rank) - base
     most = (len(candidates) + 1) // 2
+    if one <= 0:
+        raise SharpError(
+            f"at rank {rank} a target's recovery stores as much as the MLP it replaces: pass a smaller --rank"
+        )
 
     def nbytes(k):
         return base + k * per_target
@@ -211,7 +215,7 @@ def advise(
     budget_mb: Optional[float] = None,
     rank: int = 64,
     tokens: int = 2048,
-    damage_windows: int = 4,
+    damage_windows: int = 2,
     seq_len: int = 256,
     gptq_bits: Sequence[int] = (4,),
     from_gguf: str = "auto",
@@ -361,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=2048, help="calibration tokens for the fits (default: %(default)s)")
     p.add_argument(
-        "--damage-windows", type=int, default=4, help="windows the losses are measured on (default: %(default)s)"
+        "--damage-windows", type=int, default=2, help="windows the losses are measured on (default: %(default)s)"
     )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
     p.add_argument(

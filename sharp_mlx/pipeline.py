@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import analyze, corpora, evaluate, generate, quantize, train
+from . import advise, analyze, corpora, evaluate, generate, quantize, train
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
 from .recipes import PRESETS, Recipe, preset, sft_fields, slw_fields
 from .sft import SFTConfig
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
+ADVICE = Path("runs") / "advise" / "advise"  # the advisor's report prefix
+# The advisor at cheap settings: it only says whether sharing pays here, before the hours of training.
+ADVISE_ARGS = ["--tokens", "1024", "--damage-windows", "2", "--gptq-bits"]
 
 
 def ensure_data(data: Path) -> None:
@@ -85,17 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
+    p.add_argument("--no-advise", action="store_true", help="skip the advisor's verdict on the model first")
     return p
+
+
+def advise_first(model: Path, data: Path) -> None:
+    """Run the advisor on ``model`` (skipped when its report exists) and print its verdict."""
+    report = ADVICE.with_suffix(".json")
+    if not report.exists():
+        print(f"[advise] will sharing pay on {model}? -> {ADVICE}.md", flush=True)
+        args = ["--model", str(model), "--data", *map(str, corpora.files("train", data)), *ADVISE_ARGS]
+        if advise.main([*args, "--out", str(ADVICE)]):
+            raise SharpError("the advisor failed (its error is above): rerun with --no-advise to skip it")
+    rep = json.loads(report.read_text())
+    print(f"[advise] sharing {rep['verdict']} here ({ADVICE}.md); next: {rep['next_command']}", flush=True)
 
 
 @cli("sharp_mlx.pipeline")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    own = {"preset", "name", "data", "force"}
+    own = {"preset", "name", "data", "force", "no_advise"}
     r = preset(args.preset, **{k: v for k, v in vars(args).items() if k not in own})
     tic = time.perf_counter()
     original = ensure_default_model()
     ensure_data(args.data)
+    if not args.no_advise:
+        advise_first(original, args.data)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.

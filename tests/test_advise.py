@@ -55,3 +55,20 @@ def test_plan_size_follows_the_cut_and_the_budget(tmp_path):
     assert small["k"] == 1 < big["k"] == 3 and big["bytes"] < small["bytes"] < big["base_4bit_bytes"]
     budget = advise.plan_size(model, config, [1, 2, 3, 4, 5], 8, budget_mb=small["bytes"] / 1e6)
     assert budget["k"] == 1
+
+
+def test_pipeline_prints_the_verdict_first_and_skips_a_report_it_has(tmp_path, text, monkeypatch, capsys):
+    from sharp_mlx import corpora, pipeline
+
+    for f in corpora.files("train", tmp_path / "data"):
+        f.parent.mkdir(parents=True)
+        f.write_text(text.read_text())
+    monkeypatch.setattr(pipeline, "ADVICE", tmp_path / "runs" / "advise")
+    monkeypatch.setattr(pipeline, "ADVISE_ARGS", ARGS[:8] + ["--from-gguf", "none", "--gptq-bits"])
+    folder = load_script("advise_bench").positive_model(tmp_path / "positive")
+    pipeline.advise_first(folder, tmp_path / "data")
+    assert "[advise] sharing pays here" in capsys.readouterr().out
+    report = (tmp_path / "runs" / "advise.json").read_text()
+    pipeline.advise_first(folder, tmp_path / "data")  # the report exists: read, not made again
+    assert "[advise] sharing pays here" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "advise.json").read_text() == report
