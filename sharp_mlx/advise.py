@@ -224,7 +224,7 @@ def advise(
     quantization alternatives, the verdict and the next command."""
     if budget_mb is None and (cut is None or not 0 < cut < 1):
         raise SharpError(f"--cut {cut} is outside (0, 1): pass the fraction of stored MLP parameters to remove")
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = load(folder)
     config = read_config(folder)
     n = model.args.num_hidden_layers
@@ -233,13 +233,17 @@ def advise(
         raise SharpError(f"{folder} has {n} layer(s): sharing needs a reference and a target, at least 2 layers")
     size = plan_size(model, config, candidates, rank, cut, budget_mb)  # a plan that cannot be made fails first
     windows = calibration_text(list(data), tokenizer, max(tokens, damage_windows * (seq_len + 1)), seq_len + 1)
+    phases = {"load": time.perf_counter() - tic}
     dmg = direct_damage(model, windows[:damage_windows], candidates)
+    phases["damage"] = time.perf_counter() - tic - sum(phases.values())
     inputs = capture_mlp_inputs(model, windows[:, :-1], candidates)["mlp_inputs"]
     gains = borrow_gains(model, inputs, candidates, rank)
+    phases["borrow_gain"] = time.perf_counter() - tic - sum(phases.values())
     # KL from the original, not the loss increase, ranks them: it is never negative, so a swap that lowers the
     # loss by chance on a weak model (or on few tokens) cannot win
     chosen = sharemap.least_damage_targets(dmg["kl"], size["k"])
     quant = quantization_alternatives(Path(folder), windows[:damage_windows], gptq_bits, from_gguf)
+    phases["quantization"] = time.perf_counter() - tic - sum(phases.values())
     for qa in quant:
         qa["loss_increase"] = qa["loss"] - dmg["base"]
     paying = sum(gains[t]["pays"] for t in chosen)
@@ -273,6 +277,8 @@ def advise(
         "settings": {"tokens": int(windows[:, :-1].size), "damage_tokens": int(windows[:damage_windows].size)},
         "next_command": nxt,
         "seconds": round(time.perf_counter() - tic, 1),
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+        "cpu_seconds": round(time.process_time() - cpu, 1),
     }
 
 
@@ -282,7 +288,8 @@ def markdown(rep: dict, command: str) -> str:
     lines = [
         "# Will sharing pay on this model?",
         "",
-        f"`{command}` ({rep['seconds'] / 60:.1f} min). Calibration: {rep['settings']['tokens']:,} tokens for the fits, "
+        f"`{command}` ({rep['seconds'] / 60:.1f} min wall, {rep['cpu_seconds'] / 60:.1f} min of CPU time). "
+        f"Calibration: {rep['settings']['tokens']:,} tokens for the fits, "
         f"{rep['settings']['damage_tokens']:,} for the losses (original: {rep['base_loss']:.4f} per token).",
         "",
         f"**Verdict: {rep['verdict']}** ({rep['targets_paying']} of {len(plan['targets'])} planned targets pay).",
