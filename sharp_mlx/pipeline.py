@@ -26,7 +26,7 @@ from .sft import SFTConfig
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 ADVICE = Path("runs") / "advise" / "advise"  # the advisor's report prefix
 # The advisor at cheap settings: it only says whether sharing pays here, before the hours of training.
-ADVISE_ARGS = ["--tokens", "1024", "--damage-windows", "2", "--gptq-bits"]
+ADVISE_ARGS = ["--tokens", "1024", "--damage-windows", "1", "--gptq-bits"]
 
 
 def ensure_data(data: Path) -> None:
