@@ -334,7 +334,8 @@ def markdown(rep: dict, command: str) -> str:
 
 
 def plot(rep: dict, path: Path) -> None:
-    """Damage and borrow gain per layer (the planned targets in colour, the gain needed as ticks)."""
+    """Damage (KL and loss increase) and borrow gain per layer (the planned targets in colour, the gain
+    needed as ticks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,8 +345,11 @@ def plot(rep: dict, path: Path) -> None:
     t = [r["target"] for r in rows]
     colours = ["tab:green" if x in chosen else "tab:grey" for x in t]
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    a.bar(t, [r["damage"] for r in rows], color=colours)
-    a.set_ylabel("loss increase, direct")
+    a.bar(t, [r["kl"] for r in rows], color=colours, label="KL from the original (ranks the targets)")
+    a.plot(t, [r["damage"] for r in rows], "kd", ms=5, label="loss increase")
+    a.axhline(0, color="k", lw=0.5)
+    a.set_ylabel("damage, direct sharing")
+    a.legend(loc="upper left", fontsize=8)
     a.set_title(f"verdict: {rep['verdict']} (green: planned targets)")
     b.bar(t, [r["borrow_gain"] for r in rows], color=colours)
     b.plot(t, [r["threshold"] for r in rows], "k_", ms=10, label="gain needed (q4 error / control error)")
