@@ -8,6 +8,7 @@ import importlib
 import sys
 
 COMMANDS = {  # name -> what it does (each is also `python -m sharp_mlx.NAME`)
+    "advise": "will sharing pay on this model? damage and borrow gain per layer, a plan, a verdict",
     "pipeline": "the main job: import, share, SLW, SFT, evaluate, 4-bit, generate",
     "convert": "import a Llama from a GGUF file, a Hugging Face folder or a hub id",
     "corpora": "fetch the five text domains into data/",

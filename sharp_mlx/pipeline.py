@@ -18,7 +18,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import analyze, generate, options
+from . import advise, analyze, generate, options
 from . import quantize as quantize_cmd
 from .convert import ensure_default_model
 from .data import corpora
@@ -27,6 +27,10 @@ from .eval import perplexity as evaluate
 from .quant import codes as quantize
 from .recipes import PRESETS, Recipe
 from .recovery.stages import ANALYSIS, SFTRun, SLWRun, recorded_settings, run_stage, settings_of
+
+ADVICE = Path("runs") / "advise" / "advise"  # the advisor's report prefix
+# The advisor at cheap settings: it only says whether sharing pays here, before the hours of training.
+ADVISE_ARGS = ["--tokens", "1024", "--damage-windows", "1", "--gptq-bits"]
 
 
 def ensure_data(data: Path) -> None:
@@ -109,9 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
+    p.add_argument("--no-advise", action="store_true", help="skip the advisor's verdict on the model first")
     options.add_recipe_flags(p.add_argument_group("recipe (each flag overrides one setting of --preset)"),
                              RECIPE_FIELDS, "default")  # fmt: skip
     return p
+
+
+def advise_first(model: Path, data: Path) -> None:
+    """Run the advisor on ``model`` (skipped when its report exists) and print its verdict."""
+    report = ADVICE.with_suffix(".json")
+    if not report.exists():
+        print(f"[advise] will sharing pay on {model}? -> {ADVICE}.md", flush=True)
+        args = ["--model", str(model), "--data", *map(str, corpora.files("train", data)), *ADVISE_ARGS]
+        if advise.main([*args, "--out", str(ADVICE)]):
+            raise SharpError("the advisor failed (its error is above): rerun with --no-advise to skip it")
+    rep = json.loads(report.read_text())
+    print(f"[advise] sharing {rep['verdict']} here ({ADVICE}.md); next: {rep['next_command']}", flush=True)
 
 
 @cli("sharp_mlx.pipeline")
@@ -121,6 +138,8 @@ def main(argv=None):
     tic = time.perf_counter()
     original = ensure_default_model()
     ensure_data(args.data)
+    if not args.no_advise:
+        advise_first(original, args.data)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     slw_out = Path("models") / f"{args.name}-slw"

@@ -3,7 +3,7 @@
     python -m sharp_mlx.verify --model models/smollm2-135m-instruct-sharp
 
 Loads do not verify checksums (it costs about as much as the load itself on SmolLM2,
-docs/results/integrity_cost.md); SLW and SFT verify their input at the start, and this command
+experiments/results/integrity_cost.md); SLW and SFT verify their input at the start, and this command
 verifies any folder. A folder written before checksums were recorded is checked for the rest.
 """
 

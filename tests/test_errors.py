@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
-from sharp_mlx import convert, evaluate, fuse, generate, quantize, train, verify
+from sharp_mlx import advise, convert, evaluate, fuse, generate, quantize, train, verify
 
 MAINS = {
     "train": train.main,
@@ -25,6 +25,7 @@ MAINS = {
     "quantize": quantize.main,
     "fuse": fuse.main,
     "verify": verify.main,
+    "advise": advise.main,
 }
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
 FAULTS_HEADING = "## Faults during a run"  # the table after it is tests/test_faults.py's
@@ -64,6 +65,7 @@ SFT = [
     "2",
 ]
 DATA = ["--data", "train.jsonl", "--valid", "train.jsonl"]
+ADVISE = ["--model", "orig", "--data", "train.jsonl", "--seq-len", "64", "--out", "report"]
 
 
 class Case(NamedTuple):
@@ -186,6 +188,14 @@ CASES = [
         "sft-resume-adapters-missing",
         "train",
         SFT[:6] + ["--run-dir", "run-noadapters"] + SFT[8:] + DATA + ["--resume"],
+    # the advisor
+    Case("advise-cut-outside", "advise", ADVISE + ["--cut", "1.5"]),
+    Case("advise-too-few-layers-for-the-cut", "advise", ADVISE + ["--cut", "0.5", "--rank", "8"]),
+    Case("advise-budget-below-any-plan", "advise", ADVISE + ["--budget-mb", "0.01", "--rank", "8"]),
+    Case(
+        "advise-calibration-shorter-than-a-window",
+        "advise",
+        ADVISE[:3] + ["short.jsonl"] + ADVISE[4:] + ["--rank", "8"],
     ),
 ]
 

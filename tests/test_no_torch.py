@@ -60,7 +60,10 @@ def test_blocking_works(tmp_path):
 
 def test_main_job_and_clis_without_torch(tmp_path):
     data = small_corpora(tmp_path / "data")
-    out = no_torch(tmp_path, "sharp_mlx.pipeline", "--preset", "smoke", "--data", data, "--name", "smoke")
+    # the advisor is tested on its own (tests/test_advise.py): here it would add minutes on the real model
+    out = no_torch(
+        tmp_path, "sharp_mlx.pipeline", "--preset", "smoke", "--data", data, "--name", "smoke", "--no-advise"
+    )
     assert "pipeline done" in out
     models = tmp_path / "models"
     for name in ("smollm2-135m-instruct", "smoke-slw", "smoke", "smoke-4bit"):

@@ -5,7 +5,7 @@
   rename, and every command that loads a model refuses non-finite weights.
 - ``write_checksums`` / ``verify_checksums``: each folder this package writes records a checksum
   of each weights file in ``CHECKSUMS``; ``python -m sharp_mlx.verify`` checks them and names a
-  corrupted file. ``docs/results/integrity_cost.md`` measures both checks at load.
+  corrupted file. ``experiments/results/integrity_cost.md`` measures both checks at load.
 """
 
 import hashlib
@@ -30,7 +30,7 @@ def first_nonfinite(named: Iterable[Tuple[str, mx.array]]) -> Optional[str]:
     """The first name whose float array holds a non-finite value (None: all finite).
 
     A sum is NaN or infinite whenever a term is, and costs a fifth of ``isfinite().all()`` on a
-    CPU (docs/results/integrity_cost.md); a tensor whose sum is not finite (a NaN, an infinity,
+    CPU (experiments/results/integrity_cost.md); a tensor whose sum is not finite (a NaN, an infinity,
     or a sum that overflows, as float16 ones can) is then checked element by element."""
     named = [(k, v) for k, v in named if mx.issubdtype(v.dtype, mx.floating)]
     if not named:

@@ -11,8 +11,8 @@ reference's own path ``model.layers.{r}.mlp`` (config ``"reference_rank"``, see 
 SHARP is the case reference rank 0.
 
 ``fit_group`` starts at SHARP's point (W_s = W_r; the reference's factors with b = 0, so it is
-exact; each target's factors from ``slw.init_recovery`` and ``slw.refit_down`` as
-``slw.fit_layer`` starts them), then runs ``cfg.steps`` of Adam (``slw.adam_refine``'s warmup +
+exact; each target's factors from ``slw.best_start``, the start ``slw.fit_layer``
+chooses), then runs ``cfg.steps`` of Adam (``slw.adam_refine``'s warmup +
 cosine schedule) on W_s, the reference's and every target's factors together. The loss is the sum
 over the group's layers of each one's squared relative L2 MLP-output error on minibatches of its
 own inputs, towards the original MLP's outputs. The end is kept only if its summed held-out
@@ -40,10 +40,9 @@ from ..models.llama import QuantizedRecovery, Recovery
 from .slw import (
     SLWConfig,
     adam_schedule,
+    best_start,
     holdout_rows,
-    init_recovery,
     mlp_apply,
-    refit_down,
     rel_error,
     weights_of,
 )
@@ -100,12 +99,15 @@ def fit_group(
 
     with threadpool_limits(limits=1, user_api="blas"):  # as slw.fit_layer: LAPACK's small calls on one thread
         start: List[Factors] = [{}] * first
-        for w_t, (x_fit, _), k in zip(teachers[first:], splits[first:], ranks):
+        wr = {p: mx.array(v) for p, v in w_r.items()}
+        for w_t, (x_fit, x_hold), y, k in zip(teachers[first:], splits[first:], y_hold[first:], ranks):
             rec = {}
-            if k > 0:
-                rec = init_recovery(w_r, w_t, x_fit, k, cfg, kind)
-                if cfg.closed_form_down:
-                    rec = refit_down(w_r, w_t, x_fit, rec, k, cfg, kind)
+            if k > 0:  # the start slw.fit_layer would choose, the borrowed MLP as it is among the candidates
+
+                def err(f, xh=mx.array(x_hold), y=y):
+                    return rel_error(mlp_apply(wr, xh, {n: mx.array(v) for n, v in f.items()}, kind=kind), y)
+
+                rec = best_start(w_r, w_t, x_fit, k, cfg, kind, None, err)[0]
             start.append(rec)
     if reference_rank > 0:
         mx.random.seed(cfg.seed)

@@ -23,7 +23,7 @@ BLAS thread: LAPACK's many small calls on spinning threads were 10-40x slower (a
 1536x576 took 27 s instead of 0.75 s) whenever another process shared the cores.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional
 
 import mlx.core as mx
@@ -281,6 +281,52 @@ def adam_refine(
     return {k: np.array(v) for k, v in params.items()}
 
 
+def start_candidates(ref, target, x_fit: np.ndarray, rank: int, cfg: SLWConfig, kind: str = "plain"):
+    """The starts SLW chooses from, as (vectors, init) pairs: ``cfg.init``'s (from the kind's
+    neutral vectors, and from least-squares ones under ``scales_init`` "lsq"); the borrowed MLP as
+    it is, zero factors and unit vectors, which a weight-space start throws away when the two
+    layers' hidden units do not line up; and, under "lsq" (the main job's recipe), the control's
+    (vectors at zero: nothing borrowed, the factors fit the whole MLP at the same stored size).
+    The plain kind cannot express the control, and "ones" asks for vectors that start at one."""
+    starts = [(None, cfg.init)]
+    if ref is None:
+        return starts
+    scaled = kind == "scaled"
+    if cfg.scales_init == "lsq" and scaled:
+        starts.append((lsq_vectors(ref, target, x_fit), cfg.init))
+    if cfg.init != "zero":
+        starts.append((None, "zero"))
+    if cfg.scales_init == "lsq" and scaled:
+        shapes = projection_shapes(x_fit.shape[1], target["gate"].shape[0])
+        zeros = {}
+        for p, (n_in, n_out) in shapes.items():
+            zeros.update({f"{p}_in": np.zeros(n_in, np.float32), f"{p}_out": np.zeros(n_out, np.float32)})
+        starts.append((zeros, cfg.init))
+    return starts
+
+
+def best_start(ref, target, x_fit, rank: int, cfg: SLWConfig, kind: str, y_fit, err: Callable):
+    """(factors, {"init": ..., "closed_form_down": ...}) of the start candidate (``start_candidates``,
+    each as it is and with its down factors solved in closed form) with the least held-out error
+    ``err(factors)``, judged on outputs: the stages reported are the chosen candidate's."""
+    roots = _sqrt_cov(x_fit, cfg.damping) if cfg.init == "asvd" else None  # the starts share their inputs' root
+    best = None
+    for vectors, init in start_candidates(ref, target, x_fit, rank, cfg, kind):
+        c = replace(cfg, init=init)
+        rec = init_recovery(ref, target, x_fit, rank, c, kind, vectors, roots if init == "asvd" else None)
+        if init == "zero" and vectors is not None:  # a zero start keeps its vectors (init_recovery draws fresh ones)
+            rec = {**rec, **vectors}
+        stages = [(rec, {"init": err(rec)})]
+        if cfg.closed_form_down:
+            down = refit_down(ref, target, x_fit, rec, rank, cfg, kind, y_fit)
+            stages.append((down, {**stages[0][1], "closed_form_down": err(down)}))
+        for r, stage in stages:
+            e = list(stage.values())[-1]
+            if best is None or e < best[2]:
+                best = (r, {**stages[-1][1]}, e)
+    return best[0], best[1]
+
+
 def fit_layer(
     ref_mlp: Optional[nn.Module],
     target_mlp: nn.Module,
@@ -322,28 +368,13 @@ def fit_layer(
 
     errors = {"none": err(None)}
     with threadpool_limits(limits=1, user_api="blas"):
-        starts = [None]
-        if cfg.scales_init == "lsq" and kind == "scaled":
-            fitted = lsq_vectors(ref, target, x_fit)
-            starts = [fitted, {k: np.zeros_like(v) for k, v in fitted.items()}]  # and the control's start
-        # The starts share their inputs' covariance root: computed once.
-        roots = _sqrt_cov(x_fit, cfg.damping) if cfg.init == "asvd" and len(starts) > 1 else None
-        best = None
-        for vectors in starts:
-            rec = init_recovery(ref, target, x_fit, rank, cfg, kind, vectors, roots)
-            stage = {"init": err(rec)}
-            if cfg.closed_form_down:
-                rec = refit_down(ref, target, x_fit, rec, rank, cfg, kind, y_fit)
-                stage["closed_form_down"] = err(rec)
-            if best is None or list(stage.values())[-1] < list(best[1].values())[-1]:  # the last stage's error
-                best = (rec, stage)
-        rec = best[0]
-        errors.update(best[1])
+        rec, stage = best_start(ref, target, x_fit, rank, cfg, kind, y_fit, err)
+        errors.update(stage)
     if cfg.steps > 0:
         refined = adam_refine(ref, target, x_fit, rec, cfg, progress, kind, y_fit)
         errors["adam"] = err(refined)
-        # Adam from a closed-form start can overshoot: keep whichever holds out better.
-        if errors["adam"] <= errors.get("closed_form_down", errors["init"]):
+        # Adam can overshoot, or wander from a start it cannot improve: keep whichever holds out better.
+        if errors["adam"] <= err(rec):
             rec = refined
     errors["final"] = err(rec)
     return {"factors": rec, "errors": errors}
