@@ -26,7 +26,6 @@ matmul is ~25x slower than float for many-token batches, and decoding is timed a
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from .errors import ArgumentParser, SharpError, cli
 from .options import at_least, between
 from .quant.codes import folder_bytes
 from .recipes import PAPER
+from .reports import geomean_ratio, markdown_table, save_figure, write_report
 
 PROMPTS = (
     "What is the capital of France?",
@@ -164,6 +164,34 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def geo_x(p: Dict[str, float], ppl: Dict[str, Dict[str, float]]) -> float:
+    """A row's perplexities ``p`` against the ``original`` row's: the geometric mean of the ratios (nan without one)."""
+    return geomean_ratio(p, ppl["original"])[0] if "original" in ppl else float("nan")
+
+
+TIMING_HEADER = (
+    "row", "disk MB", "x", "load from spawn s", "x", "load in-process s", "x", "first token s", "prompt tok/s",
+    "decode tok/s", "x", "peak GB", "GB/s",
+)  # fmt: skip
+
+
+def timing_cells(name: str, r: dict, ref: dict) -> List[str]:
+    """One row of the timing table; ``ref``: the reference row every ratio is against."""
+
+    def cell(s: dict, fmt: str = ".2f") -> str:
+        return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+    def x(key: str) -> str:
+        return f"{ratio(r[key]['median'], ref[key]['median']):.2f}"
+
+    return [
+        name, f"{r['bytes'] / 1e6:.1f}", f"{ratio(r['bytes'], ref['bytes']):.2f}", cell(r["load_spawn_s"]),
+        x("load_spawn_s"), cell(r["load_s"], ".3f"), x("load_s"), cell(r["ttft_s"]),
+        f"{r['prompt_tps']['median']:.1f}", cell(r["decode_tps"], ".1f"), x("decode_tps"),
+        f"{r['peak_memory_gb']['median']:.2f}", f"{r['model_bytes'] * r['decode_tps']['median'] / 1e9:.2f}",
+    ]  # fmt: skip
+
+
 def markdown(report: dict) -> str:
     rows, ref = report["rows"], report["rows"][REFERENCE]
     m = report["machine"]
@@ -184,24 +212,8 @@ def markdown(report: dict) -> str:
             "by mlx-lm)."
         ),
         "",
-        "| row | disk MB | x | load from spawn s | x | load in-process s | x | first token s | prompt tok/s | decode "
-        "tok/s | x | peak GB | GB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        markdown_table(TIMING_HEADER, [timing_cells(name, r, ref) for name, r in rows.items()]),
     ]
-
-    def cell(s: dict, fmt: str = ".2f") -> str:
-        return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
-
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['bytes'] / 1e6:.1f} | {ratio(r['bytes'], ref['bytes']):.2f} "
-            f"| {cell(r['load_spawn_s'])} | {ratio(r['load_spawn_s']['median'], ref['load_spawn_s']['median']):.2f} "
-            f"| {cell(r['load_s'], '.3f')} | {ratio(r['load_s']['median'], ref['load_s']['median']):.2f} "
-            f"| {cell(r['ttft_s'])} | {r['prompt_tps']['median']:.1f} | {cell(r['decode_tps'], '.1f')} "
-            f"| {ratio(r['decode_tps']['median'], ref['decode_tps']['median']):.2f} | "
-            f"{r['peak_memory_gb']['median']:.2f} "
-            f"| {r['model_bytes'] * r['decode_tps']['median'] / 1e9:.2f} |"
-        )
     ppl = report.get("perplexity")
     if ppl:
         domains = list(next(iter(ppl.values())))
@@ -211,13 +223,11 @@ def markdown(report: dict) -> str:
             "tokens per domain); "
             "last column: geometric mean of the ratios to the `original` row.",
             "",
-            "| row | " + " | ".join(domains) + " | x original |",
-            "|---|" + "---|" * (len(domains) + 1),
+            markdown_table(
+                ["row", *domains, "x original"],
+                [[name, *(f"{p[d]:.2f}" for d in domains), f"{geo_x(p, ppl):.3f}"] for name, p in ppl.items()],
+            ),
         ]
-        base = ppl.get("original")
-        for name, p in ppl.items():
-            gm = math.exp(statistics.mean(math.log(p[d] / base[d]) for d in domains)) if base else float("nan")
-            lines.append(f"| {name} | " + " | ".join(f"{p[d]:.2f}" for d in domains) + f" | {gm:.3f} |")
     notes = [f"- `{n}`: `{r['path']}`{' (' + r['note'] + ')' if r['note'] else ''}" for n, r in rows.items()]
     same = [n for n, r in rows.items() if n != REFERENCE and r["path"] == ref["path"]]
     for n in same:
@@ -241,15 +251,8 @@ def plot(report: dict, path: Path) -> None:
     ]
     ppl = report.get("perplexity") or {}
     if "original" in ppl:
-        base = ppl["original"]
         panels.append(
-            (
-                "perplexity (geo. mean x original)",
-                [
-                    math.exp(statistics.mean(math.log(ppl[n][d] / base[d]) for d in base)) if n in ppl else float("nan")
-                    for n in names
-                ],
-            )
+            ("perplexity (geo. mean x original)", [geo_x(ppl[n], ppl) if n in ppl else float("nan") for n in names])
         )
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
     for ax, (title, values) in zip(axes, panels):
@@ -258,8 +261,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title + ("" if title.startswith("perplexity") else f"\nx {REFERENCE}"), fontsize=9)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def mlx_4bit(original: Path, out: Optional[Path] = None) -> Path:
@@ -310,10 +312,7 @@ def run(rows: List[Row], cfg: BenchConfig, out: Path, command: str) -> str:
     report["wall_s"] = time.time() - tic
     out.parent.mkdir(parents=True, exist_ok=True)
     text = f"# Benchmark\n\n`{report['command']}` ({report['wall_s'] / 60:.0f} min)\n\n" + markdown(report)
-    for suffix, content in ((".md", text), (".json", json.dumps(report, indent=1))):
-        tmp = out.with_name(out.name + suffix + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(out.with_name(out.name + suffix))
+    write_report(out, md=text, record=report)
     plot(report, out.with_name(out.name + ".png"))
     return text
 
