@@ -38,7 +38,9 @@ from .data import corpora
 from .errors import ArgumentParser, SharpError, cli
 from .io.checkpoint import load, load_model, parameter_bytes, read_config
 from .models import sharemap
+from .options import at_least, between
 from .quant.codes import dequantized, gguf_codes, quantize, resolve_gguf
+from .recipes import BITS, PAPER
 from .recovery.capture import calibration_text, capture_mlp_inputs
 from .recovery.slw import SLWConfig, fit_layer, holdout_rows, mlp_apply, rel_error, weights_of
 from .reports import write_atomic
@@ -380,16 +382,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="float model folder (the original)")
     p.add_argument("--data", type=Path, nargs="+", help="calibration text files (default: the corpora's train splits)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--cut", type=float, default=0.25, help="stored-MLP fraction to remove (default: %(default)s)")
-    size.add_argument("--budget-mb", type=float, help="stored bytes at 4 bits, in MB (10^6 bytes), instead of --cut")
-    p.add_argument("--rank", type=int, default=64, help="recovery rank per target (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens for the fits (default: %(default)s)")
-    p.add_argument(
-        "--damage-windows", type=int, default=1, help="windows the losses are measured on (default: %(default)s)"
+    size.add_argument(
+        "--cut",
+        type=between(0, 1, lo_open=True),
+        default=0.25,
+        help="stored-MLP fraction to remove (default: %(default)s)",
     )
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
+    size.add_argument(
+        "--budget-mb", type=at_least(1e-6, float), help="stored bytes at 4 bits, in MB (10^6 bytes), instead of --cut"
+    )
     p.add_argument(
-        "--gptq-bits", type=int, nargs="*", default=[4], help="GPTQ alternatives' bits, none to skip (default: 4)"
+        "--rank", type=at_least(1), default=PAPER.rank, help="recovery rank per target (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tokens", type=at_least(1), default=2048, help="calibration tokens for the fits (default: %(default)s)"
+    )
+    p.add_argument(
+        "--damage-windows",
+        type=at_least(1),
+        default=1,
+        help="windows the losses are measured on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seq-len", type=at_least(2), default=PAPER.seq_len, help="tokens per window (default: %(default)s)"
+    )
+    p.add_argument(
+        "--gptq-bits",
+        type=int,
+        choices=BITS,
+        nargs="*",
+        default=[4],
+        help="GPTQ alternatives' bits, none to skip (default: 4)",
     )
     p.add_argument("--from-gguf", default="auto", help="the GGUF the model came from: a path, auto or none")
     p.add_argument("--out", type=Path, required=True, help="report prefix: writes PREFIX.json, .md and .png")

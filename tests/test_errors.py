@@ -188,6 +188,7 @@ CASES = [
         "sft-resume-adapters-missing",
         "train",
         SFT[:6] + ["--run-dir", "run-noadapters"] + SFT[8:] + DATA + ["--resume"],
+    ),
     # the advisor
     Case("advise-cut-outside", "advise", ADVISE + ["--cut", "1.5"]),
     Case("advise-too-few-layers-for-the-cut", "advise", ADVISE + ["--cut", "0.5", "--rank", "8"]),

@@ -18,6 +18,8 @@ OWN_DEFAULTS = {
     ("bench", "max_tokens"): "new tokens per benchmark prompt, kept short so that repetitions are cheap",
     ("quantize", "recovery_bits"): "the quantize command keeps the recovery float unless asked (the recipe asks 8)",
     ("quantize", "embedding_bits"): "the quantize command keeps the GGUF's codes unless asked (the recipe asks 5)",
+    ("advise", "cut"): "the advisor plans a cut of a quarter of the stored MLP unless told (the recipes name targets)",
+    ("advise", "tokens"): "the advisor's cheap fits take a few thousand tokens, not SLW's",
 }
 
 
