@@ -337,7 +337,16 @@ def stage_sft(args: SFTRun) -> dict:
             "first, or fine-tune this one with LoRA (--lora-rank R)"
         )
     model, tokenizer = load(args.model)
-    teacher = load(args.teacher)[0] if args.teacher else None
+    teacher = None
+    if args.teacher:  # one copy of what teacher and student share: the teacher keeps only its own tensors
+        from .teacher import load_teacher
+
+        teacher, held = load_teacher(args.teacher, model)
+        say(
+            distributed.group(),
+            f"teacher: {held['own_bytes'] / 2**20:,.2f} MiB of its own, "
+            f"{held['shared_bytes'] / 2**20:,.2f} MiB shared with the student",
+        )
     cfg = args.sft
     if cfg.loss != "ce" and teacher is None:
         raise SharpError(f"--loss {cfg.loss} distils from the original model: pass --teacher DIR (or use --loss ce)")
