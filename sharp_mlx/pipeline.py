@@ -3,6 +3,11 @@
     python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores (no other jobs)
     python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
     python -m sharp_mlx.pipeline --share next:2 --layers 2:29 --name smollm2-135m-instruct-sharp50   # the ~50% setting
+    python -m sharp_mlx.pipeline --model ~/hf/Llama-3.2-1B   # your model: next over 0.37:0.97 of its depth
+
+``--model`` takes a model folder (an imported one or a Hugging Face one, used in place), a hub id or
+a GGUF (imported into models/ once, keeping its dtype); outputs are named after it. On any model
+but the default the share map is derived from its depth (``sharp_mlx.user_model``).
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
 run continues where it stopped (``--force`` redoes everything). Each step calls the function
@@ -17,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import analyze, corpora, evaluate, generate, quantize, train
+from . import analyze, corpora, evaluate, generate, quantize, train, user_model
 from .convert import ensure_default_model
 from .errors import ArgumentParser, SharpError, bits_or_none, cli
 from .recipes import PRESETS, Recipe, preset, sft_fields, slw_fields
 from .sft import SFTConfig
+from .user_model import DEPTH
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 
@@ -81,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{Recipe.help(name)} (default preset: {getattr(d, name)})",
         )
     p.add_argument(
-        "--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)"
+        "--model",
+        help="a model folder, Hugging Face folder, hub id or .gguf (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--depth",
+        default=None,
+        help=f"--model: next over this span of fractions of depth, unless --share/--layers (default: {DEPTH})",
+    )
+    p.add_argument(
+        "--name",
+        help="output model name under models/ (default: smollm2-135m-instruct-sharp, or <model name>-sharp)",
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -91,15 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 @cli("sharp_mlx.pipeline")
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    own = {"preset", "name", "data", "force"}
+    own = {"preset", "name", "data", "force", "model", "depth"}
     r = preset(args.preset, **{k: v for k, v in vars(args).items() if k not in own})
     tic = time.perf_counter()
-    original = ensure_default_model()
+    if args.model is None:
+        if args.depth is not None:
+            raise SharpError("--depth derives the share map of a --model: pass --model, or --layers for this one")
+        original = ensure_default_model()
+        args.name = args.name or "smollm2-135m-instruct-sharp"
+    else:
+        original = user_model.model_folder(args.model)
+        r = user_model.recipe_for(r, original, set(vars(args)), args.depth)
+        args.name = args.name or f"{user_model.model_name(args.model)}-sharp"
+        print(f"[model] {user_model.describe(original, r)}, rank {r.rank}", flush=True)
     ensure_data(args.data)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     # next / next:K take the recipe's range; auto searches train's unless told; a JSON map names its layers.
-    fields = {**slw_fields(r), **({"layers": r.layers} if "layers" in vars(args) else {})}
+    fields = {**slw_fields(r), **({"layers": r.layers} if "layers" in vars(args) or args.model else {})}
     slw_out = Path("models") / f"{args.name}-slw"
     final = Path("models") / args.name
     slw = train.SLWRun(model=original, out=slw_out, data=corpora.files("train", args.data), **fields)

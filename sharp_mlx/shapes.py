@@ -226,3 +226,24 @@ def write_hf_folder(out: Union[str, Path], config: dict, shards: int = 1, seed: 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_char_tokenizer(tmp, config["vocab_size"])
     return out
+
+
+def cut_folder(src: Union[str, Path], out: Union[str, Path], layers: int) -> Path:
+    """A model folder of ``src``'s first ``layers`` blocks (embedding, final norm and head kept): a real-weight
+    model of another depth, e.g. SmolLM2-135M cut to 16 of its 30 layers."""
+    from .checkpoint import atomic_dir, copy_tokenizer
+
+    src = Path(src)
+    config = json.loads((src / "config.json").read_text())
+    if not 1 <= layers <= config["num_hidden_layers"]:
+        raise ValueError(f"layers {layers} outside 1..{config['num_hidden_layers']}")
+    weights = {}
+    for f in sorted(src.glob("model*.safetensors")):
+        for k, v in mx.load(str(f)).items():
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers:
+                weights[k] = v
+    with atomic_dir(out, force=True) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+        copy_tokenizer(src, tmp)
+    return Path(out)
