@@ -74,14 +74,14 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
     return fused, plain_config
 
 
-def fuse_folder(
-    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False
-) -> Path:
+def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "auto", force: bool = False) -> Path:
     """Fuse the model folder ``model_dir`` into the plain Llama folder ``out``."""
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
     model, config = load_model(model_dir)
+    if dtype == "auto":  # a bfloat16 or float16 model stays so; float32 (exact for a GGUF) becomes float16
+        dtype = config.get("torch_dtype") if config.get("torch_dtype") in ("bfloat16", "float16") else "float16"
     fused, plain_config = fuse(model, config, dtype)
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, fused, plain_config)
@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="SHARP model folder (float or quantized)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the dense Llama")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)"
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="weight dtype of the output (default: auto, the model's bfloat16 or float16, else float16)",
     )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     return p
