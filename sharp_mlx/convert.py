@@ -81,7 +81,8 @@ def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
 
     reader = open_gguf(path)
     config = hf_config(reader)
-    return config, {k: mx.array(v) for k, v in float_weights(reader, config).items()}
+    arrays = float_weights(reader, config)
+    return config, {k: mx.array(arrays.pop(k)) for k in list(arrays)}  # each numpy copy dropped once moved
 
 
 def read_hf_folder(path: Path, trust_remote_code: bool = False) -> Tuple[dict, Dict[str, mx.array]]:
