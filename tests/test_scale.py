@@ -117,3 +117,31 @@ def test_pipeline_refuses_depth_without_a_model(capsys):
 
     assert pipeline.main(["--depth", "0.5:1"]) == 2
     assert "--depth" in capsys.readouterr().err
+
+
+def test_an_output_over_the_shard_size_is_written_in_shards_with_an_index(tmp_path, monkeypatch):
+    import mlx_lm.utils
+    from conftest import tiny_model
+
+    from sharp_mlx import save
+    from sharp_mlx.checkpoint import load_model
+
+    def small_shards(weights, max_file_size_gb=5):  # mlx-lm's make_shards at 64 KB instead of 5 GB
+        shards, size = [{}], 0
+        for k, v in weights.items():
+            if shards[-1] and size + v.nbytes > 64 * 1024:
+                shards, size = [*shards, {}], 0
+            shards[-1][k], size = v, size + v.nbytes
+        return shards
+
+    monkeypatch.setattr(mlx_lm.utils, "make_shards", small_shards)
+    model, config = tiny_model(share={3: 2, 5: 4}, rank=4)
+    save(tmp_path / "m", model, config)
+    files = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    again, _ = load_model(tmp_path / "m")
+    x = mx.array([[2, 3, 4, 5]])
+    assert mx.allclose(again(x), model(x)).item()
+    quantize.quantize_model_folder(tmp_path / "m", tmp_path / "q", from_gguf="none", group_size=32)
+    assert load_model(tmp_path / "q")[0](x).shape == (1, 4, 101)
