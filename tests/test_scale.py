@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from tiny_folder import write_text_data
 
@@ -145,3 +146,33 @@ def test_an_output_over_the_shard_size_is_written_in_shards_with_an_index(tmp_pa
     assert mx.allclose(again(x), model(x)).item()
     quantize.quantize_model_folder(tmp_path / "m", tmp_path / "q", from_gguf="none", group_size=32)
     assert load_model(tmp_path / "q")[0](x).shape == (1, 4, 101)
+
+
+def test_sft_on_a_4bit_base_trains_float_factors_against_a_4bit_teacher(tmp_path):
+    from tiny_folder import write_tiny_model
+
+    from sharp_mlx.checkpoint import load_model
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = str(write_text_data(tmp_path / "train.jsonl"))
+    slw = ["--stage", "slw", "--model", str(orig), "--out", str(tmp_path / "slw"), "--share", "next", "--layers", "3:5"]
+    assert (
+        train.main([*slw, "--rank", "8", "--tokens", "256", "--slw-steps", "2", "--data", data, "--seq-len", "32"]) == 0
+    )
+    quantize.quantize_model_folder(
+        tmp_path / "slw", tmp_path / "q", from_gguf="none", group_size=32, recovery_dtype="float32"
+    )
+    student, _ = load_model(tmp_path / "q")
+    teacher, held = load_teacher(orig, student)
+    assert isinstance(teacher.model.layers[4].mlp.gate_proj, nn.QuantizedLinear)  # its own MLP, in 4-bit
+    assert teacher.model.layers[0].mlp.gate_proj.weight is student.model.layers[0].mlp.gate_proj.weight
+    own_mlp = 3 * (64 * 96 // 2 + 2 * (64 * 96 // 32) * 2)  # layer 4's MLP: 4-bit codes, fp16 scales, biases
+    assert held["own_bytes"] == own_mlp
+    sft = ["--stage", "sft", "--model", str(tmp_path / "q"), "--teacher", str(orig), "--out", str(tmp_path / "sft")]
+    flags = ["--valid", data, "--steps", "2", "--batch-size", "1", "--eval-every", "1", "--eval-windows", "1"]
+    assert train.main([*sft, *flags, "--data", data, "--seq-len", "32", "--run-dir", str(tmp_path / "run")]) == 0
+    held = dtypes(tmp_path / "sft")
+    assert held["model.layers.0.mlp.gate_proj.weight"] == "uint32"  # still the 4-bit checkpoint
+    assert {v for n, v in held.items() if ".recovery." in n} == {"float32"}
+    before, after = (mx.load(str(tmp_path / k / "model.safetensors")) for k in ("q", "sft"))
+    assert not mx.array_equal(before["model.layers.4.recovery.gate_a"], after["model.layers.4.recovery.gate_a"]).item()
