@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import atomic_dir, copy_tokenizer, load_model, write_model
+from .checkpoint import atomic_dir, copy_tokenizer, load_model, read_config, write_model
 from .errors import ArgumentParser, SharpError, cli
 from .model import Model, ModelArgs, projection_shapes
 from .quantize import dequantized
@@ -62,15 +62,18 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
     for i in range(model.args.num_hidden_layers):
         for p, w in merged_mlp_weights(model, i).items():
             weights[f"model.layers.{i}.mlp.{p}_proj.weight"] = w
-    for k, v in weights.items():
+    del model  # from here only the fused weights' graphs hold the input: each input tensor goes once used
+    fused = Model(ModelArgs.from_dict(plain_config))
+    cast = [(k, v.astype(DTYPES[dtype])) for k, v in weights.items()]
+    weights.clear()
+    fused.load_weights(cast, strict=True)
+    del cast
+    for k, v in tree_flatten(fused.parameters()):  # one tensor at a time: peak ~ the output plus one input tensor
         if not mx.all(mx.isfinite(v)).item():
             raise SharpError(
                 f"fused weight {k} has non-finite values: the checkpoint's weights or recovery factors are broken "
                 "(retrain or re-save it)"
             )
-    fused = Model(ModelArgs.from_dict(plain_config))
-    fused.load_weights([(k, v.astype(DTYPES[dtype])) for k, v in weights.items()], strict=True)
-    mx.eval(fused.parameters())
     return fused, plain_config
 
 
@@ -79,10 +82,10 @@ def fuse_folder(model_dir: Union[str, Path], out: Union[str, Path], dtype: str =
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise SharpError(f"{out} already exists: pass --force to replace it, or choose another --out")
-    model, config = load_model(model_dir)
+    config = read_config(model_dir)
     if dtype == "auto":  # a bfloat16 or float16 model stays so; float32 (exact for a GGUF) becomes float16
         dtype = config.get("torch_dtype") if config.get("torch_dtype") in ("bfloat16", "float16") else "float16"
-    fused, plain_config = fuse(model, config, dtype)
+    fused, plain_config = fuse(*load_model(model_dir, lazy=True), dtype)  # lazy: read tensor by tensor
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, fused, plain_config)
         copy_tokenizer(model_dir, tmp)
