@@ -16,7 +16,6 @@ first on PYTHONPATH): those are the stages changed here.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -41,11 +40,23 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def measure(cmd: list, env_path: str = "") -> dict:
-    """Run ``cmd`` under /usr/bin/time; wall seconds and peak resident GB."""
-    env = dict(os.environ, PYTHONPATH=env_path) if env_path else dict(os.environ)
+# ``python -m MODULE ARGS`` with the package imported from another folder: the editable install's finder
+# (ahead of PYTHONPATH in sys.meta_path) is taken out first.
+BEFORE_RUNNER = (
+    "import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]; "
+    "sys.path.insert(0, sys.argv.pop(1)); module = sys.argv.pop(1); sys.argv[0] = module; "
+    "import sharp_mlx; assert sharp_mlx.__file__.startswith(sys.path[0]), sharp_mlx.__file__; "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+REUSE: dict = {}  # (model, stage, code, note) -> a row measured by an earlier invocation (--reuse)
+
+
+def measure(cmd: list, before: str = "") -> dict:
+    """Run ``cmd`` (``python -m MODULE ...``) under /usr/bin/time; wall seconds and peak resident GB."""
+    if before:
+        cmd = [cmd[0], "-c", BEFORE_RUNNER, before, *cmd[2:]]
     tic = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "PEAK_KIB %M", *cmd], capture_output=True, text=True, env=env)
+    r = subprocess.run(["/usr/bin/time", "-f", "PEAK_KIB %M", *map(str, cmd)], capture_output=True, text=True)
     wall = time.perf_counter() - tic
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
@@ -61,6 +72,7 @@ def stages(name: str, source: Path, work: Path, args, before: str = "") -> list:
     rows = []
 
     def row(stage, res, model_bytes, bound_bytes, tokens=None, note=""):
+        res = {k: res[k] for k in ("wall_s", "peak_gb")} | ({"reused": True} if res.get("reused") else {})
         r = {"model": name, "stage": stage, "code": "before" if before else "after", **res}
         r.update(model_gb=round(model_bytes / GB, 3), bound_of_gb=round(bound_bytes / GB, 3), note=note)
         r["x_model"] = round(res["peak_gb"] * GB / bound_bytes, 2)
@@ -73,22 +85,22 @@ def stages(name: str, source: Path, work: Path, args, before: str = "") -> list:
     if source.is_dir():  # the default: the source's own dtype (before: float32)
         res = measure([*py, "sharp_mlx.convert", "--source", source, "--out", d["own"], "--force"], before)
         out_bytes = folder_bytes(d["own"])
-        row(
-            "convert",
-            res,
-            out_bytes,
-            max(src_bytes, out_bytes),
-            note=f"default ({'f32' if out_bytes > src_bytes else 'bf16'})",
-        )
+        kept = "float32" if out_bytes > 1.5 * src_bytes else "bf16 kept"
+        row("convert", res, out_bytes, max(src_bytes, out_bytes), note=f"default: {kept}")
     if not before:
         cmd = [*py, "sharp_mlx.convert", "--source", source, "--out", d["f32"], "--dtype", "float32", "--force"]
-        res = measure(cmd)
+        key = (name, "convert", "--dtype float32")
+        res = REUSE[key] if key in REUSE and (d["f32"] / "config.json").exists() else measure(cmd)
         row("convert", res, folder_bytes(d["f32"]), max(src_bytes, folder_bytes(d["f32"])), note="--dtype float32")
     model = folder_bytes(work / f"{name}-f32")
     if not before:
         slw = ["--share", "next", "--layers", args.layers, "--rank", "64", "--tokens", str(args.tokens)]
         cmd = [*py, "sharp_mlx.train", "--stage", "slw", "--model", d["f32"], "--out", d["slw"], *slw]
-        res = measure([*cmd, "--slw-steps", "2", "--data", *data, "--force"])
+        if (name, "slw", "2 targets, float32") in REUSE:  # the measured row; the folder made without fitting
+            subprocess.run([*map(str, cmd), "--no-slw", "--data", *data, "--force"], check=True, capture_output=True)
+            res = REUSE[(name, "slw", "2 targets, float32")]
+        else:
+            res = measure([*cmd, "--slw-steps", "2", "--data", *data, "--force"])
         row("slw", res, model, model, args.tokens * 2, "2 targets, float32")
     slw_dir = work / f"{name}-slw"
     sft = ["--steps", str(args.sft_steps), "--batch-size", "1", "--seq-len", "256", "--eval-every", "1000"]
@@ -156,12 +168,17 @@ def write_report(res: dict, out: Path, command: str) -> None:
         f"\nEvery process holds {res['process_floor_gb']} GB before it works (Python, MLX, mlx-lm imported): "
         "'net' takes it off."
     ]
+    if any(r.get("reused") for r in res["rows"]):
+        lines += [
+            "\nRows marked * were measured by an earlier invocation of the same script (--reuse), "
+            "the others by the command above."
+        ]
     lines += ["\n| model | stage | code | note | wall s | ms/token | peak GB | of GB | peak / that | net | bound |"]
     lines += ["|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         ms = r.get("ms_per_token", "")
         lines.append(
-            f"| {r['model']} | {r['stage']} | {r['code']} | {r['note']} | {r['wall_s']} | {ms} | {r['peak_gb']} | "
+            f"| {r['model']} | {r['stage']} | {r['code']} | {r['note']}{' *' if r.get('reused') else ''} | {r['wall_s']} | {ms} | {r['peak_gb']} | "
             f"{r['bound_of_gb']} | {r['x_model']}x | {r['x_model_net']}x | {BOUNDS[r['stage']]} |"
         )
     lines += ["\n## Extrapolated to full models in bf16 (a Mac)\n"]
@@ -223,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", help="a folder holding sharp_mlx as it was, for the before rows")
     p.add_argument("--tokens", type=int, default=1024, help="SLW calibration tokens (default: %(default)s)")
     p.add_argument("--sft-steps", type=int, default=2, help="SFT steps of one 256-token window (default: %(default)s)")
+    p.add_argument("--reuse", type=Path, help="rows (JSON lines) measured by an earlier run, kept (see main)")
     p.add_argument("--skip-1b", action="store_true", help="SmolLM2 only (a quick check of the script)")
     return p
 
@@ -239,7 +257,11 @@ def main(argv=None):
     base = measure([sys.executable, "-c", imports])["peak_gb"]  # what any stage's process holds before its work
     rows = []
     args.layers = "24:28"  # SmolLM2: targets 25 and 27
-    rows += stages("smollm2-135m", embedded_gguf(), args.work, args)
+    if args.reuse:  # rows of an earlier invocation: SmolLM2's, and the 1B's float32 import and SLW
+        for r in map(json.loads, args.reuse.read_text().splitlines()):
+            REUSE[(r["model"], r["stage"], r["note"])] = {**r, "reused": True}
+    old = [r for k, r in REUSE.items() if k[0] == "smollm2-135m"]
+    rows += old or stages("smollm2-135m", embedded_gguf(), args.work, args)
     one_b = shape_config("llama-3.2-1b")
     if not args.skip_1b:
         hf = write_hf_folder(args.work / "llama-3.2-1b-hf", one_b, shards=2)
