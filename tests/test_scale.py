@@ -176,3 +176,9 @@ def test_sft_on_a_4bit_base_trains_float_factors_against_a_4bit_teacher(tmp_path
     assert {v for n, v in held.items() if ".recovery." in n} == {"float32"}
     before, after = (mx.load(str(tmp_path / k / "model.safetensors")) for k in ("q", "sft"))
     assert not mx.array_equal(before["model.layers.4.recovery.gate_a"], after["model.layers.4.recovery.gate_a"]).item()
+
+
+def test_the_default_model_still_imports_in_float32(real_model_dir):
+    """A GGUF's dequantized weights stay float32 (exact): the default job's numbers do not move."""
+    assert set(dtypes(real_model_dir).values()) == {"float32"}
+    assert json.loads((real_model_dir / "config.json").read_text())["torch_dtype"] == "float32"
