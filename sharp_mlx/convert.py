@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .errors import ArgumentParser, SharpError, cli
 from .io.checkpoint import asks_for_code, atomic_dir, check_config_shape, copy_tokenizer, require_tokenizer, write_model
@@ -27,6 +28,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = Path("models") / "smollm2-135m-instruct"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+FAMILY = ("llama", "mistral")  # the same decoder block; mlx-lm runs both as its llama
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 def embedded_gguf() -> Path:
@@ -49,12 +52,30 @@ def normalize_config(config: dict) -> dict:
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
-    if config.get("model_type") != "llama":
+    if config.get("model_type") not in FAMILY:
         raise SharpError(
             f"model_type {config.get('model_type')!r} is not supported: sharp_mlx imports Llama-family models "
-            "(model_type 'llama')"
+            f"(model_type {' or '.join(map(repr, FAMILY))}: Llama 2/3.x, TinyLlama, Mistral)"
         )
+    rope = config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise SharpError(f"rope_scaling type {rope_type!r} is not supported: use one of {', '.join(ROPE_TYPES)}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise SharpError(f"{flag}: true is not supported: sharp_mlx shares bias-free Llama MLPs and attention")
+    if config.get("hidden_act", "silu") != "silu":
+        raise SharpError(f"hidden_act {config['hidden_act']!r} is not supported: the Llama MLP is SwiGLU (silu)")
     return config
+
+
+def source_dtype(config: dict, weights: Dict[str, mx.array]) -> str:
+    """The float dtype the source stores (config torch_dtype / dtype, else its weights'); float32 if unknown."""
+    named = config.get("torch_dtype") or config.get("dtype")
+    if named in DTYPES:
+        return named
+    kinds = {str(v.dtype).split(".")[-1] for v in weights.values()} & set(DTYPES)
+    return kinds.pop() if len(kinds) == 1 else "float32"
 
 
 def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
@@ -62,7 +83,8 @@ def read_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array]]:
 
     reader = open_gguf(path)
     config = hf_config(reader)
-    return config, {k: mx.array(v) for k, v in float_weights(reader, config).items()}
+    arrays = float_weights(reader, config)
+    return config, {k: mx.array(arrays.pop(k)) for k in list(arrays)}  # each numpy copy dropped once moved
 
 
 def read_hf_folder(path: Path, trust_remote_code: bool = False) -> Tuple[dict, Dict[str, mx.array]]:
@@ -109,26 +131,32 @@ def download(repo_id: str) -> Path:
 
 
 def build_model(config: dict, weights: Dict[str, mx.array], dtype: str) -> Model:
+    """The model of ``weights`` in ``dtype``. The dict is emptied: each source tensor is read, cast and
+    dropped in turn, so the peak is the output plus one tensor, never the source and the output whole."""
     model = Model(ModelArgs.from_dict(config))
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in model.sanitize(weights).items()}
+    cast = {k: v.astype(DTYPES[dtype]) for k, v in model.sanitize(weights).items()}
+    weights.clear()
     try:
-        model.load_weights(list(weights.items()), strict=True)
+        model.load_weights(list(cast.items()), strict=True)
     except ValueError as e:
         raise SharpError(
             f"the weights do not match the config ({str(e).splitlines()[0]}): is this a standard Llama checkpoint?"
         )
-    mx.eval(model.parameters())
+    cast.clear()
+    for _, v in tree_flatten(model.parameters()):
+        mx.eval(v)
     return model
 
 
 def import_model(
     source: Optional[str] = None,
     out: Optional[Path] = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     force: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Import ``source`` (default: the embedded GGUF) into ``out``; returns the folder."""
+    """Import ``source`` (default: the embedded GGUF) into ``out``; returns the folder. ``dtype`` auto keeps
+    the source's float dtype (a GGUF's dequantized weights: float32)."""
     if source is None:
         path = embedded_gguf()
     else:
@@ -152,6 +180,9 @@ def import_model(
 def _import(path: Path, out: Path, dtype: str, force: bool, trust_remote_code: bool) -> Path:
     is_gguf = path.is_file()
     config, weights = read_gguf(path) if is_gguf else read_hf_folder(path, trust_remote_code)
+    if dtype == "auto":
+        dtype = "float32" if is_gguf else source_dtype(config, weights)
+    config.pop("dtype", None)
     config["torch_dtype"] = dtype
     model = build_model(config, weights, dtype)
     with atomic_dir(out, force=force) as tmp:
@@ -192,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
-        default="float32",
-        help="weight dtype (default: float32, exact for dequantized GGUF weights)",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="weight dtype (default: auto, the source's: a bf16 or fp16 folder stays so, a GGUF becomes float32, "
+        "exact for its dequantized weights)",
     )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument(

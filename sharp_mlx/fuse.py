@@ -63,20 +63,23 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
     for i in range(model.args.num_hidden_layers):
         for p, w in merged_mlp_weights(model, i).items():
             weights[f"model.layers.{i}.mlp.{p}_proj.weight"] = w
-    for k, v in weights.items():
+    del model  # from here only the fused weights' graphs hold the input: each input tensor goes once used
+    fused = Model(ModelArgs.from_dict(plain_config))
+    cast = [(k, v.astype(DTYPES[dtype])) for k, v in weights.items()]
+    weights.clear()
+    fused.load_weights(cast, strict=True)
+    del cast
+    for k, v in tree_flatten(fused.parameters()):  # one tensor at a time: peak ~ the output plus one input tensor
         if not mx.all(mx.isfinite(v)).item():
             raise SharpError(
                 f"fused weight {k} has non-finite values: the checkpoint's weights or recovery factors are broken "
                 "(retrain or re-save it)"
             )
-    fused = Model(ModelArgs.from_dict(plain_config))
-    fused.load_weights([(k, v.astype(DTYPES[dtype])) for k, v in weights.items()], strict=True)
-    mx.eval(fused.parameters())
     return fused, plain_config
 
 
 def fuse_folder(
-    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "float16", force: bool = False, tokenizer=False
+    model_dir: Union[str, Path], out: Union[str, Path], dtype: str = "auto", force: bool = False, tokenizer=False
 ) -> Path:
     """Fuse the model folder ``model_dir`` into the plain Llama folder ``out`` (``tokenizer``: refuse a
     folder without one, which would give a tokenizer-less output)."""
@@ -86,13 +89,14 @@ def fuse_folder(
     config = read_config(model_dir)
     if tokenizer:
         require_tokenizer(model_dir)
+    if dtype == "auto":  # a bfloat16 or float16 model stays so; float32 (exact for a GGUF) becomes float16
+        dtype = config.get("torch_dtype") if config.get("torch_dtype") in ("bfloat16", "float16") else "float16"
     with claim_output(out, need=model_bytes(config, mx.zeros(1, DTYPES.get(dtype, mx.float16)).itemsize)):
         return _fuse_folder(model_dir, out, dtype, force)
 
 
 def _fuse_folder(model_dir: Path, out: Path, dtype: str, force: bool) -> Path:
-    model, config = load_model(model_dir)
-    fused, plain_config = fuse(model, config, dtype)
+    fused, plain_config = fuse(*load_model(model_dir, lazy=True), dtype)  # lazy: read tensor by tensor
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, fused, plain_config)
         copy_tokenizer(model_dir, tmp)
@@ -106,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="SHARP model folder (float or quantized)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the dense Llama")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float16", help="weight dtype of the output (default: %(default)s)"
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="weight dtype of the output (default: auto, the model's bfloat16 or float16, else float16)",
     )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     return p

@@ -3,6 +3,11 @@
     python -m sharp_mlx.pipeline                 # the default setting, ~20 minutes on 2 CPU cores (no other jobs)
     python -m sharp_mlx.pipeline --sft-steps 2000 --tokens 131072   # a bigger run
     python -m sharp_mlx.pipeline --share next:2 --layers 2:29 --name smollm2-135m-instruct-sharp50   # the ~50% setting
+    python -m sharp_mlx.pipeline --model ~/hf/Llama-3.2-1B   # your model: next over 0.37:0.97 of its depth
+
+``--model`` takes a model folder (an imported one or a Hugging Face one, used in place), a hub id or
+a GGUF (imported into models/ once, keeping its dtype); outputs are named after it. On any model
+but the default the share map is derived from its depth (``sharp_mlx.io.user_model``).
 
 Every step leaves its output folder and is skipped when that folder exists, so an interrupted
 run continues where it stopped (``--force`` redoes everything). Each step calls the function
@@ -24,11 +29,13 @@ from .convert import ensure_default_model
 from .data import corpora
 from .errors import ArgumentParser, SharpError, cli
 from .eval import perplexity as evaluate
+from .io import user_model
+from .io.user_model import DEPTH
 from .quant import codes as quantize
 from .recipes import PRESETS, Recipe
 from .recovery.stages import ANALYSIS, SFTRun, SLWRun, recorded_settings, run_stage, settings_of
 
-ADVICE = Path("runs") / "advise" / "advise"  # the advisor's report prefix
+ADVICE = Path("runs") / "advise"  # the advisor's reports, one per model: runs/advise/<name>.{md,json,png}
 # The advisor at cheap settings: it only says whether sharing pays here, before the hours of training.
 ADVISE_ARGS = ["--tokens", "1024", "--damage-windows", "1", "--gptq-bits"]
 
@@ -109,7 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the recipe whose settings the flags below override (default: %(default)s)",
     )
     p.add_argument(
-        "--name", default="smollm2-135m-instruct-sharp", help="output model name under models/ (default: %(default)s)"
+        "--model",
+        help="a model folder, Hugging Face folder, hub id or .gguf (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--depth",
+        default=None,
+        help=f"--model: next over this span of fractions of depth, unless --share/--layers (default: {DEPTH})",
+    )
+    p.add_argument(
+        "--name",
+        help="output model name under models/ (default: smollm2-135m-instruct-sharp, or <model name>-sharp)",
     )
     p.add_argument("--data", type=Path, default=Path("data"), help="corpora folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every step")
@@ -119,16 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def advise_first(model: Path, data: Path) -> None:
+def advise_first(model: Path, data: Path, name: str) -> None:
     """Run the advisor on ``model`` (skipped when its report exists) and print its verdict."""
-    report = ADVICE.with_suffix(".json")
+    prefix = ADVICE / name
+    report = prefix.with_suffix(".json")
     if not report.exists():
-        print(f"[advise] will sharing pay on {model}? -> {ADVICE}.md", flush=True)
+        print(f"[advise] will sharing pay on {model}? -> {prefix}.md", flush=True)
         args = ["--model", str(model), "--data", *map(str, corpora.files("train", data)), *ADVISE_ARGS]
-        if advise.main([*args, "--out", str(ADVICE)]):
+        if advise.main([*args, "--out", str(prefix)]):
             raise SharpError("the advisor failed (its error is above): rerun with --no-advise to skip it")
     rep = json.loads(report.read_text())
-    print(f"[advise] sharing {rep['verdict']} here ({ADVICE}.md); next: {rep['next_command']}", flush=True)
+    print(f"[advise] sharing {rep['verdict']} here ({prefix}.md); next: {rep['next_command']}", flush=True)
 
 
 @cli("sharp_mlx.pipeline")
@@ -136,10 +154,19 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     r = options.recipe_from(args, args.preset, RECIPE_FIELDS)
     tic = time.perf_counter()
-    original = ensure_default_model()
+    if args.model is None:
+        if args.depth is not None:
+            raise SharpError("--depth derives the share map of a --model: pass --model, or --layers for this one")
+        original = ensure_default_model()
+        args.name = args.name or "smollm2-135m-instruct-sharp"
+    else:
+        original = user_model.model_folder(args.model)
+        r = user_model.recipe_for(r, original, set(vars(args)), args.depth)
+        args.name = args.name or f"{user_model.model_name(args.model)}-sharp"
+        print(f"[model] {user_model.describe(original, r)}, rank {r.rank}", flush=True)
     ensure_data(args.data)
     if not args.no_advise:
-        advise_first(original, args.data)
+        advise_first(original, args.data, args.name)
     if r.share == "auto" and not ANALYSIS.exists():  # auto picks targets from the layer analysis
         step("analyze", ANALYSIS, lambda force: analyze.main(["--out", str(ANALYSIS.parent)]), False)
     slw_out = Path("models") / f"{args.name}-slw"

@@ -67,9 +67,9 @@ def test_pipeline_prints_the_verdict_first_and_skips_a_report_it_has(tmp_path, t
     monkeypatch.setattr(pipeline, "ADVICE", tmp_path / "runs" / "advise")
     monkeypatch.setattr(pipeline, "ADVISE_ARGS", ARGS[:8] + ["--from-gguf", "none", "--gptq-bits"])
     folder = load_script("advise_bench").positive_model(tmp_path / "positive")
-    pipeline.advise_first(folder, tmp_path / "data")
+    pipeline.advise_first(folder, tmp_path / "data", "positive")
     assert "[advise] sharing pays here" in capsys.readouterr().out
-    report = (tmp_path / "runs" / "advise.json").read_text()
-    pipeline.advise_first(folder, tmp_path / "data")  # the report exists: read, not made again
+    report = (tmp_path / "runs" / "advise" / "positive.json").read_text()
+    pipeline.advise_first(folder, tmp_path / "data", "positive")  # the report exists: read, not made again
     assert "[advise] sharing pays here" in capsys.readouterr().out
-    assert (tmp_path / "runs" / "advise.json").read_text() == report
+    assert (tmp_path / "runs" / "advise" / "positive.json").read_text() == report

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from tiny_folder import write_gguf, write_text_data, write_tiny_model
 
-from sharp_mlx import advise, convert, evaluate, fuse, generate, quantize, train, verify
+from sharp_mlx import advise, convert, evaluate, fuse, generate, pipeline, quantize, train, verify
 
 MAINS = {
     "train": train.main,
@@ -26,6 +26,7 @@ MAINS = {
     "fuse": fuse.main,
     "verify": verify.main,
     "advise": advise.main,
+    "pipeline": pipeline.main,
 }
 CATALOGUE = ROOT / "docs" / "ERRORS.md"
 FAULTS_HEADING = "## Faults during a run"  # the table after it is tests/test_faults.py's
@@ -95,7 +96,11 @@ CASES = [
     # importing
     Case("import-asks-to-run-code", "convert", ["--source", "remote", "--out", "imported"]),
     Case("gguf-unsupported-architecture", "convert", ["--source", "gpt2.gguf", "--out", "imported"]),
+    Case("import-unsupported-model-type", "convert", ["--source", "gpt2cfg", "--out", "imported"]),
+    Case("import-unsupported-rope", "convert", ["--source", "yarncfg", "--out", "imported"]),
     Case("source-missing", "convert", ["--source", "nothing.gguf", "--out", "imported"]),
+    Case("pipeline-depth-without-model", "pipeline", ["--depth", "0.5:1"]),
+    Case("pipeline-bad-depth", "pipeline", ["--model", "orig", "--depth", "1:0.5"]),
     Case("source-not-gguf", "convert", ["--source", "weights.bin", "--out", "imported"]),
     Case("import-output-exists", "convert", ["--source", "orig", "--out", "existing"]),
     # share maps and ranks (SLW)
@@ -226,9 +231,10 @@ def world(tmp_path_factory):
     shutil.copy(orig / "config.json", w / "noweights")
     (w / "badjson").mkdir()
     (w / "badjson" / "config.json").write_text('{"model_type": "llama",')
-    for name in ("gpt2cfg", "truncated", "corrupt", "mismatch", "remote"):
+    for name in ("gpt2cfg", "truncated", "corrupt", "mismatch", "remote", "yarncfg"):
         shutil.copytree(orig, w / name)
     edit_config(w / "gpt2cfg", model_type="gpt2")
+    edit_config(w / "yarncfg", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     data = (orig / "model.safetensors").read_bytes()
     (w / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 2])
     (w / "corrupt" / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{garbage.......}" + data[100:])

@@ -37,7 +37,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-SUPPORTED_TYPES = ("llama",)
+SUPPORTED_TYPES = ("llama", "mistral")
 PathLike = Union[str, Path]
 
 

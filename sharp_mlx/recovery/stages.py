@@ -29,6 +29,7 @@ from .capture import StudentInputs, calibration_text, capture_mlp_inputs
 from .joint import run_joint
 from .sft import SFTConfig, merge_lora, train_sft
 from .slw import SLWConfig, run_slw
+from .teacher import load_teacher
 
 ANALYSIS = Path("runs") / "analyze" / "analysis.json"
 SENSITIVITY_WINDOWS = 4
@@ -271,7 +272,14 @@ def stage_sft(run: SFTRun) -> dict:
         if folder is not None:
             verify(folder)
     model, tokenizer = load(run.model)
-    teacher = load(run.teacher)[0] if run.teacher else None
+    teacher = None
+    if run.teacher:  # one copy of what teacher and student share: the teacher keeps only its own tensors
+        teacher, held = load_teacher(run.teacher, model)
+        say(
+            distributed.group(),
+            f"teacher: {held['own_bytes'] / 2**20:,.2f} MiB of its own, "
+            f"{held['shared_bytes'] / 2**20:,.2f} MiB shared with the student",
+        )
     train = [load_tokens(f, tokenizer, run.recipe.max_train_tokens) for f in run.data or default_data("train")]
     valid = [load_tokens(f, tokenizer) for f in run.valid or default_data("valid")]
     tokens, mask = (np.concatenate([s[i] for s in train]) for i in (0, 1))
