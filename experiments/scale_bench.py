@@ -104,7 +104,16 @@ def stages(name: str, source: Path, work: Path, args, before: str = "") -> list:
         row("slw", res, model, model, args.tokens * 2, "2 targets, float32")
     slw_dir = work / f"{name}-slw"
     sft = ["--sft-steps", str(args.sft_steps), "--batch-size", "1", "--seq-len", "256", "--valid-every", "1000"]
-    sft += ["--valid-windows", "1", "--data", *data, "--valid", str(DATA / "valid.jsonl"), "--max-train-tokens", "20000"]
+    sft += [
+        "--valid-windows",
+        "1",
+        "--data",
+        *data,
+        "--valid",
+        str(DATA / "valid.jsonl"),
+        "--max-train-tokens",
+        "20000",
+    ]
     teacher = work / f"{name}-f32"
     cmd = [*py, "sharp_mlx.train", "--stage", "sft", "--model", slw_dir, "--teacher", teacher, "--out", d["sft"]]
     res = measure([*cmd, *sft, "--run-dir", work / f"run-{name}{'-before' if before else ''}", "--force"], before)

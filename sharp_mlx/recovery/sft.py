@@ -27,9 +27,7 @@ their trained (unmasked) tokens, so the step equals one process's on the whole g
 Only rank 0 writes checkpoints, plots and logs. Resuming reads ``out_dir`` in every process.
 """
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -39,7 +37,6 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -48,16 +45,11 @@ from tqdm import tqdm
 from ..data.batches import DataError, batches, windows
 from ..errors import SharpError
 from ..io.integrity import first_nonfinite
-from ..io.outputs import is_write_error, write_error
 from ..recipes import PAPER
 from . import distributed
+from .sft_checkpoint import CHECKPOINT, RESUME_FIXED, load_checkpoint, plot_losses, save_checkpoint  # noqa: F401
 
 LOSSES = ("ce", "kd", "mix")
-CHECKPOINT = "checkpoint.json"
-# Fields a resumed run must share with its checkpoint: they fix the data order and position and
-# the set of trained parameters. Others may change (say, a lower learning rate after a blow-up);
-# an unchanged config resumes to exactly the parameters of an uninterrupted run.
-RESUME_FIXED = ("batch_size", "seq_len", "grad_accum", "seed", "lora_rank", "lora_scale", "lora_layers")
 
 
 @dataclass
@@ -257,118 +249,6 @@ class _Validator:
         return total / count
 
 
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_write_error(e):  # a full or read-only disk: one line; the previous checkpoint is intact
-            raise write_error(path, e) from e
-        raise
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, state: dict) -> None:
-    names = {"adapters": f"adapters-{step:07d}.safetensors", "optimizer": f"optimizer-{step:07d}.safetensors"}
-    _replace(
-        out_dir / names["adapters"],
-        lambda p: mx.save_safetensors(str(p), dict(tree_flatten(model.trainable_parameters()))),
-    )
-    _replace(out_dir / names["optimizer"], lambda p: mx.save_safetensors(str(p), dict(tree_flatten(optimizer.state))))
-    state = {**state, **names, "step": step, "rng": mx.random.state[0].tolist()}
-    _replace(out_dir / CHECKPOINT, lambda p: p.write_text(json.dumps(state, indent=1)))
-    for old in [*out_dir.glob("adapters-*.safetensors"), *out_dir.glob("optimizer-*.safetensors")]:
-        if old.name not in names.values():
-            old.unlink()
-
-
-CHECKPOINT_KEYS = ("step", "batch", "config", "adapters", "optimizer", "rng", "train_history", "valid_history")
-
-
-def read_checkpoint(path: Path) -> dict:
-    """checkpoint.json, refused in one line if it is cut off or lacks a field."""
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SharpError(
-            f"cannot resume: {path} is not valid JSON (cut off by a crash or a full disk?): start a new run in another "
-            "--run-dir"
-        )
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise SharpError(f"cannot resume: {path} lacks {missing[0]}: start a new run in another --run-dir")
-    return state
-
-
-def load_checkpoint(out_dir: Path, model, optimizer, config: SFTConfig, processes: int = 1) -> dict:
-    """Restore parameters, optimizer state and RNG key from out_dir; return checkpoint.json."""
-    path = out_dir / CHECKPOINT
-    if not path.exists():
-        raise SharpError(
-            f"cannot resume: {path} does not exist; start without --resume, or pass the --run-dir of an earlier run"
-        )
-    state = read_checkpoint(path)
-    saved, wanted = state["config"], asdict(config)
-    changed = [k for k in RESUME_FIXED if saved.get(k) != wanted[k]]
-    if changed:
-        raise SharpError(
-            f"cannot resume {out_dir}: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)} in its checkpoint, "
-            f"{', '.join(f'{k}={wanted[k]!r}' for k in changed)} now; use the same settings"
-        )
-    if state.get("processes", 1) != processes:
-        raise SharpError(
-            f"cannot resume {out_dir}: it was trained by {state.get('processes', 1)} process(es), this run has "
-            f"{processes}; resume with the same number (the global batch depends on it)"
-        )
-    for key in ("adapters", "optimizer"):
-        if not (out_dir / state[key]).is_file():
-            raise SharpError(
-                f"cannot resume: {out_dir / state[key]} (named by {path}) is missing; restore it, or start a new run "
-                "in another --run-dir"
-            )
-    try:
-        params = mx.load(str(out_dir / state["adapters"]))
-        optimizer_state = mx.load(str(out_dir / state["optimizer"]))
-    except RuntimeError as e:
-        raise SharpError(
-            f"cannot resume: a checkpoint file in {out_dir} is unreadable ({str(e).splitlines()[0]}); start a new run "
-            "in another --run-dir"
-        )
-    expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    if set(params) != expected:
-        raise SharpError(
-            f"{out_dir / state['adapters']} holds other parameters than this model trains: resume with the same model "
-            "and share map"
-        )
-    model.load_weights(list(params.items()), strict=False)
-    optimizer.state = tree_unflatten(list(optimizer_state.items()))
-    key = state["rng"]
-    mx.random.seed((key[0] << 32) | key[1])
-    mx.eval(model.parameters(), optimizer.state)
-    return state
-
-
-def plot_losses(path: Path, train: list, valid: list, tokens_per_step: int, loss: str) -> None:
-    """Training loss (``loss``: ce, kd or mix) and validation next-token loss against tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, history, marker in ((f"train ({loss})", train, None), ("valid (next-token)", valid, "o")):
-        if history:
-            steps, losses = zip(*history)
-            ax.plot(np.array(steps) * tokens_per_step, losses, label=name, marker=marker)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    _replace(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-
-
 def make_optimizer(config: SFTConfig) -> optim.Optimizer:
     """AdamW with linear warmup to the peak learning rate, then cosine decay to the minimum."""
     schedule = optim.cosine_decay(
@@ -382,27 +262,9 @@ def make_optimizer(config: SFTConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
 
 
-def train_sft(
-    model,
-    train_tokens,
-    train_mask,
-    valid_tokens,
-    config: SFTConfig,
-    out_dir: Path,
-    teacher=None,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    group=None,
-) -> dict:
-    """Fine-tune ``model`` in place (see the module docstring); return a summary of the run.
-
-    ``group``: the ``mx.distributed`` group to train data-parallel in (None: this process alone)."""
-    config.validate()
-    out_dir = Path(out_dir)
-    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
-    main = rank == 0
-    if not main:
-        log = lambda line: None  # noqa: E731  (rank 0 speaks for all)
+def _start(model, config: SFTConfig, out_dir: Path, teacher, resume: bool, size: int, log: Callable):
+    """Checks, the trainable parameters and the optimizer, and the state to resume from:
+    (first block run with gradients, optimizer, step, data position, train history, valid history)."""
     if config.loss != "ce" and teacher is None:
         raise SharpError(
             f"SFT loss {config.loss!r} distils from a teacher: pass the original (unshared) model, or use loss='ce'"
@@ -428,6 +290,34 @@ def train_sft(
         train_history, valid_history = ([tuple(p) for p in saved[k]] for k in ("train_history", "valid_history"))
         changed = {k: v for k, v in asdict(config).items() if saved["config"].get(k) != v}
         log(f"resumed {out_dir} at step {step}" + (f" with changed settings {changed}" if changed else ""))
+    return start, optimizer, step, position, train_history, valid_history
+
+
+def _stop_if_not_finite(what: str, value, step: int, out_dir: Path, kept: str, bar) -> None:
+    """One line and a stop when a loss or a trained weight is no longer finite; the last finite checkpoint stays."""
+    if value is None or (isinstance(value, float) and math.isfinite(value)):
+        return
+    bar.close()
+    shown = f"trained weight {value} is not finite after step {step}" if what == "weight" else f"{what} is {value}"
+    where = "" if what == "weight" else f" at step {step}"
+    hint = "Lower learning_rate or check the data" if what == "training loss" else "Lower learning_rate"
+    raise SharpError(f"{shown}{where}: stopped; {out_dir} keeps {kept}. {hint}")
+
+
+def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, out_dir: Path, teacher=None,
+              resume: bool = False, log: Callable[[str], None] = print, group=None) -> dict:  # fmt: skip
+    """Fine-tune ``model`` in place (see the module docstring); return a summary of the run.
+
+    ``group``: the ``mx.distributed`` group to train data-parallel in (None: this process alone)."""
+    config.validate()
+    out_dir = Path(out_dir)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    main = rank == 0
+    if not main:
+        log = lambda line: None  # noqa: E731  (rank 0 speaks for all)
+    start, optimizer, step, position, train_history, valid_history = _start(
+        model, config, out_dir, teacher, resume, size, log
+    )
     saved_step = step if resume else None
     validate = _Validator(model, valid_tokens, config, start)
     try:
@@ -482,51 +372,35 @@ def train_sft(
             summed = distributed.all_sum(mx.array([loss * tokens, tokens]), group).tolist()
             loss = summed[0] / max(summed[1], 1.0)
         kept = "no checkpoint yet" if saved_step is None else f"the checkpoint of step {saved_step}"
-        if not math.isfinite(loss):
-            bar.close()
-            raise SharpError(
-                f"training loss is {loss} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate or "
-                "check the data"
-            )
-        diverged = first_nonfinite(tree_flatten(model.trainable_parameters()))
-        if diverged is not None:  # the loss was finite before this update, the weights are not after it
-            bar.close()
-            raise SharpError(
-                f"trained weight {diverged} is not finite after step {step}: stopped; {out_dir} keeps {kept}. Lower "
-                "learning_rate"
-            )
+        _stop_if_not_finite("training loss", loss, step, out_dir, kept, bar)
+        diverged = first_nonfinite(tree_flatten(model.trainable_parameters()))  # finite loss, then this update
+        _stop_if_not_finite("weight", diverged, step, out_dir, kept, bar)
         train_history.append((step, loss))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step - first_step) * tokens_per_step / train_time:.0f}")
         if step % config.eval_every == 0 or step == config.steps:
             valid_history.append((step, validate()))
-            if not math.isfinite(valid_history[-1][1]):
-                bar.close()
-                raise SharpError(
-                    f"validation loss is {valid_history[-1][1]} at step {step}: stopped; {out_dir} keeps {kept}. "
-                    "Lower learning_rate"
-                )
+            _stop_if_not_finite("validation loss", valid_history[-1][1], step, out_dir, kept, bar)
             log(f"step {step}: train loss {loss:.4f}, valid loss {valid_history[-1][1]:.4f}")
         if step % config.save_every == 0 or step == config.steps:
             # A checkpoint is kept only of a model that still computes finite losses (weights of 1e30 are finite).
             checked = valid_history[-1][1] if valid_history[-1][0] == step else validate()
-            if not math.isfinite(checked):
-                bar.close()
-                raise SharpError(
-                    f"validation loss is {checked} at step {step}: stopped; {out_dir} keeps {kept}. Lower learning_rate"
-                )
+            _stop_if_not_finite("validation loss", checked, step, out_dir, kept, bar)
             if main:
+                state = {"batch": position, "processes": size, "train_history": train_history,
+                         "valid_history": valid_history, "config": asdict(config)}  # fmt: skip
                 out_dir.mkdir(parents=True, exist_ok=True)
-                history = {
-                    "batch": position,
-                    "processes": size,
-                    "train_history": train_history,
-                    "valid_history": valid_history,
-                    "config": asdict(config),
-                }
-                save_checkpoint(out_dir, step, model, optimizer, history)
+                save_checkpoint(out_dir, step, model, optimizer, state)
                 plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)
             saved_step = step
     bar.close()
+    return _summary(config, tokens_per_step, first_step, train_time, first_time, wall_start, size,
+                    train_history, valid_history)  # fmt: skip
+
+
+def _summary(
+    config, tokens_per_step, first_step, train_time, first_time, wall_start, size, train_history, valid_history
+):
+    """What a run reports: losses, tokens, speed (also without the first step, which compiles), peak memory."""
     trained = (config.steps - first_step) * tokens_per_step
     return {
         "final_valid_loss": valid_history[-1][1],

@@ -23,8 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..io.checkpoint import load_model
 from ..errors import SharpError
+from ..io.checkpoint import load_model
 from ..models.llama import Model
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
