@@ -49,10 +49,10 @@ from sharp_mlx.data.corpora import DOMAINS  # noqa: E402
 from sharp_mlx.errors import ArgumentParser, SharpError, cli  # noqa: E402
 from sharp_mlx.eval import perplexity as evaluate  # noqa: E402
 from sharp_mlx.io.checkpoint import read_config  # noqa: E402
+from sharp_mlx.jobs.main_job import ensure_data  # noqa: E402
 from sharp_mlx.models import sharemap  # noqa: E402
 from sharp_mlx.models.llama import SharpArgs  # noqa: E402
 from sharp_mlx.models.sharemap import lora_rank_for, stored_params  # noqa: E402
-from sharp_mlx.pipeline import ensure_data  # noqa: E402
 from sharp_mlx.quant.codes import folder_bytes  # noqa: E402
 
 

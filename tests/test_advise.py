@@ -58,8 +58,8 @@ def test_plan_size_follows_the_cut_and_the_budget(tmp_path):
 
 
 def test_pipeline_prints_the_verdict_first_and_skips_a_report_it_has(tmp_path, text, monkeypatch, capsys):
-    from sharp_mlx import pipeline
     from sharp_mlx.data import corpora
+    from sharp_mlx.jobs import main_job as pipeline
 
     for f in corpora.files("train", tmp_path / "data"):
         f.parent.mkdir(parents=True)

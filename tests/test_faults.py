@@ -16,12 +16,13 @@ import pytest
 from conftest import ROOT
 from tiny_folder import write_text_data, write_tiny_model
 
-from sharp_mlx import convert, evaluate, fuse, generate, pipeline, quantize, train, verify
+from sharp_mlx import convert, evaluate, fuse, generate, quantize, train, verify
 from sharp_mlx.errors import SharpError
 from sharp_mlx.eval import perplexity as perplexity_lib
 from sharp_mlx.io import checkpoint
 from sharp_mlx.io.integrity import first_nonfinite
 from sharp_mlx.io.locking import lock_path
+from sharp_mlx.jobs import main_job
 from sharp_mlx.recipes import preset
 from sharp_mlx.recovery import stages
 
@@ -369,16 +370,16 @@ def test_pipeline_step_refuses_an_output_made_with_other_settings(world, capsys)
         return stages.SLWRun(world / "orig", world / "slw-settings", recipe, data=[world / "train.jsonl"])
 
     first = slw(8)
-    pipeline.step(
+    main_job.step(
         "slw", first.out, lambda force: stages.run_stage(first, force), False, settings=stages.settings_of(first)
     )
     again = slw(4)
     with pytest.raises(SharpError, match=r"was made with recipe.rank=8, this run asks for recipe.rank=4: pass --force"):
-        pipeline.step("slw", again.out, lambda f: stages.run_stage(again, f), False, settings=stages.settings_of(again))
-    pipeline.step("slw", again.out, lambda f: stages.run_stage(again, f), True, settings=stages.settings_of(again))
+        main_job.step("slw", again.out, lambda f: stages.run_stage(again, f), False, settings=stages.settings_of(again))
+    main_job.step("slw", again.out, lambda f: stages.run_stage(again, f), True, settings=stages.settings_of(again))
     history = json.loads((again.out / "training.json").read_text())
     assert history[-1]["settings"]["recipe"]["rank"] == 4
-    pipeline.step("slw", again.out, lambda f: pytest.fail("reran"), False, settings=stages.settings_of(again))
+    main_job.step("slw", again.out, lambda f: pytest.fail("reran"), False, settings=stages.settings_of(again))
     assert "exists, skipping" in capsys.readouterr().out
 
 
