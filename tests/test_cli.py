@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, tiny_model
-from tiny_folder import write_gguf
+from tiny_folder import write_char_tokenizer, write_gguf
 
 from sharp_mlx import convert, evaluate, generate
 
@@ -141,6 +141,7 @@ def test_convert_hugging_face_folder_matches_transformers(tmp_path):
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
     hf = LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
+    write_char_tokenizer(tmp_path / "hf")  # an import copies the tokenizer: it refuses a folder without one
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "rope_theta" not in saved  # the pitfall this test guards against
 
