@@ -1,4 +1,7 @@
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +26,27 @@ TINY = dict(
     max_position_embeddings=256,
     tie_word_embeddings=True,
 )
+
+
+def run_tree(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own: on a timeout
+    the whole process tree is killed (a launcher's workers too), so a hang leaves nothing running
+    to slow the rest of the suite."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            pytest.fail(f"{' '.join(map(str, cmd))} ran past {timeout} s and was killed:\n{err[-3000:]}")
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # anything the command left behind
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def load_script(name: str):

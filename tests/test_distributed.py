@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import distributed_worker
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_tree
 
 from sharp_mlx.recovery import distributed
 
@@ -60,7 +59,7 @@ def test_two_ring_processes_match_one(tmp_path):
         str(two),
         "2",
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    p = run_tree(cmd, timeout=240, cwd=ROOT)
     if p.returncode != 0 and "ring" in p.stderr.lower() and not (two / "result.json").exists():
         pytest.skip(f"the ring backend could not start here: {p.stderr.strip().splitlines()[-1]}")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -2,14 +2,13 @@
 
 import functools
 import json
-import subprocess
 import sys
 from typing import List, Tuple
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, tiny_model
+from conftest import ROOT, TINY, run_tree, tiny_model
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate
@@ -91,7 +90,7 @@ def test_mlx_lm_generate_cli_gives_sharp_mlx_text(sharp_dirs):
         "--prompt",
         PROMPT,
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    p = run_tree(cmd, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     # mlx-lm prints "==========\n", the text, "\n==========" and its timings.
     text = p.stdout.split("=" * 10 + "\n", 1)[1].split("\n" + "=" * 10, 1)[0]

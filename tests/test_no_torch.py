@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, run_tree
 
 from sharp_mlx.data.corpora import DOMAINS
 
@@ -27,7 +27,7 @@ BLOCK = (
 def no_torch(cwd, module, *argv, timeout=900):
     """Run ``python -m module argv`` in ``cwd`` with torch made unimportable; return stdout."""
     cmd = [sys.executable, "-c", BLOCK, module, *map(str, argv)]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    p = run_tree(cmd, timeout=timeout, cwd=cwd)
     assert p.returncode == 0, (
         f"python -m {module} {' '.join(cmd[4:])} failed without torch:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     )

@@ -386,10 +386,10 @@ def train_sft(model, train_tokens, train_mask, valid_tokens, config: SFTConfig, 
             checked = valid_history[-1][1] if valid_history[-1][0] == step else validate()
             _stop_if_not_finite("validation loss", checked, step, out_dir, kept, bar)
             if main:
-                state = {"batch": position, "processes": size, "train_history": train_history,
-                         "valid_history": valid_history, "config": asdict(config)}  # fmt: skip
+                record = {"batch": position, "processes": size, "train_history": train_history,
+                          "valid_history": valid_history, "config": asdict(config)}  # fmt: skip
                 out_dir.mkdir(parents=True, exist_ok=True)
-                save_checkpoint(out_dir, step, model, optimizer, state)
+                save_checkpoint(out_dir, step, model, optimizer, record)
                 plot_losses(out_dir / "loss.png", train_history, valid_history, tokens_per_step, config.loss)
             saved_step = step
     bar.close()
