@@ -45,8 +45,12 @@ def merged_mlp_weights(model: Model, layer: int) -> Dict[str, mx.array]:
     return weights
 
 
-def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model, dict]:
-    """A plain (unshared, unquantized) Llama computing what ``model`` computes, and its config."""
+def fuse(model: nn.Module, config: dict, dtype: str = "float16", release: bool = False) -> Tuple[Model, dict]:
+    """A plain (unshared, unquantized) Llama computing what ``model`` computes, and its config.
+
+    ``release``: empty ``model`` of its arrays once the fused weights' graphs hold them, so that each
+    input tensor is freed as soon as what needs it is computed (with a lazily read model, the peak
+    is then about the output plus a few input tensors, not the input and the output together)."""
     if dtype not in DTYPES:
         raise SharpError(f"dtype {dtype!r} is not supported: use {', '.join(DTYPES)}")
     quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
@@ -63,7 +67,11 @@ def fuse(model: nn.Module, config: dict, dtype: str = "float16") -> Tuple[Model,
     for i in range(model.args.num_hidden_layers):
         for p, w in merged_mlp_weights(model, i).items():
             weights[f"model.layers.{i}.mlp.{p}_proj.weight"] = w
-    del model  # from here only the fused weights' graphs hold the input: each input tensor goes once used
+    if release:  # from here only the fused weights' graphs hold the input: each input tensor goes once used
+        for _, module in model.named_modules():
+            for key in [k for k, v in module.items() if isinstance(v, mx.array)]:
+                del module[key]
+    del model
     fused = Model(ModelArgs.from_dict(plain_config))
     cast = [(k, v.astype(DTYPES[dtype])) for k, v in weights.items()]
     weights.clear()
@@ -96,7 +104,7 @@ def fuse_folder(
 
 
 def _fuse_folder(model_dir: Path, out: Path, dtype: str, force: bool) -> Path:
-    fused, plain_config = fuse(*load_model(model_dir, lazy=True), dtype)  # lazy: read tensor by tensor
+    fused, plain_config = fuse(*load_model(model_dir, lazy=True), dtype, release=True)  # read tensor by tensor
     with atomic_dir(out, force=force) as tmp:
         write_model(tmp, fused, plain_config)
         copy_tokenizer(model_dir, tmp)
