@@ -6,6 +6,7 @@ import pytest
 from conftest import TINY, correlated_inputs, random_mlp, tiny_model
 
 from sharp_mlx.models.llama import vector_names
+from sharp_mlx.recovery import slw
 from sharp_mlx.recovery.slw import (
     PROJ,
     SLWConfig,
@@ -13,6 +14,7 @@ from sharp_mlx.recovery.slw import (
     lowrank_fit,
     mlp_apply,
     reduced_rank_regression,
+    refit_down,
     run_slw,
     weights_of,
 )
@@ -45,6 +47,27 @@ def test_reduced_rank_regression_recovers_a_low_rank_map():
     true = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 30))
     a, b = reduced_rank_regression(h, h @ true, 3, damping=1e-8)
     assert np.allclose(a @ b, true, atol=1e-3)
+
+
+def test_refit_down_in_chunks_of_rows_equals_one_chunk(monkeypatch):
+    """The regression's moments summed over chunks (the hidden activations never all held) give
+    the factors of one pass over every row."""
+    ref, target = weights_of(mlp(1)), weights_of(mlp(2))
+    x, rank, cfg = inputs(n=2500), 8, SLWConfig()
+    rec = slw.init_recovery(ref, target, x, rank, cfg)
+    whole = refit_down(ref, target, x, rec, rank, cfg)
+    monkeypatch.setattr(slw, "MOMENT_ROWS", 700)  # 4 chunks, the last one short
+    chunked = refit_down(ref, target, x, rec, rank, cfg)
+    a, b = whole["down_a"] @ whole["down_b"], chunked["down_a"] @ chunked["down_b"]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    assert not np.array_equal(whole["down_a"], rec["down_a"])  # it did fit something
+
+
+def test_weights_of_are_read_only_views_of_the_models_arrays():
+    m = mlp(1)
+    w = weights_of(m)
+    assert not w["up"].flags.writeable and slw.as_mx(w["up"]) is not None
+    assert np.shares_memory(w["up"], np.asarray(m.up_proj.weight))
 
 
 @pytest.mark.parametrize("with_reference", [True, False])

@@ -40,6 +40,7 @@ from ..models.llama import QuantizedRecovery, Recovery
 from .slw import (
     SLWConfig,
     adam_schedule,
+    as_mx,
     best_start,
     holdout_rows,
     mlp_apply,
@@ -94,12 +95,12 @@ def fit_group(
     teachers = ([w_r] if ref_inputs is not None else []) + [weights_of(m) for m in target_mlps]
     kinds = ["plain"] * (ref_inputs is not None) + [kind] * len(target_mlps)
     splits = [_split(x, cfg) for x in ([ref_inputs] if ref_inputs is not None else []) + list(target_inputs)]
-    y_hold = [mlp_apply({p: mx.array(v) for p, v in w.items()}, mx.array(h)) for w, (_, h) in zip(teachers, splits)]
+    y_hold = [mlp_apply({p: as_mx(v) for p, v in w.items()}, mx.array(h)) for w, (_, h) in zip(teachers, splits)]
     first = len(teachers) - len(target_mlps)  # index of the first target
 
     with threadpool_limits(limits=1, user_api="blas"):  # as slw.fit_layer: LAPACK's small calls on one thread
         start: List[Factors] = [{}] * first
-        wr = {p: mx.array(v) for p, v in w_r.items()}
+        wr = {p: as_mx(v) for p, v in w_r.items()}
         for w_t, (x_fit, x_hold), y, k in zip(teachers[first:], splits[first:], y_hold[first:], ranks):
             rec = {}
             if k > 0:  # the start slw.fit_layer would choose, the borrowed MLP as it is among the candidates
@@ -162,7 +163,7 @@ def _adam(
 ):
     """cfg.steps of Adam on every layer's factors, and on W_s when ``train_stored``; the loss is
     the sum of the layers' squared relative errors on minibatches of their own fit rows."""
-    fixed = {p: mx.array(v) for p, v in w_r.items()}
+    fixed = {p: as_mx(v) for p, v in w_r.items()}
     params = {"factors": [{k: mx.array(v) for k, v in f.items()} for f in start]}
     if train_stored:
         params["stored"] = dict(fixed)

@@ -57,8 +57,9 @@ class SLWConfig:
     scales_init: str = PAPER.scales_init
 
 
-def weights_of(mlp) -> Dict[str, np.ndarray]:
-    """{gate, up, down}: float32 (out, in) weights of an mlx-lm MLP (dequantized if needed)."""
+def mx_weights_of(mlp) -> Dict[str, mx.array]:
+    """{gate, up, down}: float32 (out, in) weights of an mlx-lm MLP as MLX arrays (dequantized if
+    needed; a float32 weight is the model's own array, not a copy)."""
     out = {}
     for p in PROJ:
         lin = getattr(mlp, f"{p}_proj")
@@ -67,7 +68,32 @@ def weights_of(mlp) -> Dict[str, np.ndarray]:
             if hasattr(lin, "scales")
             else lin.weight
         )
-        out[p] = np.array(w.astype(mx.float32))
+        out[p] = w.astype(mx.float32)
+    return out
+
+
+def weights_of(mlp) -> Dict[str, np.ndarray]:
+    """``mx_weights_of`` as read-only numpy arrays: views of the model's own float32 weights, no copy."""
+    return numpy_views(mx_weights_of(mlp))
+
+
+def as_mx(v: Optional[np.ndarray]) -> Optional[mx.array]:
+    """An MLX array of ``v``: the array itself where ``v`` is a view of one (``numpy_views``), else a copy."""
+    if v is None:
+        return None
+    base = v.base
+    if isinstance(base, memoryview) and isinstance(base.obj, mx.array) and base.obj.shape == v.shape:
+        return base.obj
+    return mx.array(v)
+
+
+def numpy_views(weights: Dict[str, mx.array]) -> Dict[str, np.ndarray]:
+    """Read-only numpy views of MLX arrays (sharing their memory)."""
+    mx.eval(weights)
+    out = {}
+    for p, w in weights.items():
+        out[p] = np.asarray(w)
+        out[p].flags.writeable = False
     return out
 
 
@@ -132,12 +158,15 @@ def lowrank_fit(delta_t: np.ndarray, rank: int, x: Optional[np.ndarray], damping
 
 
 def reduced_rank_regression(h: np.ndarray, r: np.ndarray, rank: int, damping: float):
-    """(a (d_in, k), b (k, d_out)) minimising ||h a b - r|| (ridge-damped), exactly.
-
-    Memory: the (d_in, d_in) gram, damped in place, and the solver's copy of it; nothing more of
-    that size (on a 1B model's down projection each is 0.5 GB)."""
-    g = gram(h)
+    """(a (d_in, k), b (k, d_out)) minimising ||h a b - r|| (ridge-damped), exactly."""
     hr = np.array(mx.array(h, dtype=mx.float32).T @ mx.array(r, dtype=mx.float32), dtype=np.float64)
+    return rrr_from_moments(gram(h), hr, rank, damping)
+
+
+def rrr_from_moments(g: np.ndarray, hr: np.ndarray, rank: int, damping: float):
+    """``reduced_rank_regression`` from the moments g = h^T h (d_in, d_in; damped in place, so
+    consumed) and hr = h^T r (d_in, d_out), both float64. Memory: g and the solver's copy of it,
+    nothing else of that size (on a 1B model's down projection each is 0.5 GB)."""
     ridge = damping * np.trace(g) / len(g)
     g[np.diag_indices_from(g)] += ridge
     m_ols = np.linalg.solve(g, hr)  # (d_in, d_out)
@@ -201,7 +230,7 @@ def init_recovery(
         if not asvd:
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, None, cfg.damping)
         elif p == "down":  # its inputs are the target's hidden activations
-            _, h = mlp_apply({q: mx.array(v) for q, v in target.items()}, mx.array(x), return_hidden=True)
+            _, h = mlp_apply({q: as_mx(v) for q, v in target.items()}, mx.array(x), return_hidden=True)
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, np.array(h), cfg.damping)
         else:
             rec[f"{p}_a"], rec[f"{p}_b"] = lowrank_fit(delta.T, rank, x, cfg.damping, x_roots)
@@ -220,11 +249,14 @@ def transformed(ref: Dict[str, np.ndarray], rec: Dict[str, np.ndarray], p: str) 
 
 def lsq_vectors(ref: Dict[str, np.ndarray], target: Dict[str, np.ndarray], x: np.ndarray) -> Dict[str, np.ndarray]:
     """Scaling vectors of every projection by ``lsq_scales``, each in its own inputs' norm."""
-    h = np.array(mlp_apply({q: mx.array(v) for q, v in target.items()}, mx.array(x), return_hidden=True)[1])
+    h = np.array(mlp_apply({q: as_mx(v) for q, v in target.items()}, mx.array(x), return_hidden=True)[1])
     out = {}
     for p in PROJ:
         out[f"{p}_out"], out[f"{p}_in"] = lsq_scales(target[p], ref[p], gram(h if p == "down" else x) / len(x))
     return out
+
+
+MOMENT_ROWS = 4096  # rows of hidden activations at a time in refit_down (4096 x 8192 x 4 B = 134 MB on a 1B)
 
 
 def refit_down(
@@ -238,13 +270,27 @@ def refit_down(
     y: Optional[np.ndarray] = None,
 ) -> Dict[str, np.ndarray]:
     """Down factors solved exactly on the student's own hidden activations, towards the outputs
-    ``y`` (None: the target MLP's own on ``x``)."""
-    xm = mx.array(x)
-    y = mlp_apply({p: mx.array(v) for p, v in target.items()}, xm) if y is None else mx.array(y, dtype=mx.float32)
-    student = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+    ``y`` (None: the target MLP's own on ``x``). The regression's moments are summed over chunks
+    of rows: the hidden activations of all rows (rows x MLP width) are never held at once."""
+    target_w = {p: as_mx(v) for p, v in target.items()} if y is None else None
+    student = {p: (as_mx(ref[p]) if ref is not None else None) for p in PROJ}
     no_down = {**{k: mx.array(v) for k, v in rec.items()}, "down_b": mx.zeros_like(mx.array(rec["down_b"]))}
-    base, h = mlp_apply(student, xm, no_down, return_hidden=True, kind=kind)
-    a, b = reduced_rank_regression(np.array(h), np.array(y - base), rank, cfg.damping)
+    g = hr = None
+    for start in range(0, len(x), MOMENT_ROWS):
+        xc = mx.array(x[start : start + MOMENT_ROWS])
+        yc = mlp_apply(target_w, xc) if y is None else mx.array(y[start : start + MOMENT_ROWS], dtype=mx.float32)
+        base, h = mlp_apply(student, xc, no_down, return_hidden=True, kind=kind)
+        gc, hrc = h.T @ h, h.T @ (yc - base)
+        mx.eval(gc, hrc)
+        if g is None:
+            g, hr = np.array(gc, dtype=np.float64), np.array(hrc, dtype=np.float64)
+        else:  # added in place from float32 views: no float64 copy of the chunk's gram beside the sum
+            g += np.asarray(gc)
+            hr += np.asarray(hrc)
+        del gc, hrc
+        mx.clear_cache()
+    del target_w, student, no_down
+    a, b = rrr_from_moments(g, hr, rank, cfg.damping)
     return {**rec, "down_a": a, "down_b": b}
 
 
@@ -276,8 +322,8 @@ def adam_refine(
     """cfg.steps of Adam on the relative L2 error over random minibatches of rows; every entry
     of ``rec`` (factors and any scaling vectors) is trained. The outputs to reach are ``y_fit``'s
     rows (None: the target MLP's own)."""
-    tw = {p: mx.array(v) for p, v in target.items()}
-    rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+    tw = {p: as_mx(v) for p, v in target.items()}
+    rw = {p: (as_mx(ref[p]) if ref is not None else None) for p in PROJ}
     params = {k: mx.array(v) for k, v in rec.items()}
     opt = optim.Adam(learning_rate=adam_schedule(cfg))
     rng = np.random.default_rng(cfg.seed)
@@ -368,18 +414,14 @@ def fit_layer(
     objective, where they are what the MLP must add for the block to give the original's output."""
     if recovery_kind(kind).needs_reference and ref_mlp is None:
         raise ValueError(f"recovery {kind} transforms borrowed weights: a target without a reference has none")
-    ref = weights_of(ref_mlp) if ref_mlp is not None else None
+    rw = mx_weights_of(ref_mlp) if ref_mlp is not None else {p: None for p in PROJ}
+    ref = numpy_views(rw) if ref_mlp is not None else None  # the same memory
     target = weights_of(target_mlp)
     fit, hold = holdout_rows(len(x), cfg)
     x_hold, x_fit = x[hold].astype(np.float32), x[fit].astype(np.float32)
     y_fit = None if y is None else y[fit].astype(np.float32)
     xh = mx.array(x_hold)
-    y_hold = (
-        mlp_apply({p: mx.array(v) for p, v in target.items()}, xh)
-        if y is None
-        else mx.array(y[hold].astype(np.float32))
-    )
-    rw = {p: (mx.array(ref[p]) if ref is not None else None) for p in PROJ}
+    y_hold = mlp_apply(mx_weights_of(target_mlp), xh) if y is None else mx.array(y[hold].astype(np.float32))
 
     def err(rec):
         return (
