@@ -27,6 +27,7 @@ import mlx.core as mx
 from sharp_mlx.errors import ArgumentParser, SharpError, cli
 from sharp_mlx.generate import prompt_tokens, stream, timed_load
 from sharp_mlx.io.checkpoint import read_config
+from sharp_mlx.reports import markdown_table
 
 PROMPTS: Tuple[Tuple[str, str], ...] = (  # (kind, user message)
     ("fact", "What is the capital of France?"),
@@ -129,12 +130,14 @@ def markdown(record: dict) -> str:
         "",
         f"Answers that loop: {loops}.",
         "",
-        "| prompt | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        markdown_table(
+            ["prompt", *names],
+            [
+                [f"{p['prompt']} ({p['kind']})", *(_cell(record["models"][n]["answers"][i]) for n in names)]
+                for i, p in enumerate(record["prompts"])
+            ],
+        ),
     ]
-    for i, p in enumerate(record["prompts"]):
-        cells = [_cell(record["models"][n]["answers"][i]) for n in names]
-        lines.append(f"| {p['prompt']} ({p['kind']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

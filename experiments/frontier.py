@@ -38,9 +38,7 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ from sharp_mlx.errors import ArgumentParser, SharpError, cli
 from sharp_mlx.io.checkpoint import atomic_dir, copy_tokenizer
 from sharp_mlx.quant.codes import apply_codes, code_params, folder_bytes, quantization_config
 from sharp_mlx.quant.gptq import BLOCK_LINEARS, Codes, mlp_sensitivity, sequential_gptq
+from sharp_mlx.reports import geomean, markdown_table, save_figure, write_atomic
 
 ORIGINAL = Path("models/smollm2-135m-instruct")
 SEQ_LEN = 256
@@ -197,7 +196,7 @@ def summarise(ppl: Dict[str, float], base: Dict[str, float]) -> dict:
     worst = max(ratio, key=ratio.get)
     return {
         "ratio": ratio,
-        "geo_mean_ratio": math.exp(statistics.mean(math.log(r) for r in ratio.values())),
+        "geo_mean_ratio": geomean(ratio.values()),
         "worst_ratio": ratio[worst],
         "worst_domain": worst,
     }
@@ -249,16 +248,6 @@ def _read_json(path: Path) -> Optional[dict]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def write_atomic(path: Path, data, mode: str = "text") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if mode == "text":
-        tmp.write_text(data)
-    else:
-        data(tmp)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------- building and measuring
@@ -441,12 +430,13 @@ class Frontier:
             flat = mx.load(str(path))
             return {p: (flat[f"{p}.weight"], flat[f"{p}.scales"], flat[f"{p}.biases"]) for p in params}
         codes = sequential_gptq(model, self.calibration(), params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.safetensors")
-        mx.save_safetensors(
-            str(tmp), {f"{p}.{k}": v for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)}
-        )
-        tmp.replace(path)
+        flat = {f"{p}.{k}": v for p, c in codes.items() for k, v in zip(("weight", "scales", "biases"), c)}
+
+        def save(tmp: Path) -> None:  # through a file object: a path without .safetensors would get one appended
+            with open(tmp, "wb") as f:
+                mx.save_safetensors(f, flat)
+
+        write_atomic(path, save)
         self._made.add(path.name)
         return codes
 
@@ -581,23 +571,25 @@ def markdown(rep: dict) -> str:
         "and a lower "
         "geometric mean (`q`: on the frontier of the quantization points alone).",
         "",
-        "| point | kind | MB | x "
-        + REFERENCE
-        + " | geo. mean x original | worst x original | "
-        + " | ".join(domains)
-        + " | frontier |",
-        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|",
     ]
+    header = ["point", "kind", "MB", f"x {REFERENCE}", "geo. mean x original", "worst x original", *domains, "frontier"]
+    rows = []
     for r in points:
         mark = "**yes**" if r["frontier"] else ("q" if r["frontier_quantization"] else "")
         x_ref = f"{r['bytes'] / ref:.2f}" if ref else "-"
-        lines.append(
-            f"| {r['name']} | {r['kind']} | {r['bytes'] / 1e6:.1f} | {x_ref} | {r['geo_mean_ratio']:.3f} | "
-            f"{r['worst_ratio']:.3f} ({r['worst_domain']}) | "
-            + " | ".join(f"{r['ratio'][d]:.3f}" for d in domains)
-            + f" | {mark} |"
+        rows.append(
+            [
+                r["name"],
+                r["kind"],
+                f"{r['bytes'] / 1e6:.1f}",
+                x_ref,
+                f"{r['geo_mean_ratio']:.3f}",
+                f"{r['worst_ratio']:.3f} ({r['worst_domain']})",
+                *(f"{r['ratio'][d]:.3f}" for d in domains),
+                mark,
+            ]
         )
-    lines += ["", "Points:"]
+    lines += [markdown_table(header, rows), "", "Points:"]
     for r in points:
         how = r.get("build", {}).get("command") or r["path"]
         extra = ""
@@ -694,8 +686,7 @@ def plot(rep: dict, path: Path, cap: float = PLOT_CAP) -> None:
         (x,), (y,) = xy([r])
         labels.append((r["name"] + (f" ({r['geo_mean_ratio']:,.0f}x)" if r["geo_mean_ratio"] > cap else ""), x, y))
     place_labels(ax, fig, labels)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"), mode="call")
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -11,18 +11,18 @@ same models' ratio on the five training domains' test splits, to see what genera
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from sharp_mlx.convert import ensure_default_model
 from sharp_mlx.data import corpora, heldout
 from sharp_mlx.eval import perplexity as evaluate
+from sharp_mlx.reports import geomean, markdown_table, write_atomic
 
 
 def ratios(ppl: dict, base: dict) -> dict:
     r = {Path(f).parent.name: ppl[f]["ppl"] / base[f]["ppl"] for f in base}
-    return {**r, "geo": math.exp(sum(map(math.log, r.values())) / len(r)), "worst": max(r.values())}
+    return {**r, "geo": geomean(r.values()), "worst": max(r.values())}
 
 
 def main(argv=None):
@@ -67,21 +67,22 @@ def main(argv=None):
         + ", ".join(f"{k} {base[f]['ppl']:.2f}" for k, f in zip(kinds, held))
         + "). Beside it the geometric mean over the five training domains' test splits.",
         "",
-        "| model | " + " | ".join(kinds) + " | held-out geo. | held-out worst | five domains geo. |",
-        "|---|" + "---|" * (len(kinds) + 3),
+        markdown_table(
+            ["model", *kinds, "held-out geo.", "held-out worst", "five domains geo."],
+            [
+                [
+                    label,
+                    *(f"{r['heldout'][k]:.3f}" for k in kinds),
+                    f"{r['heldout']['geo']:.3f}",
+                    f"{r['heldout']['worst']:.3f}",
+                    f"{r['domains']['geo']:.3f}",
+                ]
+                for label, r in rows.items()
+            ],
+        ),
     ]
-    for label, r in rows.items():
-        h = r["heldout"]
-        lines.append(
-            f"| {label} | " + " | ".join(f"{h[k]:.3f}" for k in kinds)
-            + f" | {h['geo']:.3f} | {h['worst']:.3f} | {r['domains']['geo']:.3f} |"
-        )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps({"command": command, "rows": rows},
-                                                                                    indent=1))):  # fmt: skip
-        tmp = Path(f"{args.out}{suffix}.tmp")
-        tmp.write_text(text)
-        tmp.replace(f"{args.out}{suffix}")
+    write_atomic(f"{args.out}.md", "\n".join(lines) + "\n")
+    write_atomic(f"{args.out}.json", json.dumps({"command": command, "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from sharp_mlx.io.checkpoint import load_model
 from sharp_mlx.io.integrity import first_nonfinite, verify_checksums
+from sharp_mlx.reports import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,17 +94,30 @@ def main() -> None:
         f"{r['weights_mb']} MB in one file, {r['tensors']} tensors, page cache warm, median of {r['repeats']}, "
         "2 shared CPU cores (Linux, MLX CPU backend).",
         "",
-        "| what | seconds | % of the load |",
-        "|---|---|---|",
-        f"| load (`checkpoint.load_model`, no checks) | {r['load_s']} | 100 |",
-        f"| finite check (a sum per tensor, evaluated together; `isfinite().all()` only where a sum is not finite) | {r['finite_check_s']} | "
-        f"{r['finite_check_pct_of_load']} |",
-        f"| for comparison: `isfinite().all()` of every tensor | {r['isfinite_all_s']} | "
-        f"{round(100 * r['isfinite_all_s'] / r['load_s'])} |",
-        f"| load with the finite check | {r['load_with_finite_check_s']} | "
-        f"{round(100 * r['load_with_finite_check_s'] / r['load_s'])} |",
-        *(f"| {k} of the weights file | {v} | {round(100 * v / r['load_s'])} |" for k, v in r["hash_s"].items()),
-        f"| `verify_checksums` (sha256) | {r['verify_sha256_s']} | {r['verify_pct_of_load']} |",
+        markdown_table(
+            ["what", "seconds", "% of the load"],
+            [
+                ["load (`checkpoint.load_model`, no checks)", r["load_s"], 100],
+                [
+                    "finite check (a sum per tensor, evaluated together; `isfinite().all()` only where a sum is not "
+                    "finite)",
+                    r["finite_check_s"],
+                    r["finite_check_pct_of_load"],
+                ],
+                [
+                    "for comparison: `isfinite().all()` of every tensor",
+                    r["isfinite_all_s"],
+                    round(100 * r["isfinite_all_s"] / r["load_s"]),
+                ],
+                [
+                    "load with the finite check",
+                    r["load_with_finite_check_s"],
+                    round(100 * r["load_with_finite_check_s"] / r["load_s"]),
+                ],
+                *([f"{k} of the weights file", v, round(100 * v / r["load_s"])] for k, v in r["hash_s"].items()),
+                ["`verify_checksums` (sha256)", r["verify_sha256_s"], r["verify_pct_of_load"]],
+            ],
+        ),
         "",
         "The rule (issue 25): checksum verification is on at every load if it costs at most 10% of the load, "
         "otherwise at the start of long stages and in `python -m sharp_mlx.verify`. "

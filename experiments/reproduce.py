@@ -54,6 +54,7 @@ from sharp_mlx.models import sharemap  # noqa: E402
 from sharp_mlx.models.llama import SharpArgs  # noqa: E402
 from sharp_mlx.models.sharemap import lora_rank_for, stored_params  # noqa: E402
 from sharp_mlx.quant.codes import folder_bytes  # noqa: E402
+from sharp_mlx.reports import geomean_ratio, markdown_table, save_figure, write_atomic  # noqa: E402
 
 
 @dataclass
@@ -358,9 +359,7 @@ class Steps:
 
     def record(self, name: str, seconds: float) -> None:
         self.wall[name] = seconds
-        tmp = self._walls.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.wall, indent=1))
-        tmp.replace(self._walls)
+        write_atomic(self._walls, json.dumps(self.wall, indent=1))
 
     def _run(self, name: str, main, argv: List[str]) -> Path:
         out = self.models / name
@@ -477,10 +476,7 @@ def measure(v: Dict[str, dict], b: Budget, runs: Path, log) -> Tuple[float, floa
             "bytes": folder_bytes(path),
         }
         out["wall_s"], tic = time.perf_counter() - tic, time.perf_counter()  # loading this folder included
-        f = cache / f"{names[key][0]}.json"
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(f)
+        write_atomic(cache / f"{names[key][0]}.json", json.dumps(out))
         record(key, out)
     total = sum(v[ns[0]].get("wall_s", 0.0) for ns in names.values())
     return total, total - sum(v[names[str(p)][0]]["wall_s"] for p in todo)
@@ -509,15 +505,10 @@ def bench_step(v: Dict[str, dict], steps: Steps, runs: Path, log) -> Tuple[dict,
     return timing, names
 
 
-def geo(ratios: List[float]) -> float:
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-
-
 def summarise(v: Dict[str, dict], original_config: dict) -> None:
     base = v["original"]["ppl"]
     for info in v.values():
-        r = [info["ppl"][d] / base[d] for d in DOMAINS]
-        info["x_geo"], info["x_max"] = geo(r), max(r)
+        info["x_geo"], info["x_max"] = geomean_ratio(info["ppl"], {d: base[d] for d in DOMAINS})
         if info["cloze"]:
             acc = [info["cloze"][d]["accuracy"] for d in DOMAINS]
             info["cloze_all"] = sum(acc) / len(acc)
@@ -562,8 +553,7 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     ax.axvline(1.25, color="k", ls="--", lw=0.8)
     ax.set_xlabel("test perplexity / original's (geometric mean of 5 domains, log scale; dashed: 1.25x)")
     fig.tight_layout()
-    fig.savefig(figs["perplexity"], dpi=120)
-    plt.close(fig)
+    save_figure(fig, figs["perplexity"])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, label in (
@@ -583,8 +573,7 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figs["rank"], dpi=120)
-    plt.close(fig)
+    save_figure(fig, figs["rank"])
 
     fig, ax = plt.subplots(figsize=(7, 5))
     seen = set()
@@ -601,8 +590,7 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     ax.set_ylabel("perplexity / original (geo mean, log)")
     ax.set_title("every variant: size vs quality (blue: SHARP, red: 4-bit)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(figs["pareto"], dpi=120)
-    plt.close(fig)
+    save_figure(fig, figs["pareto"])
 
     rows = [n for n, i in v.items() if "cloze_all" in i and i["group"] in ("main", "aggressive", "smaller", "deploy")]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
@@ -615,35 +603,32 @@ def plots(v: Dict[str, dict], figs: Dict[str, Path], analysis_png: Path) -> None
     ax.invert_yaxis()
     ax.set_xlabel("next-sentence accuracy, all domains (dashed: chance; bars: 1 s.e.)")
     fig.tight_layout()
-    fig.savefig(figs["cloze"], dpi=120)
-    plt.close(fig)
+    save_figure(fig, figs["cloze"])
 
 
 def table(v: Dict[str, dict], names: List[str], extra: Optional[Dict[str, str]] = None) -> str:
     extra = extra or {}
-    head = (
-        "| variant | "
-        + (" | ".join(extra) + " | " if extra else "")
-        + "params stored | stored-MLP cut | "
-        + " | ".join(DOMAINS)
-        + " | x orig (geo) | worst x | next-sentence acc |"
-    )
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    header = [
+        "variant",
+        *extra,
+        "params stored",
+        "stored-MLP cut",
+        *DOMAINS,
+        "x orig (geo)",
+        "worst x",
+        "next-sentence acc",
+    ]
+    rows = []
     for n in names:
         i = v[n]
         cut = f"{i['mlp_cut']:.1%}" if "mlp_cut" in i else ("-" if "targets" not in i else f"{i['targets']} layers")
         params = f"{i['params'] / 1e6:.1f}M" if i.get("params") else f"{i['bytes'] / 1e6:.1f} MB"
-        cells = [extra[k](n) for k in extra] if extra else []
-        lines.append(
-            f"| {n}: {i['label']} | "
-            + "".join(f"{c} | " for c in cells)
-            + f"{params} | {cut} | "
-            + " | ".join(f"{i['ppl'][d]:,.2f}" for d in DOMAINS)
-            + f" | {i['x_geo']:.2f} | {i['x_max']:.2f} | "
-            + (f"{i['cloze_all']:.1%}" if "cloze_all" in i else "-")
-            + " |"
+        rows.append(
+            [f"{n}: {i['label']}", *(extra[k](n) for k in extra), params, cut]
+            + [f"{i['ppl'][d]:,.2f}" for d in DOMAINS]
+            + [f"{i['x_geo']:.2f}", f"{i['x_max']:.2f}", f"{i['cloze_all']:.1%}" if "cloze_all" in i else "-"]
         )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def wins(v, a: str, b: str) -> str:
@@ -769,20 +754,36 @@ def write_report(res: dict, out: Path) -> None:
         "new tokens; "
         "perplexity of 4-bit rows computed with their weights' float values):\n"
     )
-    s.append(
-        "| row | disk MB | x mlx-lm | load s (in-process) | decode tok/s | x mlx-lm | peak GB | x orig (geo) | worst "
-        "x |"
-    )
-    s.append("|---|---|---|---|---|---|---|---|---|")
     ref = bn[bench.REFERENCE]
-    for row, r in bn.items():
-        n = res["bench_names"][row]
-        s.append(
-            f"| {row} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / ref['bytes']:.2f} | {r['load_s']['median']:.3f} | "
-            f"{r['decode_tps']['median']:.1f} | "
-            f"{r['decode_tps']['median'] / ref['decode_tps']['median']:.2f} | {r['peak_memory_gb']['median']:.2f} | "
-            f"{v[n]['x_geo']:.2f} | {v[n]['x_max']:.2f} |"
+    s.append(
+        markdown_table(
+            [
+                "row",
+                "disk MB",
+                "x mlx-lm",
+                "load s (in-process)",
+                "decode tok/s",
+                "x mlx-lm",
+                "peak GB",
+                "x orig (geo)",
+                "worst x",
+            ],
+            [
+                [
+                    row,
+                    f"{r['bytes'] / 1e6:.1f}",
+                    f"{r['bytes'] / ref['bytes']:.2f}",
+                    f"{r['load_s']['median']:.3f}",
+                    f"{r['decode_tps']['median']:.1f}",
+                    f"{r['decode_tps']['median'] / ref['decode_tps']['median']:.2f}",
+                    f"{r['peak_memory_gb']['median']:.2f}",
+                    f"{v[res['bench_names'][row]]['x_geo']:.2f}",
+                    f"{v[res['bench_names'][row]]['x_max']:.2f}",
+                ]
+                for row, r in bn.items()
+            ],
         )
+    )
     s.append(
         "\nEvery variant, bytes on disk against perplexity (float32 folders and 4-bit "
         f"ones):\n\n![pareto]({rel['pareto']})\n"
@@ -791,15 +792,12 @@ def write_report(res: dict, out: Path) -> None:
 
     s.append("## 7. Next-sentence check beyond perplexity\n")
     s.append(f"![cloze]({rel['cloze']})\n")
-    s.append("| variant | " + " | ".join(DOMAINS) + " | all |")
-    s.append("|---" * (len(DOMAINS) + 2) + "|")
-    for n, i in v.items():
-        if "cloze_all" in i:
-            s.append(
-                f"| {n} | "
-                + " | ".join(f"{i['cloze'][d]['accuracy']:.0%}" for d in DOMAINS)
-                + f" | {i['cloze_all']:.1%} |"
-            )
+    cloze_rows = [
+        [n, *(f"{i['cloze'][d]['accuracy']:.0%}" for d in DOMAINS), f"{i['cloze_all']:.1%}"]
+        for n, i in v.items()
+        if "cloze_all" in i
+    ]
+    s.append(markdown_table(["variant", *DOMAINS, "all"], cloze_rows))
     n_items = sum(v["original"]["cloze"][d]["n"] for d in DOMAINS)
     s.append(
         f"\n{n_items} items in all: one standard error is about {math.sqrt(0.25 / n_items):.0%} at 50% accuracy, so "
@@ -819,8 +817,7 @@ def write_report(res: dict, out: Path) -> None:
             + ".\n"
         )
     s.append("## Steps and wall time\n")
-    s.append("| step | wall s |\n|---|---|")
-    s.extend(f"| {k} | {w:.0f} |" for k, w in res["steps"].items())
+    s.append(markdown_table(["step", "wall s"], [[k, f"{w:.0f}"] for k, w in res["steps"].items()]))
     resumed = res.get("resumed")
     s.append(
         f"\nTotal {res['wall_s'] / 60:.1f} min"
@@ -834,9 +831,7 @@ def write_report(res: dict, out: Path) -> None:
             else ", in one invocation.\n"
         )
     )
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(s))
-    tmp.replace(out)
+    write_atomic(out, "\n".join(s))
 
 
 def write_results(res: dict, report: Path, runs: Path, analysis_dir: Path) -> None:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sharp_mlx.models.shapes import parameter_count, shape_config, write_hf_folder  # noqa: E402
+from sharp_mlx.reports import markdown_table, save_figure  # noqa: E402
 
 GB = 1e9
 DATA = ROOT / "data" / "brown"
@@ -182,27 +183,53 @@ def write_report(res: dict, out: Path, command: str) -> None:
             "\nRows marked * were measured by an earlier invocation of the same script (--reuse), "
             "the others by the command above."
         ]
-    lines += ["\n| model | stage | code | note | wall s | ms/token | peak GB | of GB | peak / that | net | bound |"]
-    lines += ["|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in res["rows"]:
-        ms = r.get("ms_per_token", "")
-        lines.append(
-            f"| {r['model']} | {r['stage']} | {r['code']} | {r['note']}{' *' if r.get('reused') else ''} | {r['wall_s']} | {ms} | {r['peak_gb']} | "
-            f"{r['bound_of_gb']} | {r['x_model']}x | {r['x_model_net']}x | {BOUNDS[r['stage']]} |"
-        )
+    header = ["model", "stage", "code", "note", "wall s", "ms/token", "peak GB", "of GB", "peak / that", "net", "bound"]
+    rows = [
+        [
+            r["model"],
+            r["stage"],
+            r["code"],
+            f"{r['note']}{' *' if r.get('reused') else ''}",
+            r["wall_s"],
+            r.get("ms_per_token", ""),
+            r["peak_gb"],
+            r["bound_of_gb"],
+            f"{r['x_model']}x",
+            f"{r['x_model_net']}x",
+            BOUNDS[r["stage"]],
+        ]
+        for r in res["rows"]
+    ]
+    lines += ["\n" + markdown_table(header, rows, align=[None] * 4 + ["r"] * 6 + [None])]
     lines += ["\n## Extrapolated to full models in bf16 (a Mac)\n"]
-    lines += ["| model | params | bf16 GB | peak GB by stage | stages that fit 16 / 32 / 64 GB (75% usable) |"]
-    lines += ["|---|---:|---:|---|---|"]
-    for shape, e in res["extrapolated"].items():
-        peaks = ", ".join(f"{s} {p}" for s, p in e["peak_gb"].items())
-        fits = " / ".join(",".join(v) or "none" for v in e["fits"].values())
-        lines.append(f"| {shape} | {e['params'] / 1e9:.2f}B | {e['bf16_gb']} | {peaks} | {fits} |")
-    lines += ["\n| model | CPU here: SLW, 9/30 of layers, 16,384 tokens (h) | CPU here: 1M SFT tokens (h) | "]
-    lines[-1] += " | ".join(f"{g}: 1M SFT tokens (h) / SLW captures (min)" for g in M_SERIES) + " |"
-    lines += ["|---|---:|---:|" + "---:|" * len(M_SERIES)]
-    for shape, e in res["extrapolated"].items():
-        g = " | ".join(f"{v['sft_1m_tokens_h']} / {v['slw_capture_min']}" for v in e["gpu"].values())
-        lines.append(f"| {shape} | {e['cpu_slw_h']} | {e['cpu_sft_1m_tokens_h']} | {g} |")
+    header = ["model", "params", "bf16 GB", "peak GB by stage", "stages that fit 16 / 32 / 64 GB (75% usable)"]
+    rows = [
+        [
+            shape,
+            f"{e['params'] / 1e9:.2f}B",
+            e["bf16_gb"],
+            ", ".join(f"{s} {p}" for s, p in e["peak_gb"].items()),
+            " / ".join(",".join(v) or "none" for v in e["fits"].values()),
+        ]
+        for shape, e in res["extrapolated"].items()
+    ]
+    lines += [markdown_table(header, rows, align=[None, "r", "r", None, None])]
+    header = [
+        "model",
+        "CPU here: SLW, 9/30 of layers, 16,384 tokens (h)",
+        "CPU here: 1M SFT tokens (h)",
+        *(f"{g}: 1M SFT tokens (h) / SLW captures (min)" for g in M_SERIES),
+    ]
+    rows = [
+        [
+            shape,
+            e["cpu_slw_h"],
+            e["cpu_sft_1m_tokens_h"],
+            *(f"{v['sft_1m_tokens_h']} / {v['slw_capture_min']}" for v in e["gpu"].values()),
+        ]
+        for shape, e in res["extrapolated"].items()
+    ]
+    lines += ["\n" + markdown_table(header, rows, align=[None] + ["r"] * (len(header) - 1))]
     lines.append("\n" + res["arithmetic"])
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(res, out.with_suffix(".png"))
@@ -226,7 +253,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("Llama-3.2-1B shape (random weights): each stage's peak memory, before (orange) and after")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 ARITHMETIC = (

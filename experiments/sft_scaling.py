@@ -36,6 +36,7 @@ from sharp_mlx.data import corpora
 from sharp_mlx.eval import perplexity as evaluate
 from sharp_mlx.recipes import PAPER, preset
 from sharp_mlx.recovery.stages import SFTRun, run_stage
+from sharp_mlx.reports import geomean_ratio, markdown_table, save_figure, write_atomic
 
 BATCH, SEQ = 2, 256
 
@@ -71,8 +72,7 @@ def plot(path: Path, rows: dict, fits: dict, target: float) -> None:
     ax.set_title("SFT token scaling (dashed: fitted 1 + a T^-b)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -120,10 +120,10 @@ def main(argv=None):
             record = json.loads((out / "training.json").read_text())[-1]
             ppl = evaluate.evaluate([out], tests, seq_len=SEQ, max_windows=args.windows)[str(out)]
             per = {Path(t).parent.name: r["ppl"] for t, r in ppl.items()}
-            ratios = [per[d] / base[d] for d in base]
+            x_geo, x_max = geomean_ratio(per, base)
             results[key] = {
-                "variant": name, "tokens": budget, "ppl": per, "x_geo": math.exp(sum(map(math.log, ratios)) / 5),
-                "x_max": max(ratios), "valid_loss": record["summary"]["final_valid_loss"],
+                "variant": name, "tokens": budget, "ppl": per, "x_geo": x_geo,
+                "x_max": x_max, "valid_loss": record["summary"]["final_valid_loss"],
                 "tokens_per_s": record["summary"]["tokens_per_s"], "wall_s": record["wall_s"],
             }  # fmt: skip
             write(args, variants, results, base, tic)
@@ -162,15 +162,22 @@ def write_locked(args, variants, results, base, tic) -> None:
         f"Perplexity: the first {args.windows} test windows of 256 tokens per domain, float weights, ratio to the "
         "original.",
         "",
-        "| variant | SFT tokens | " + " | ".join(corpora.DOMAINS) + " | x original (geo) | worst x | valid loss |",
-        "|---|---|" + "---|" * len(corpora.DOMAINS) + "---|---|---|",
+        markdown_table(
+            ["variant", "SFT tokens", *corpora.DOMAINS, "x original (geo)", "worst x", "valid loss"],
+            [
+                [
+                    n,
+                    f"{r['tokens']:,}",
+                    *(f"{r['ppl'][d]:.2f}" for d in corpora.DOMAINS),
+                    f"{r['x_geo']:.3f}",
+                    f"{r['x_max']:.3f}",
+                    f"{r['valid_loss']:.4f}",
+                ]
+                for n, pts in rows.items()
+                for r in pts
+            ],
+        ),
     ]
-    for n, pts in rows.items():
-        for r in pts:
-            lines.append(
-                f"| {n} | {r['tokens']:,} | " + " | ".join(f"{r['ppl'][d]:.2f}" for d in corpora.DOMAINS)
-                + f" | {r['x_geo']:.3f} | {r['x_max']:.3f} | {r['valid_loss']:.4f} |"
-            )  # fmt: skip
     lines += ["", f"Fitted x = 1 + a T^-b and the tokens at which it would reach {args.target}x (extrapolated):", ""]
     for n, f in fits.items():
         if f is None:
@@ -183,12 +190,11 @@ def write_locked(args, variants, results, base, tic) -> None:
             f"- `{n}`: a = {a:.3g}, b = {b:.3f}; {args.target}x at ~{reach:.3g} tokens"
             + (f" (~{reach / speed / 3600:.3g} h at this machine's {speed:.0f} tok/s)" if math.isfinite(reach) else "")
         )
-    for suffix, text in ((".md", "\n".join(lines) + "\n"),
-                         (".json", json.dumps({"command": command, "base": base, "variants": variants, "results": results}, indent=1))):  # fmt: skip
-        tmp = Path(f"{args.out}{suffix}.tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        tmp.replace(f"{args.out}{suffix}")
+    write_atomic(f"{args.out}.md", "\n".join(lines) + "\n")
+    write_atomic(
+        f"{args.out}.json",
+        json.dumps({"command": command, "base": base, "variants": variants, "results": results}, indent=1),
+    )
     plot(Path(f"{args.out}.png"), rows, fits, args.target)
     print("\n".join(lines))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from sharp_mlx.io.checkpoint import read_config
+from sharp_mlx.reports import markdown_table
 
 BATCH, SEQ = 2, 256
 
@@ -158,15 +159,22 @@ def main(argv=None):
         f"{config['num_hidden_layers'] - 1}; mlx_lm LoRA rank {rank} on their 7 linear layers. float32 matmul "
         f"rate on the model's shapes: {peak:.1f} GFLOP/s before the runs, {peak_after:.1f} after.",
         "",
-        "| run | trainable | tokens/s | x mlx_lm lora | GFLOP/step (matmuls) | GFLOP/s | x matmul peak |",
-        "|---|---|---|---|---|---|---|",
+        markdown_table(
+            ["run", "trainable", "tokens/s", "x mlx_lm lora", "GFLOP/step (matmuls)", "GFLOP/s", "x matmul peak"],
+            [
+                [
+                    name,
+                    f"{r['trainable'] / 1e6:.2f}M" if r.get("trainable") else "?",
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['tokens_per_s'] / base:.2f}",
+                    f"{r['gflop']:.0f}",
+                    f"{r['gflops']:.1f}",
+                    f"{r['x_peak']:.2f}",
+                ]
+                for name, r in rows.items()
+            ],
+        ),
     ]
-    for name, r in rows.items():
-        n = f"{r['trainable'] / 1e6:.2f}M" if r.get("trainable") else "?"
-        lines.append(
-            f"| {name} | {n} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['gflop']:.0f} | "
-            f"{r['gflops']:.1f} | {r['x_peak']:.2f} |"
-        )
     lines += [
         "",
         "Commands (WORK: a temporary folder):",

@@ -16,7 +16,6 @@ command and settings: SLW is deterministic), each row saying which run made it.
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from sharp_mlx.data import corpora
 from sharp_mlx.eval import perplexity as evaluate
 from sharp_mlx.recipes import preset
 from sharp_mlx.recovery.stages import SLWRun, run_stage
+from sharp_mlx.reports import geomean_ratio, markdown_table, write_atomic
 
 VARIANTS = {  # name -> SLWRun fields
     "sharp r64": dict(rank=64),
@@ -90,14 +90,14 @@ def main(argv=None):
     for name, folder in folders.items():
         # the targets' errors (a joint fit also reports its references'; its closed form is its start)
         layers = {t: e for t, e in records[name]["layers"].items() if "group" not in e or "none" in e}
-        ratios = [ppl[str(folder)][t]["ppl"] / base[t] for t in base]
+        x_geo, x_max = geomean_ratio({t: ppl[str(folder)][t]["ppl"] for t in base}, base)
         rows[name] = {
             "closed_form": sum(e.get("closed_form_down", e.get("init", e.get("start"))) for e in layers.values())
             / len(layers),
             "final": sum(e["final"] for e in layers.values()) / len(layers),
             "ppl": {Path(t).parent.name: ppl[str(folder)][t]["ppl"] for t in base},
-            "x_geo": math.exp(sum(map(math.log, ratios)) / len(ratios)),
-            "x_max": max(ratios),
+            "x_geo": x_geo,
+            "x_max": x_max,
             "wall_s": records[name]["wall_s"],
             "run": command,
         }
@@ -114,25 +114,32 @@ def main(argv=None):
         "",
         "Runs: " + "; ".join(f"({k + 1}) `{r}`" for k, r in enumerate(runs)) + ".",
         "",
-        "| variant | MLP error, closed form | MLP error, final | "
-        + " | ".join(corpora.DOMAINS)
-        + " | x original (geo) | worst x | run |",
-        "|---|---|---|" + "---|" * len(corpora.DOMAINS) + "---|---|---|",
+        markdown_table(
+            [
+                "variant",
+                "MLP error, closed form",
+                "MLP error, final",
+                *corpora.DOMAINS,
+                "x original (geo)",
+                "worst x",
+                "run",
+            ],
+            [
+                [
+                    name,
+                    f"{r['closed_form']:.3f}",
+                    f"{r['final']:.3f}",
+                    *(f"{r['ppl'][d]:.2f}" for d in corpora.DOMAINS),
+                    f"{r['x_geo']:.2f}",
+                    f"{r['x_max']:.2f}",
+                    f"({runs.index(r['run']) + 1})",
+                ]
+                for name, r in rows.items()
+            ],
+        ),
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['closed_form']:.3f} | {r['final']:.3f} | "
-            + " | ".join(f"{r['ppl'][d]:.2f}" for d in corpora.DOMAINS)
-            + f" | {r['x_geo']:.2f} | {r['x_max']:.2f} | ({runs.index(r['run']) + 1}) |"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in (
-        (".md", "\n".join(lines) + "\n"),
-        (".json", json.dumps({"command": command, "rows": rows}, indent=1)),
-    ):
-        tmp = args.out.with_name(args.out.name + suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out.with_name(args.out.name + suffix))
+    write_atomic(args.out.with_name(args.out.name + ".md"), "\n".join(lines) + "\n")
+    write_atomic(args.out.with_name(args.out.name + ".json"), json.dumps({"command": command, "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

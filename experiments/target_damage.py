@@ -28,6 +28,7 @@ from sharp_mlx.io.checkpoint import load, read_config
 from sharp_mlx.models import sharemap
 from sharp_mlx.recovery.capture import calibration_text, capture_mlp_inputs
 from sharp_mlx.recovery.slw import SLWConfig, fit_layer
+from sharp_mlx.reports import markdown_table, save_figure, write_atomic
 
 MAIN_JOB = list(range(12, 29, 2))  # the default preset's targets: next over 11:29
 
@@ -54,8 +55,7 @@ def plot(path: Path, damage: dict, chosen: list) -> None:
     ax.set_ylabel("loss increase per token after SLW")
     ax.set_title("damage of each target alone (green: chosen; triangles: the main job's targets)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -104,24 +104,27 @@ def main(argv=None):
         f"- chosen: {chosen} (summed damage {sum(damage[t] for t in chosen):.4f})",
         f"- the main job's targets: {MAIN_JOB} (summed damage {sum(damage[t] for t in MAIN_JOB):.4f})",
         "",
-        "| target | MLP error after SLW | loss increase | chosen | main job |",
-        "|---|---|---|---|---|",
+        markdown_table(
+            ["target", "MLP error after SLW", "loss increase", "chosen", "main job"],
+            [
+                [
+                    t,
+                    f"{errors[t]:.3f}",
+                    f"{damage[t]:+.4f}",
+                    "yes" if t in chosen else "",
+                    "yes" if t in MAIN_JOB else "",
+                ]
+                for t in candidates
+            ],
+        ),
     ]
-    for t in candidates:
-        lines.append(
-            f"| {t} | {errors[t]:.3f} | {damage[t]:+.4f} | {'yes' if t in chosen else ''} | "
-            f"{'yes' if t in MAIN_JOB else ''} |"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "base_loss": base, "damage": damage, "errors": errors, "chosen": chosen}
     for path, text in (
         (Path(f"{args.out}.md"), "\n".join(lines) + "\n"),
         (Path(f"{args.out}.json"), json.dumps(record, indent=1)),
         (Path(f"{args.out}_map.json"), json.dumps(share)),
     ):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
     plot(Path(f"{args.out}.png"), damage, chosen)
     print("\n".join(lines))
 

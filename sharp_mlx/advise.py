@@ -43,7 +43,7 @@ from .quant.codes import dequantized, gguf_codes, quantize, resolve_gguf
 from .recipes import BITS, PAPER
 from .recovery.capture import calibration_text, capture_mlp_inputs
 from .recovery.slw import SLWConfig, fit_layer, holdout_rows, mlp_apply, rel_error, weights_of
-from .reports import write_atomic
+from .reports import markdown_table, save_figure, write_atomic
 
 RULE = (
     "a target pays when its borrowed fit beats the control by more than 4-bit rounding of its MLP costs "
@@ -288,6 +288,12 @@ def advise(
     }
 
 
+LAYER_HEADER = (
+    "target", "ref", "damage (direct)", "KL (direct)", "err as is", "err borrow", "err control", "borrow gain",
+    "q4 error", "gain needed", "pays", "planned",
+)  # fmt: skip
+
+
 def markdown(rep: dict, command: str) -> str:
     """The report as a table and the verdict."""
     plan = rep["plan"]
@@ -313,26 +319,24 @@ def markdown(rep: dict, command: str) -> str:
         "",
         f"Next: `{rep['next_command']}`",
         "",
-        "| target | ref | damage (direct) | KL (direct) | err as is | err borrow | err control | borrow gain | "
-        "q4 error | gain needed | pays | planned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rep["layers"]:
-        lines.append(
-            f"| {r['target']} | {r['reference']} | {r['damage']:+.3f} | {r['kl']:.3f} | {r['err_as_is']:.3f} | "
-            f"{r['err_borrow']:.3f} | "
-            f"{r['err_control']:.3f} | {r['borrow_gain']:.3f} | {r['q4_error']:.3f} | {r['threshold']:.3f} | "
-            f"{'yes' if r['pays'] else ''} | {'yes' if r['target'] in plan['targets'] else ''} |"
-        )
+    fits = ("err_as_is", "err_borrow", "err_control", "borrow_gain", "q4_error", "threshold")
+    rows = [
+        [r["target"], r["reference"], f"{r['damage']:+.3f}", f"{r['kl']:.3f}", *(f"{r[k]:.3f}" for k in fits),
+         "yes" if r["pays"] else "", "yes" if r["target"] in plan["targets"] else ""]
+        for r in rep["layers"]
+    ]  # fmt: skip
+    quant = [
+        [q["name"], f"{q['bytes'] / 1e6:.1f}", f"{q['loss']:.4f}", f"{q['loss_increase']:+.4f}"]
+        for q in rep["quantization"]
+    ]
     lines += [
+        markdown_table(LAYER_HEADER, rows),
         "",
         "Quantization alone, on the same text:",
         "",
-        "| model | MB | loss | loss increase |",
-        "|---|---|---|---|",
+        markdown_table(["model", "MB", "loss", "loss increase"], quant),
     ]
-    for q in rep["quantization"]:
-        lines.append(f"| {q['name']} | {q['bytes'] / 1e6:.1f} | {q['loss']:.4f} | {q['loss_increase']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,10 +365,7 @@ def plot(rep: dict, path: Path) -> None:
     b.set_xlabel("target layer t (borrows t-1)")
     b.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def write_report(rep: dict, prefix: Path, command: str) -> None:

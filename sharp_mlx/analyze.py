@@ -34,6 +34,7 @@ from .io.checkpoint import load, read_config
 from .options import at_least
 from .recipes import PAPER
 from .recovery.capture import calibration_text, capture_mlp_inputs
+from .reports import save_figure
 
 PROJECTIONS = ("gate", "up", "down")
 SCHEMA_VERSION = 1
@@ -231,8 +232,7 @@ def plot(analysis: dict, out: Path) -> None:
         axes[2].set(xlabel="reference r", ylabel="target t", title="relative error of MLP_r on t's inputs")
         fig.colorbar(im, ax=axes[2])
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
+
+from ..reports import write_atomic
 
 DOMAINS = ("shakespeare", "python-docs", "brown", "sotu", "chat")
 SPLITS = ("train", "valid", "test")
@@ -321,11 +322,13 @@ def assign_splits(
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Write one JSON record a line, atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    write_atomic(path, write)
 
 
 def file_stats(path: Path) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..data.batches import DataError, load_records
 from ..errors import SharpError
+from ..reports import markdown_table as table
 from .perplexity import over_models
 
 MIN_WORDS, MAX_WORDS = 4, 40
@@ -211,16 +212,14 @@ def _labels(files: Sequence[str]) -> List[str]:
 
 def markdown_table(results: Results, choices: int, context_tokens: int, seed: int) -> str:
     files = list(next(iter(results.values())))
-    rows = ["| model | " + " | ".join(_labels(files)) + " | overall |", "|" + "---|" * (len(files) + 2)]
 
     def cell(r):
         return f"{r['accuracy']:.2f} ± {r['stderr']:.2f}"
 
-    for model, per_file in results.items():
-        rows.append(f"| {model} | " + " | ".join(cell(per_file[f]) for f in files) + f" | {cell(pooled(per_file))} |")
-    rows.append("| chance | " + " | ".join([f"{1 / choices:.2f}"] * (len(files) + 1)) + " |")
+    rows = [[model, *(cell(per_file[f]) for f in files), cell(pooled(per_file))] for model, per_file in results.items()]
+    rows.append(["chance", *[f"{1 / choices:.2f}"] * (len(files) + 1)])
     n = next(iter(results.values()))[files[0]]["n"]
-    return "\n".join(rows) + (
+    return table(["model", *_labels(files), "overall"], rows) + (
         f"\n\nAccuracy at picking the true next sentence among {choices} ± standard error; {n} items per file, "
         f"{context_tokens} tokens of context, seed {seed}."
     )

@@ -14,6 +14,8 @@ from ..data.batches import DataError, load_tokens, windows
 from ..errors import SharpError
 from ..io.checkpoint import load, load_model
 from ..quant.codes import dequantized
+from ..reports import markdown_table as table
+from ..reports import save_figure
 
 
 def window_losses(model, batch: mx.array) -> mx.array:
@@ -93,13 +95,10 @@ def evaluate(
 
 def markdown_table(results: Dict[str, Dict[str, Dict[str, float]]], seq_len: int) -> str:
     files = list(next(iter(results.values())))
-    head = "| model | " + " | ".join(files) + " |"
-    rows = [head, "|" + "---|" * (len(files) + 1)]
-    for model, per_file in results.items():
-        rows.append(f"| {model} | " + " | ".join(f"{per_file[f]['ppl']:.2f}" for f in files) + " |")
+    rows = [[model, *(f"{per_file[f]['ppl']:.2f}" for f in files)] for model, per_file in results.items()]
     tokens = ", ".join(f"{f}: {next(iter(results.values()))[f]['tokens']}" for f in files)
     return (
-        "\n".join(rows)
+        table(["model", *files], rows)
         + f"\n\nPerplexity over non-overlapping {seq_len}-token windows; scored tokens per file: {tokens}."
     )
 
@@ -122,5 +121,4 @@ def plot(results: Dict[str, Dict[str, Dict[str, float]]], out: Path) -> None:
     ax.set_ylabel("perplexity (log scale)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
