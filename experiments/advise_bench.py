@@ -12,6 +12,8 @@ so they compute nearly the function of the layer before while their weights look
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -63,7 +65,7 @@ POSITIVE_ARGS = ["--cut", "0.2", "--rank", "8", "--tokens", "2048", "--seq-len",
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python experiments/advise_bench.py", description=__doc__)
     p.add_argument("which", choices=["smollm2", "positive"])
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     args = p.parse_args(argv)
     from sharp_mlx import advise
 
@@ -90,7 +92,8 @@ def main(argv=None):
         md.read_text().replace(
             "# Will sharing pay on this model?\n",
             f"# Will sharing pay on this model?\n\nMade by `python experiments/advise_bench.py {args.which}` "
-            f"(wall time {wall / 60:.1f} min, Linux x86_64, 2 cores shared with other jobs).\n",
+            f"(wall time {wall / 60:.1f} min, {rep['cpu_seconds'] / 60:.1f} min of CPU time; {platform.system()} "
+            f"{platform.machine()}, {os.cpu_count()} cores).\n",
         )
     )
     print(f"advise on {args.which}: {rep['verdict']}, targets {rep['targets']}, wall {wall:.0f} s")
