@@ -129,7 +129,8 @@ def stages(name: str, source: Path, work: Path, args, before: str = "") -> list:
 
 def extrapolate(rows: list, one_b: dict, floor: float) -> dict:
     """Peaks of full 3B and 8B (bf16 on a Mac) from the 1B shape's measured multiples; times by stated arithmetic."""
-    after = {r["stage"]: r for r in rows if r["model"] == "llama-3.2-1b" and r["code"] == "after"}
+    # the latest measurement of each stage: "now" rows (--add) over "after" rows
+    after = {r["stage"]: r for r in rows if r["model"] == "llama-3.2-1b" and r["code"] in ("after", "now")}
     out = {}
     n1 = parameter_count(one_b)
     for shape in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
@@ -140,7 +141,7 @@ def extrapolate(rows: list, one_b: dict, floor: float) -> dict:
         for stage, r in after.items():  # the measured multiple (net of the process floor) of a bf16 model, plus it
             mult = r["x_model_net"]
             if stage == "convert":  # the bf16 import keeps bf16 (the float32 one is this CPU's need only)
-                mult = min(x["x_model_net"] for x in rows if x["stage"] == "convert" and x["code"] == "after")
+                mult = min(x["x_model_net"] for x in rows if x["stage"] == "convert" and x["code"] != "before")
             peaks[stage] = round(mult * bf16 / GB + floor, 1)
         fits = {f"{m} GB": [s for s, p in peaks.items() if p <= USABLE * m] for m in MACS_GB}
         mlp = c["hidden_size"] * c["intermediate_size"]
@@ -178,6 +179,13 @@ def write_report(res: dict, out: Path, command: str) -> None:
         f"\nEvery process holds {res['process_floor_gb']} GB before it works (Python, MLX, mlx-lm imported): "
         "'net' takes it off."
     ]
+    added = [r for r in res["rows"] if r["code"] == "now"]
+    if added:
+        lines += [
+            "\nRows of code 'now' were remeasured by hand after later changes, each by its command (the "
+            "extrapolation below takes them over the 'after' rows of the same stage):\n"
+        ]
+        lines += [f"- {r['model']} {r['stage']}: `{r['command']}`" for r in added]
     if any(r.get("reused") for r in res["rows"]):
         lines += [
             "\nRows marked * were measured by an earlier invocation of the same script (--reuse), "
@@ -245,12 +253,16 @@ def plot(res: dict, path: Path) -> None:
     labels = [f"{r['stage']}\n{r['code']}\n{r['note'][:14]}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar(
-        range(len(rows)), [r["x_model"] for r in rows], color=["C1" if r["code"] == "before" else "C0" for r in rows]
+        range(len(rows)),
+        [r["x_model"] for r in rows],
+        color=[{"before": "C1", "after": "C0", "now": "C2"}[r["code"]] for r in rows],
     )
     ax.axhline(1.3, color="k", ls="--", lw=1, label="1.3x bound")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("peak RSS / model bytes")
-    ax.set_title("Llama-3.2-1B shape (random weights): each stage's peak memory, before (orange) and after")
+    ax.set_title(
+        "Llama-3.2-1B shape (random weights): each stage's peak memory, before (orange), after (blue), now (green)"
+    )
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
@@ -271,14 +283,37 @@ ARITHMETIC = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "scale", help="report path stem")
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "scale", help="report path stem")
     p.add_argument("--work", type=Path, default=Path("/tmp/scale-bench"), help="model folders (removed after)")
     p.add_argument("--before", help="a folder holding sharp_mlx as it was, for the before rows")
     p.add_argument("--tokens", type=int, default=1024, help="SLW calibration tokens (default: %(default)s)")
     p.add_argument("--sft-steps", type=int, default=2, help="SFT steps of one 256-token window (default: %(default)s)")
     p.add_argument("--reuse", type=Path, help="rows (JSON lines) measured by an earlier run, kept (see main)")
     p.add_argument("--skip-1b", action="store_true", help="SmolLM2 only (a quick check of the script)")
+    p.add_argument("--rows-from", type=Path, help="take the rows of this earlier report (JSON) instead of measuring")
+    p.add_argument(
+        "--add",
+        type=Path,
+        help="with --rows-from: rows measured by hand (JSON lines: model, stage, note, wall_s, peak_gb, model_gb, "
+        "bound_of_gb, command), added as code 'now'",
+    )
     return p
+
+
+def rereport(args, command: str) -> None:
+    """The report of ``--rows-from``'s rows plus ``--add``'s, with the extrapolation recomputed."""
+    res = json.loads(args.rows_from.read_text())
+    rows = [r for r in res["rows"] if r["code"] != "now"]
+    for r in map(json.loads, args.add.read_text().splitlines()) if args.add else []:
+        r["code"] = "now"
+        r["x_model"] = round(r["peak_gb"] / r["bound_of_gb"], 2)
+        r["x_model_net"] = round((r["peak_gb"] - res["process_floor_gb"]) / r["bound_of_gb"], 2)
+        rows.append(r)
+    first = res["command"].split("\n")[0]
+    res.update(rows=rows, command=f"{first}\n\n    {command}")
+    res["extrapolated"] = extrapolate(rows, shape_config("llama-3.2-1b"), res["process_floor_gb"])
+    write_report(res, args.out, res["command"])
+    print(f"wrote {args.out.with_suffix('.md')}")
 
 
 def main(argv=None):
@@ -286,6 +321,8 @@ def main(argv=None):
 
     args = build_parser().parse_args(argv)
     command = "python experiments/scale_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.rows_from:
+        return rereport(args, command)
     args.work.mkdir(parents=True, exist_ok=True)
     from sharp_mlx.convert import embedded_gguf
 
