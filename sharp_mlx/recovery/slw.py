@@ -275,18 +275,15 @@ def refit_down(
     target_w = {p: as_mx(v) for p, v in target.items()} if y is None else None
     student = {p: (as_mx(ref[p]) if ref is not None else None) for p in PROJ}
     no_down = {**{k: mx.array(v) for k, v in rec.items()}, "down_b": mx.zeros_like(mx.array(rec["down_b"]))}
-    g = hr = None
+    width, dim = target["gate"].shape[0], x.shape[1]
+    g, hr = np.zeros((width, width)), np.zeros((width, dim))  # float64 sums of the chunks' float32 moments
     for start in range(0, len(x), MOMENT_ROWS):
         xc = mx.array(x[start : start + MOMENT_ROWS])
         yc = mlp_apply(target_w, xc) if y is None else mx.array(y[start : start + MOMENT_ROWS], dtype=mx.float32)
         base, h = mlp_apply(student, xc, no_down, return_hidden=True, kind=kind)
         gc, hrc = h.T @ h, h.T @ (yc - base)
-        mx.eval(gc, hrc)
-        if g is None:
-            g, hr = np.array(gc, dtype=np.float64), np.array(hrc, dtype=np.float64)
-        else:  # added in place from float32 views: no float64 copy of the chunk's gram beside the sum
-            g += np.asarray(gc)
-            hr += np.asarray(hrc)
+        g += np.asarray(gc)  # in place from a float32 view: no float64 copy of the chunk's gram
+        hr += np.asarray(hrc)
         del gc, hrc
         mx.clear_cache()
     del target_w, student, no_down
@@ -416,12 +413,13 @@ def fit_layer(
         raise ValueError(f"recovery {kind} transforms borrowed weights: a target without a reference has none")
     rw = mx_weights_of(ref_mlp) if ref_mlp is not None else {p: None for p in PROJ}
     ref = numpy_views(rw) if ref_mlp is not None else None  # the same memory
-    target = weights_of(target_mlp)
+    tw = mx_weights_of(target_mlp)  # dequantized once, for the fits (as views) and the held-out outputs
+    target = numpy_views(tw)
     fit, hold = holdout_rows(len(x), cfg)
     x_hold, x_fit = x[hold].astype(np.float32), x[fit].astype(np.float32)
     y_fit = None if y is None else y[fit].astype(np.float32)
     xh = mx.array(x_hold)
-    y_hold = mlp_apply(mx_weights_of(target_mlp), xh) if y is None else mx.array(y[hold].astype(np.float32))
+    y_hold = mlp_apply(tw, xh) if y is None else mx.array(y[hold].astype(np.float32))
 
     def err(rec):
         return (
