@@ -4,29 +4,15 @@ factors trained on the twin go back into the 4-bit base unchanged."""
 import mlx.core as mx
 from conftest import load_script
 from mlx.utils import tree_flatten, tree_map
-from tiny_folder import write_text_data, write_tiny_model
+from tiny_folder import write_4bit_base
 
-from sharp_mlx import quantize, train
 from sharp_mlx.io.checkpoint import load_model, read_config, save
 from sharp_mlx.recovery.teacher import load_teacher
 
 
-def _four_bit_base(tmp_path):
-    orig = write_tiny_model(tmp_path / "orig", seed=3)
-    data = str(write_text_data(tmp_path / "train.jsonl"))
-    slw = ["--stage", "slw", "--model", str(orig), "--out", str(tmp_path / "slw"), "--share", "next", "--layers", "3:5"]
-    assert (
-        train.main([*slw, "--rank", "8", "--tokens", "256", "--slw-steps", "2", "--data", data, "--seq-len", "32"]) == 0
-    )
-    quantize.quantize_model_folder(
-        tmp_path / "slw", tmp_path / "q", from_gguf="none", group_size=32, recovery_dtype="float32"
-    )
-    return orig, tmp_path / "q"
-
-
 def test_the_float_twin_computes_the_4bit_base_and_the_factors_go_back(tmp_path):
     qlora = load_script("qlora")
-    orig, base = _four_bit_base(tmp_path)
+    orig, base, _ = write_4bit_base(tmp_path)
     twin, twin_teacher = qlora.float_twins(base, orig, tmp_path / "work")
     assert not any(k in read_config(twin) for k in qlora.QUANT_KEYS)
     model, _ = load_model(twin)

@@ -150,19 +150,11 @@ def test_an_output_over_the_shard_size_is_written_in_shards_with_an_index(tmp_pa
 
 
 def test_sft_on_a_4bit_base_trains_float_factors_against_a_4bit_teacher(tmp_path):
-    from tiny_folder import write_tiny_model
+    from tiny_folder import write_4bit_base
 
     from sharp_mlx.io.checkpoint import load_model
 
-    orig = write_tiny_model(tmp_path / "orig", seed=3)
-    data = str(write_text_data(tmp_path / "train.jsonl"))
-    slw = ["--stage", "slw", "--model", str(orig), "--out", str(tmp_path / "slw"), "--share", "next", "--layers", "3:5"]
-    assert (
-        train.main([*slw, "--rank", "8", "--tokens", "256", "--slw-steps", "2", "--data", data, "--seq-len", "32"]) == 0
-    )
-    quantize.quantize_model_folder(
-        tmp_path / "slw", tmp_path / "q", from_gguf="none", group_size=32, recovery_dtype="float32"
-    )
+    orig, _, data = write_4bit_base(tmp_path)
     student, _ = load_model(tmp_path / "q")
     teacher, held = load_teacher(orig, student)
     assert isinstance(teacher.model.layers[4].mlp.gate_proj, nn.QuantizedLinear)  # its own MLP, in 4-bit

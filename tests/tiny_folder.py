@@ -60,3 +60,19 @@ def write_gguf(path: Path, arch: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_4bit_base(tmp_path: Path) -> tuple:
+    """(original, 4-bit base, data): the tiny model, SLW with targets 3 and 4 borrowing, then 4-bit
+    with float32 recovery factors (a base for SFT as mlx-lm's QLoRA)."""
+    from sharp_mlx import quantize, train
+
+    orig = write_tiny_model(tmp_path / "orig", seed=3)
+    data = str(write_text_data(tmp_path / "train.jsonl"))
+    slw = ["--stage", "slw", "--model", str(orig), "--out", str(tmp_path / "slw"), "--share", "next", "--layers", "3:5"]
+    assert (
+        train.main([*slw, "--rank", "8", "--tokens", "256", "--slw-steps", "2", "--data", data, "--seq-len", "32"]) == 0
+    )
+    base = tmp_path / "q"
+    quantize.quantize_model_folder(tmp_path / "slw", base, from_gguf="none", group_size=32, recovery_dtype="float32")
+    return orig, base, data
