@@ -8,7 +8,7 @@ Every point is the original model (the embedded SmolLM2-135M-Instruct, imported 
 with fewer bits, as an ordinary MLX model folder under ``runs/frontier/<name>`` that ``mlx_lm.load``
 opens. Bytes are those of the weight files (``quantize.folder_bytes``, as ``sharp_mlx.bench``
 counts them); perplexity is ``evaluate.evaluate`` on the first ``--windows`` windows of 256 tokens
-of each domain's test split, quantized weights run by their float values (the same function), as
+of each domain's test split, quantized weights run by their float values (the same function to float16 precision), as
 a ratio to the float original per domain, summarised by the geometric mean and the worst domain.
 The families (``--list`` prints every point):
 

@@ -30,7 +30,14 @@ from sharp_mlx.reports import markdown_table, save_figure  # noqa: E402
 GB = 1e9
 DATA = ROOT / "data" / "brown"
 # The bounds: peak / model bytes (convert, quantize, fuse: of the larger of input and output).
-BOUNDS = {"convert": "1.3x", "slw": "1.3x + 1 GB", "sft": "1.3x + 1 GB", "sft-4bit-base": "1.3x + 1 GB", "quantize": "1.3x", "fuse": "1.3x"}
+BOUNDS = {
+    "convert": "1.3x",
+    "slw": "1.3x + 1 GB",
+    "sft": "1.3x + 1 GB",
+    "sft-4bit-base": "1.3x + 1 GB",
+    "quantize": "1.3x",
+    "fuse": "1.3x",
+}
 # Published Apple figures (apple.com newsroom / spec pages): GPU fp32 TFLOPS and memory bandwidth GB/s.
 M_SERIES = {"M2 Pro": (6.8, 200), "M2 Max": (13.6, 400), "M3 Max (40-core)": (16.4, 400)}
 MACS_GB = (16, 32, 64)

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--float-weights",
         action="store_true",
         help=(
-            "run quantized models with their weights' float values: the same function, much faster where quantized "
-            "matmuls are slow (MLX's CPU backend)"
+            "run quantized models with their weights' float values: the same function to float16 precision, "
+            "much faster where quantized matmuls are slow (MLX's CPU backend)"
         ),
     )
     p.add_argument(
