@@ -785,8 +785,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the points and rows of this earlier report as measured there (same evaluation settings); "
         "rows given with --row are measured again",
     )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="REPORT.json",
+        help="an earlier report (its OUT.json) to compare this run's points with: bytes, perplexities, frontier",
+    )
     p.add_argument("--list", action="store_true", help="print the points and exit")
     return p
+
+
+def compare(rep: dict, earlier: dict) -> dict:
+    """Each point or row in both reports: bytes, geometric mean and frontier then and now, and the
+    largest relative difference of a domain's perplexity; the points of only one of them by name."""
+    then = {r["name"]: r for r in earlier["points"]}
+    rows = []
+    for r in rep["points"]:
+        e = then.get(r["name"])
+        if e is None:
+            continue
+        diff = max(abs(r["ppl"][d] / e["ppl"][d] - 1) for d in r["ppl"])
+        rows.append(
+            {"name": r["name"], "bytes": [e["bytes"], r["bytes"]], "geo_mean_ratio": [e["geo_mean_ratio"], r["geo_mean_ratio"]],
+             "frontier": [e["frontier"], r["frontier"]], "max_rel_ppl_diff": diff}
+        )  # fmt: skip
+    now = {r["name"] for r in rep["points"]}
+    return {"command": earlier["command"], "rows": rows, "only_then": sorted(set(then) - now),
+            "only_now": sorted(now - set(then))}  # fmt: skip
+
+
+def compare_markdown(c: dict, path: Path) -> str:
+    rows = [
+        [r["name"], *(f"{b:,}" for b in r["bytes"]), *(f"{g:.3f}" for g in r["geo_mean_ratio"])]
+        + [" / ".join("yes" if f else "no" for f in r["frontier"]), f"{r['max_rel_ppl_diff']:.1e}"]
+        for r in c["rows"]
+    ]
+    same = sum(r["bytes"][0] == r["bytes"][1] for r in c["rows"])
+    lines = [
+        f"\n## Against {path} (made by `{c['command']}`)\n",
+        f"{same} of {len(c['rows'])} points and rows in both have the same bytes; the largest relative difference of "
+        f"a domain's perplexity is {max((r['max_rel_ppl_diff'] for r in c['rows']), default=0):.1e}.\n",
+        markdown_table(
+            ["point", "bytes then", "bytes now", "geo. mean then", "now", "frontier then / now", "largest ppl diff"],
+            rows,
+        ),  # fmt: skip
+    ]
+    if c["only_then"] or c["only_now"]:
+        lines.append(f"\nOnly in the earlier report: {', '.join(c['only_then']) or 'none'}; only in this run: "
+                     f"{', '.join(c['only_now']) or 'none'}.")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 @cli("experiments/frontier.py")
@@ -841,11 +888,14 @@ def main(argv=None):
         results.append(run.row_result(label, kind or row_kind(folder), folder))
     command = "python experiments/frontier.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     rep = report(original, results, command, time.time() - tic, run.eval_key(), time.process_time() - cpu)
-    out = args.out
+    out, text = args.out, markdown(rep)
+    if args.compare:
+        rep["compared"] = compare(rep, json.loads(args.compare.read_text()))
+        text += compare_markdown(rep["compared"], args.compare)
     write_atomic(out.with_name(out.name + ".json"), json.dumps(rep, indent=1))
-    write_atomic(out.with_name(out.name + ".md"), markdown(rep))
+    write_atomic(out.with_name(out.name + ".md"), text)
     plot(rep, out.with_name(out.name + ".png"))
-    print(markdown(rep))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,24 @@ def test_report_marks_the_frontier_and_writes_the_table_and_plot(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_reports_each_shared_point_and_the_points_of_one_side(tmp_path):
+    original = {"name": "original", "kind": "original", "bytes": 500e6, "ppl": {"a": 10.0, "b": 20.0}}
+
+    def rep(**points):
+        rows = [
+            {"name": n, "kind": "quantization", "path": n, "bytes": mb, "ppl": ppl} for n, (mb, ppl) in points.items()
+        ]
+        return report(original, rows, "python experiments/frontier.py", 1.0, {"windows": 8, "seq_len": 256})
+
+    then = rep(g3=(60, {"a": 13.0, "b": 26.0}), gone=(70, {"a": 12.0, "b": 24.0}))
+    now = rep(g3=(60, {"a": 13.0, "b": 26.26}), new=(80, {"a": 11.0, "b": 22.0}))
+    c = frontier.compare(now, then)
+    assert [r["name"] for r in c["rows"]] == ["g3"] and c["only_then"] == ["gone"] and c["only_now"] == ["new"]
+    assert abs(c["rows"][0]["max_rel_ppl_diff"] - 0.01) < 1e-9 and c["rows"][0]["bytes"] == [60, 60]
+    md = frontier.compare_markdown(c, tmp_path / "then.json")
+    assert "1 of 1 points and rows in both have the same bytes" in md and "1.0e-02" in md
+
+
 @pytest.mark.parametrize("spec", ["no-equals-sign", "=somewhere", "label@bogus=.", "bad/label=.", "x={missing}"])
 def test_the_cli_rejects_a_bad_row_with_exit_2(spec, tmp_path, capsys):
     assert main(["--row", spec.format(missing=tmp_path / "missing")]) == 2
