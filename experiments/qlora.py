@@ -18,7 +18,9 @@ twin's are not rounded). The trained factors are then put back into the 4-bit ba
 is the folder evaluated. The user's command on the 4-bit base itself runs ``--probe-steps`` steps,
 and so does the twin, from the same seed: their losses step by step show the two are the same
 computation, and the probe gives the 4-bit path's own time per step and peak memory.
-All models are evaluated on the five domains' test windows with the main job's settings. Each SFT
+All models are evaluated on the five domains' test windows with the main job's settings, 4-bit ones
+by their float values (as the frontier and the bench do). A step whose folder and record
+(``WORK/steps/NAME.json``) exist, made by the same command, is kept: an interrupted run resumes. Each SFT
 and quantize is a fresh process of the user's command under ``/usr/bin/time`` (wall time, peak
 resident memory).
 """
@@ -104,14 +106,25 @@ def run_paths(args, r) -> dict:
         cmd += ["--teacher", teacher, "--run-dir", work / f"run-{out.name}", "--force"]
         return cmd + ["--data", *train, "--valid", *valid, "--sft-steps", n]
 
-    def run(name, cmd):
-        m = measure(cmd)
+    def run(name, cmd):  # a step whose folder and record exist, made by the same command, is kept (resume)
         out = Path(cmd[cmd.index("--out") + 1])
-        rec = {"wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "command": _show(cmd)}
+        record = work / "steps" / f"{out.name}.json"
+        kept = json.loads(record.read_text()) if record.exists() else None
+        if kept and kept["command"] == _show(cmd) and (out / "config.json").exists():
+            res[path]["steps"][name] = kept
+            return
+        m = measure(cmd)
+        rec = {
+            "wall_s": m["wall_s"],
+            "peak_gb": m["peak_gb"],
+            "command": _show(cmd),
+            **({"note": m["note"]} if "note" in m else {}),
+        }
         if (out / "training.json").exists():
             summary = json.loads((out / "training.json").read_text())[-1]["summary"]
             rec.update({k: summary[k] for k in ("train_history", "valid_history", "steady_tokens_per_s")})
         res[path]["steps"][name] = rec
+        write_atomic(record, json.dumps(rec, indent=1))
 
     res, path = {}, "float base"
     main_job = args.models / f"{NAME}-sharp-4bit"
@@ -151,7 +164,9 @@ def main(argv=None):
     paths = run_paths(args, r)
     rows = {"original": args.models / NAME, **{p: Path(v["folder"]) for p, v in paths.items()}}
     tests = corpora.files("test", args.data)
-    ppl = evaluate.evaluate(list(rows.values()), tests, seq_len=r.seq_len, max_windows=r.eval_windows)
+    ppl = evaluate.evaluate(
+        list(rows.values()), tests, seq_len=r.seq_len, max_windows=r.eval_windows, float_weights=True
+    )
     per = {
         label: {Path(t).parent.name: ppl[str(folder)][str(t)]["ppl"] for t in tests} for label, folder in rows.items()
     }
@@ -178,8 +193,12 @@ def write_report(res: dict, out: Path) -> None:
         for r in res["rows"]
     ]
     steps = [
-        [path, name, v["wall_s"], v["peak_gb"], f"{v['steady_tokens_per_s']:.1f}" if "steady_tokens_per_s" in v else ""]
-        + [f"`{v['command']}`"]
+        [
+            path,
+            name + (f" ({v['note']})" if "note" in v else ""),
+            *(v[k] if v[k] is not None else "-" for k in ("wall_s", "peak_gb")),
+        ]
+        + [f"{v['steady_tokens_per_s']:.1f}" if "steady_tokens_per_s" in v else "", f"`{v['command']}`"]
         for path, p in res["paths"].items()
         for name, v in p["steps"].items()
     ]
