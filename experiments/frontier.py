@@ -8,8 +8,9 @@ Every point is the original model (the embedded SmolLM2-135M-Instruct, imported 
 with fewer bits, as an ordinary MLX model folder under ``runs/frontier/<name>`` that ``mlx_lm.load``
 opens. Bytes are those of the weight files (``quantize.folder_bytes``, as ``sharp_mlx.bench``
 counts them); perplexity is ``evaluate.evaluate`` on the first ``--windows`` windows of 256 tokens
-of each domain's test split, quantized weights run by their float values (the same function to float16 precision), as
-a ratio to the float original per domain, summarised by the geometric mean and the worst domain.
+of each domain's test split, quantized weights run by their float values (the same function to
+float16 precision), as a ratio to the float original per domain, summarised by the geometric mean
+and the worst domain.
 The families (``--list`` prints every point):
 
 - ``gguf-*``: ``python -m sharp_mlx.quantize`` with its defaults: the GGUF's own Q4_1 codes (4-bit,
@@ -805,10 +806,8 @@ def compare(rep: dict, earlier: dict) -> dict:
         if e is None:
             continue
         diff = max(abs(r["ppl"][d] / e["ppl"][d] - 1) for d in r["ppl"])
-        rows.append(
-            {"name": r["name"], "bytes": [e["bytes"], r["bytes"]], "geo_mean_ratio": [e["geo_mean_ratio"], r["geo_mean_ratio"]],
-             "frontier": [e["frontier"], r["frontier"]], "max_rel_ppl_diff": diff}
-        )  # fmt: skip
+        pair = {k: [e[k], r[k]] for k in ("bytes", "geo_mean_ratio", "frontier")}
+        rows.append({"name": r["name"], **pair, "max_rel_ppl_diff": diff})
     now = {r["name"] for r in rep["points"]}
     return {"command": earlier["command"], "rows": rows, "only_then": sorted(set(then) - now),
             "only_now": sorted(now - set(then))}  # fmt: skip
@@ -828,7 +827,7 @@ def compare_markdown(c: dict, path: Path) -> str:
         markdown_table(
             ["point", "bytes then", "bytes now", "geo. mean then", "now", "frontier then / now", "largest ppl diff"],
             rows,
-        ),  # fmt: skip
+        ),
     ]
     if c["only_then"] or c["only_now"]:
         lines.append(f"\nOnly in the earlier report: {', '.join(c['only_then']) or 'none'}; only in this run: "

@@ -43,7 +43,7 @@ from sharp_mlx.data import corpora  # noqa: E402
 from sharp_mlx.io.checkpoint import load_model, read_config, save  # noqa: E402
 from sharp_mlx.quant.codes import dequantized  # noqa: E402
 from sharp_mlx.recipes import preset  # noqa: E402
-from sharp_mlx.recovery.teacher import QUANTIZED, load_teacher  # noqa: E402
+from sharp_mlx.recovery.teacher import load_teacher  # noqa: E402
 from sharp_mlx.reports import geomean_ratio, markdown_table, write_atomic  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
@@ -61,22 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def float32_values(model):
-    """``model`` with every quantized weight replaced by its float values in float32, as the quantized
-    matmul computes them (dequantizing with float16 scales would round the weights to float16)."""
-    for _, m in model.named_modules():
-        if isinstance(m, QUANTIZED):
-            m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
-    return dequantized(model)
-
-
 def float_twins(base: Path, teacher: Path, work: Path) -> tuple:
     """The 4-bit base and its 4-bit teacher (as SFT builds it) with every code replaced by its float value."""
     student, config = load_model(base)
     t, _ = load_teacher(teacher, student)
     out = (work / f"{base.name}-float-twin", work / "teacher-4bit-float-twin")
     for model, cfg, folder, tok in ((t, read_config(teacher), out[1], teacher), (student, config, out[0], base)):
-        save(folder, float32_values(model), {k: v for k, v in cfg.items() if k not in QUANT_KEYS}, tok, force=True)
+        save(
+            folder,
+            dequantized(model, mx.float32),
+            {k: v for k, v in cfg.items() if k not in QUANT_KEYS},
+            tok,
+            force=True,
+        )
     return out
 
 
@@ -106,7 +103,7 @@ def run_paths(args, r) -> dict:
         cmd += ["--teacher", teacher, "--run-dir", work / f"run-{out.name}", "--force"]
         return cmd + ["--data", *train, "--valid", *valid, "--sft-steps", n]
 
-    def run(name, cmd):  # a step whose folder and record exist, made by the same command, is kept (resume)
+    def run(path, name, cmd):  # a step whose folder and record exist, made by the same command, is kept (resume)
         out = Path(cmd[cmd.index("--out") + 1])
         record = work / "steps" / f"{out.name}.json"
         kept = json.loads(record.read_text()) if record.exists() else None
@@ -114,38 +111,32 @@ def run_paths(args, r) -> dict:
             res[path]["steps"][name] = kept
             return
         m = measure(cmd)
-        rec = {
-            "wall_s": m["wall_s"],
-            "peak_gb": m["peak_gb"],
-            "command": _show(cmd),
-            **({"note": m["note"]} if "note" in m else {}),
-        }
+        rec = {"wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "command": _show(cmd)}
         if (out / "training.json").exists():
             summary = json.loads((out / "training.json").read_text())[-1]["summary"]
             rec.update({k: summary[k] for k in ("train_history", "valid_history", "steady_tokens_per_s")})
         res[path]["steps"][name] = rec
         write_atomic(record, json.dumps(rec, indent=1))
 
-    res, path = {}, "float base"
     main_job = args.models / f"{NAME}-sharp-4bit"
-    res[path] = {"folder": str(main_job), "steps": {}}
     if steps == r.sft_steps and (main_job / "config.json").exists():
-        res[path]["reused"] = "the main job's 4-bit checkpoint (./scripts/run.sh): the same recipe and budget"
+        res = {"float base": {"folder": str(main_job), "steps": {}}}
+        res["float base"]["reused"] = "the main job's 4-bit checkpoint (./scripts/run.sh): the same recipe and budget"
     else:
-        res[path]["folder"] = str(work / "sft-float-4bit")
-        run("sft", sft(slw, work / "sft-float", steps))
-        run("quantize", quantize(work / "sft-float", work / "sft-float-4bit", "--recovery-bits", r.recovery_bits))
+        res = {"float base": {"folder": str(work / "sft-float-4bit"), "steps": {}}}
+        run("float base", "sft", sft(slw, work / "sft-float", steps))
+        q = quantize(work / "sft-float", work / "sft-float-4bit", "--recovery-bits", r.recovery_bits)
+        run("float base", "quantize", q)
 
     path, base = "4-bit base", work / "slw-4bit-base"
     res[path] = {"folder": str(work / "sft-on-4bit"), "steps": {}}
-    run("quantize", quantize(slw, base, "--recovery-dtype", "float32"))
+    run(path, "quantize", quantize(slw, base, "--recovery-dtype", "float32"))
     twin, twin_teacher = float_twins(base, teacher, work)
-    run(f"sft, {args.probe_steps} steps on the 4-bit base", sft(base, work / "probe-4bit", args.probe_steps))
-    run(
-        f"sft, {args.probe_steps} steps on its float twin",
-        sft(twin, work / "probe-twin", args.probe_steps, twin_teacher),
-    )
-    run("sft on the float twin", sft(twin, work / "sft-on-4bit-twin", steps, twin_teacher))
+    probes = [f"sft, {args.probe_steps} steps on the 4-bit base", f"sft, {args.probe_steps} steps on its float twin"]
+    run(path, probes[0], sft(base, work / "probe-4bit", args.probe_steps))
+    run(path, probes[1], sft(twin, work / "probe-twin", args.probe_steps, twin_teacher))
+    res[path]["probes"] = probes
+    run(path, "sft on the float twin", sft(twin, work / "sft-on-4bit-twin", steps, twin_teacher))
     put_back(base, work / "sft-on-4bit-twin", work / "sft-on-4bit")
     return res
 
@@ -178,9 +169,9 @@ def main(argv=None):
     print(f"wrote {args.out.with_suffix('.md')}")
 
 
-def probe_table(steps: dict) -> list:
+def probe_table(path: dict) -> list:
     """Step-by-step training loss of the two probes (the 4-bit base and its float twin)."""
-    a, b = (v["train_history"] for k, v in steps.items() if k.startswith("sft, "))
+    a, b = (path["steps"][name]["train_history"] for name in path["probes"])
     return [[s, f"{x:.6f}", f"{y:.6f}", f"{abs(x - y):.2e}"] for (s, x), (_, y) in zip(a, b)]
 
 
@@ -203,7 +194,6 @@ def write_report(res: dict, out: Path) -> None:
         for name, v in p["steps"].items()
     ]
     reused = [f"- {path}: {p['reused']}." for path, p in res["paths"].items() if "reused" in p]
-    four = res["paths"]["4-bit base"]["steps"]
     lines = [
         "# SFT on a 4-bit base against SFT on the float base (SmolLM2-135M)\n",
         f"    {res['command']}\n",
@@ -212,7 +202,9 @@ def write_report(res: dict, out: Path) -> None:
         "(MB: the stored weights):\n",
         markdown_table(header, rows, align=[None] + ["r"] * (len(header) - 1)),
         "\nThe probes' training loss, step by step (the same seed and batches):\n",
-        markdown_table(["step", "4-bit base", "float twin", "difference"], probe_table(four), align=["r"] * 4),
+        markdown_table(
+            ["step", "4-bit base", "float twin", "difference"], probe_table(res["paths"]["4-bit base"]), align=["r"] * 4
+        ),
         "\nEach step, a fresh process on this machine (Linux x86_64, 2 cores, MLX's CPU backend; "
         "tokens/s: SFT's steady rate):\n",
         markdown_table(["path", "step", "wall s", "peak GB", "tokens/s", "command"], steps),

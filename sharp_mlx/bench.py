@@ -17,8 +17,9 @@ ratios against mlx-lm's 4-bit conversion of the original run by mlx-lm itself (`
 ``stream_generate``), the tool a user would otherwise pick.
 
 Perplexity is measured once per row on the test split of every domain, with quantized weights
-replaced by their float values (``quantize.dequantized``: the same function to float16 precision; MLX's CPU quantized
-matmul is ~25x slower than float for many-token batches, and decoding is timed above anyway).
+replaced by their float values (``quantize.dequantized``: the same function to float16
+precision; MLX's CPU quantized matmul is ~25x slower than float for many-token batches, and
+decoding is timed above anyway).
 
 ``--reference ORIGINAL`` adds the float original and mlx-lm's 4-bit conversion of it (made with
 ``mlx_lm.convert`` when missing) as the rows every ratio is taken against.

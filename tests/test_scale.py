@@ -154,14 +154,14 @@ def test_sft_on_a_4bit_base_trains_float_factors_against_a_4bit_teacher(tmp_path
 
     from sharp_mlx.io.checkpoint import load_model
 
-    orig, _, data = write_4bit_base(tmp_path)
-    student, _ = load_model(tmp_path / "q")
+    orig, base, data = write_4bit_base(tmp_path)
+    student, _ = load_model(base)
     teacher, held = load_teacher(orig, student)
     assert isinstance(teacher.model.layers[4].mlp.gate_proj, nn.QuantizedLinear)  # its own MLP, in 4-bit
     assert teacher.model.layers[0].mlp.gate_proj.weight is student.model.layers[0].mlp.gate_proj.weight
     own_mlp = 3 * (64 * 96 // 2 + 2 * (64 * 96 // 32) * 2)  # layer 4's MLP: 4-bit codes, fp16 scales, biases
     assert held["own_bytes"] == own_mlp
-    sft = ["--stage", "sft", "--model", str(tmp_path / "q"), "--teacher", str(orig), "--out", str(tmp_path / "sft")]
+    sft = ["--stage", "sft", "--model", str(base), "--teacher", str(orig), "--out", str(tmp_path / "sft")]
     flags = ["--valid", data, "--sft-steps", "2", "--batch-size", "1", "--valid-every", "1", "--valid-windows", "1"]
     assert train.main([*sft, *flags, "--data", data, "--seq-len", "32", "--run-dir", str(tmp_path / "run")]) == 0
     held = dtypes(tmp_path / "sft")

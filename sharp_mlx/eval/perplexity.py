@@ -59,8 +59,8 @@ def over_models(
 ) -> Iterator[Tuple[Path, object, object]]:
     """(path, model, inputs) for each model folder in turn; ``inputs = prepare(tokenizer)`` runs
     once, with the first model's tokenizer. ``float_weights``: quantized models run with their
-    weights' float values (``quantize.dequantized``: the same function to float16 precision; MLX's CPU quantized
-    matmul is ~25x slower for many-token batches)."""
+    weights' float values (``quantize.dequantized``: the same function to float16 precision;
+    MLX's CPU quantized matmul is ~25x slower for many-token batches)."""
     inputs = None
     for path in models:
         if inputs is None:

@@ -211,11 +211,15 @@ def apply_codes(model: nn.Module, params: Dict[str, dict], codes: Codes) -> None
     )
 
 
-def dequantized(model: nn.Module) -> nn.Module:
-    """``model`` with every quantized weight replaced, in place, by its float values (the same
-    function to float16 precision: the weights come out in the scales' dtype, within 5e-4 of the
-    values the quantized matmul computes with; MLX's CPU quantized matmul is ~25x slower than
-    float for many-token batches)."""
+def dequantized(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> nn.Module:
+    """``model`` with every quantized weight replaced, in place, by its float values (MLX's CPU
+    quantized matmul is ~25x slower than float for many-token batches). By default the weights come
+    out in the scales' dtype (float16): the same function to float16 precision, within 5e-4 of the
+    values the quantized matmul computes with. ``dtype=mx.float32``: exactly those values."""
+    if dtype is not None:  # scales and biases first, so the products are not rounded to their dtype
+        for _, m in model.named_modules():
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedRecovery)):
+                m.update({k: v.astype(dtype) for k, v in m.items() if k.split("_")[-1] in ("scales", "biases")})
     dequantize_model(model)
     for layer in model.model.layers:
         if isinstance(layer.get("recovery"), QuantizedRecovery):
